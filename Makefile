@@ -1,0 +1,54 @@
+# One command per task. `make test` and `make demo` set everything up from a fresh clone.
+SHELL := bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+MAX_JOBS ?= 2
+TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+RESULTS ?= results
+export MAX_JOBS TORCH_CUDA_ARCH_LIST
+
+.PHONY: venv install build test test-gpu demo bench bench-quick gpu-check lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.deps: requirements-dev.txt | $(BIN)/python
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements-dev.txt
+	touch $@
+
+venv: $(VENV)/.deps
+
+# Builds the extension (CPU kernels always; CUDA kernels when nvcc is found, RBD_CUDA=auto|0|1).
+install: venv
+	set -o pipefail; $(BIN)/pip install -v --no-build-isolation --no-deps -e . 2>&1 \
+	  | tee build.log | grep -E "^rbd_cuda:|\] .*(nvcc|c\+\+).*\.(cu|cpp)|error" | sed -E 's/ -.*(csrc\/[^ ]*\.(cu|cpp)).*/ ... \1/'
+
+build: venv
+	$(BIN)/python setup.py build_ext --inplace
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+test-gpu: install
+	$(BIN)/python -m pytest -q -m cuda tests
+
+demo: install
+	$(BIN)/python -m rbd_cuda.demo
+
+bench: install
+	$(BIN)/python -m benchmarks.ops_bench --device cpu --out $(RESULTS)/ops_bench_cpu
+
+bench-quick: install
+	$(BIN)/python -m benchmarks.ops_bench --device cpu --preset quick --out $(RESULTS)/ops_bench_quick
+
+# On a GPU machine (uses that machine's python3/torch; builds for the local GPU).
+gpu-check:
+	bash benchmarks/gpu_check.sh $(RESULTS)/gpu-check
+
+lint: venv
+	$(BIN)/pip install -q ruff && $(BIN)/ruff check rbd_cuda tests benchmarks
+
+clean:
+	rm -rf build *.egg-info rbd_cuda/_C*.so build.log

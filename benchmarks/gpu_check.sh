@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# One prepared GPU check: build the extension for the local GPU, run the CUDA tests,
+# then a short benchmark of project/expand against materialise-with-torch-then-multiply.
+# Results (logs, JSON, markdown) go to the directory given as $1, else $RBD_RESULTS_DIR,
+# else $OUT (the device tool's folder), else results/gpu-check.
+# Sized for a fresh GPU machine (torch with CUDA, nvcc, 16 cores, no network): a few minutes.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-${RBD_RESULTS_DIR:-${OUT:-results/gpu-check}}}
+mkdir -p "$out"
+py=${PYTHON:-python3}
+status=0
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv
+  "$py" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
+} 2>&1 | tee "$out/env.txt"
+
+arch=$("$py" -c "import torch; c = torch.cuda.get_device_capability(); print(f'{c[0]}.{c[1]}')") || exit 1
+echo "== build (TORCH_CUDA_ARCH_LIST=$arch)"
+start=$SECONDS
+if ! TORCH_CUDA_ARCH_LIST=$arch RBD_CUDA=1 RBD_NVCC_VERBOSE=1 MAX_JOBS=${MAX_JOBS:-16} \
+    "$py" setup.py build_ext --inplace >"$out/build.log" 2>&1; then
+  tail -40 "$out/build.log"
+  echo "BUILD FAILED"
+  exit 1
+fi
+echo "built in $((SECONDS - start)) s; registers/spills:"
+grep -E "Compiling entry|registers|spill" "$out/build.log" | grep -B1 -E "spill stores [1-9]|registers" \
+  | sed -E 's/ptxas info *: //' | grep -oE "(_Z[^ ']*|Used [0-9]+ registers|[0-9]+ bytes spill stores)" \
+  | paste - - - 2>/dev/null | head -40 > "$out/registers.txt" || true
+head -5 "$out/registers.txt"
+
+echo "== CUDA tests"
+"$py" -m pytest -q -m cuda tests -p no:cacheprovider 2>&1 | tee "$out/tests.log" | tail -25
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "== benchmark"
+"$py" -m benchmarks.ops_bench --device cuda --preset gpu --dtypes float32 bfloat16 --out "$out" \
+  2>&1 | tee "$out/bench.log" | tail -40
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "gpu-check finished with status $status; results in $out"
+exit $status

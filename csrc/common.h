@@ -1,0 +1,105 @@
+// Argument parsing and validation shared by the CPU and CUDA op implementations.
+#pragma once
+
+#include <string>
+#include <type_traits>
+
+#include <torch/library.h>
+#include <ATen/ATen.h>
+
+#include "rbd/philox.h"
+
+namespace rbd {
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <Distribution D>
+using DistTag = std::integral_constant<Distribution, D>;
+
+// Calls f(DistTag<d>{}) so kernels can be specialised on the distribution at compile time.
+template <typename F>
+void with_distribution(Distribution d, F&& f) {
+  switch (d) {
+    case Distribution::Normal: f(DistTag<Distribution::Normal>{}); break;
+    case Distribution::Uniform: f(DistTag<Distribution::Uniform>{}); break;
+    case Distribution::Rademacher: f(DistTag<Distribution::Rademacher>{}); break;
+  }
+}
+
+// Everything that selects a sub-matrix of the conceptual random matrix.
+struct StreamArgs {
+  uint32_t key0 = 0, key1 = 0;  // seed, low word first
+  uint32_t step = 0;
+  uint32_t stream = 0;
+  Distribution dist = Distribution::Normal;
+  int64_t row_offset = 0;
+  int64_t col_offset = 0;
+};
+
+inline Distribution parse_distribution(const std::string& name) {
+  if (name == "normal") return Distribution::Normal;
+  if (name == "uniform") return Distribution::Uniform;
+  if (name == "rademacher") return Distribution::Rademacher;
+  TORCH_CHECK_VALUE(false, "rbd_cuda: distribution must be one of 'normal', 'uniform', "
+                    "'rademacher', got '", name, "'");
+}
+
+// numel: rows of the sub-matrix, dim: its columns. The seed arrives as a signed
+// int64 holding the seed's 64 bits (the Python wrapper maps [2^63, 2^64) there).
+inline StreamArgs make_stream_args(int64_t numel, int64_t dim, int64_t seed, int64_t step,
+                                   int64_t stream, const std::string& distribution,
+                                   int64_t row_offset, int64_t col_offset) {
+  TORCH_CHECK_VALUE(dim > 0, "rbd_cuda: dim must be positive, got ", dim);
+  TORCH_CHECK_VALUE(numel >= 0, "rbd_cuda: numel must be non-negative, got ", numel);
+  TORCH_CHECK_VALUE(step >= 0 && step < (int64_t(1) << 32),
+                    "rbd_cuda: step must be in [0, 2**32), got ", step);
+  TORCH_CHECK_VALUE(stream >= 0 && stream < (int64_t(1) << 32),
+                    "rbd_cuda: stream must be in [0, 2**32), got ", stream);
+  TORCH_CHECK_VALUE(row_offset >= 0, "rbd_cuda: row_offset must be non-negative, got ",
+                    row_offset);
+  TORCH_CHECK_VALUE(col_offset >= 0, "rbd_cuda: col_offset must be non-negative, got ",
+                    col_offset);
+  TORCH_CHECK_VALUE(row_offset <= kMaxRows - numel, "rbd_cuda: row_offset + numel must be at most 2**34 "
+                    "(the stream's row range), got row_offset=", row_offset, ", numel=", numel);
+  TORCH_CHECK_VALUE(col_offset <= kMaxCols - dim, "rbd_cuda: col_offset + dim must be at most 2**32 "
+                    "(the stream's column range), got col_offset=", col_offset, ", dim=", dim);
+  StreamArgs a;
+  const uint64_t s = static_cast<uint64_t>(seed);
+  a.key0 = static_cast<uint32_t>(s);
+  a.key1 = static_cast<uint32_t>(s >> 32);
+  a.step = static_cast<uint32_t>(step);
+  a.stream = static_cast<uint32_t>(stream);
+  a.dist = parse_distribution(distribution);
+  a.row_offset = row_offset;
+  a.col_offset = col_offset;
+  return a;
+}
+
+inline void check_float_input(const at::Tensor& t, const char* name) {
+  const auto st = t.scalar_type();
+  TORCH_CHECK_VALUE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, "rbd_cuda: ",
+                    name, " must be float32, float16 or bfloat16, got ", st);
+}
+
+inline void check_same_device(const at::Tensor& a, const char* a_name, const at::Tensor& b,
+                              const char* b_name) {
+  TORCH_CHECK(a.device() == b.device(), "rbd_cuda: ", a_name, " and ", b_name,
+              " must be on the same device, got ", a.device(), " and ", b.device());
+}
+
+// The coefficient vector: 1-D, non-empty, float; returned as contiguous fp32 (it is tiny).
+inline at::Tensor coefficients_fp32(const at::Tensor& c) {
+  check_float_input(c, "c");
+  TORCH_CHECK_VALUE(c.dim() == 1, "rbd_cuda: c must be 1-D (one coefficient per direction), got shape ",
+                    c.sizes());
+  TORCH_CHECK_VALUE(c.numel() > 0, "rbd_cuda: c must hold at least one coefficient (dim > 0)");
+  return c.to(at::kFloat).contiguous();
+}
+
+inline void check_out(const at::Tensor& out, const char* name) {
+  check_float_input(out, name);
+  TORCH_CHECK_VALUE(out.is_contiguous(), "rbd_cuda: ", name,
+                    " must be contiguous (it is updated in place)");
+}
+
+}  // namespace rbd

@@ -1,0 +1,76 @@
+// Device helpers shared by the CUDA kernels (project.cu, expand.cu, materialize.cu).
+#pragma once
+
+#include <algorithm>
+#include <type_traits>
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../common.h"
+
+namespace rbd {
+
+constexpr int kThreads = 256;
+constexpr int64_t kTargetBlocks = 4096;       // project: column tiles x row chunks, about
+constexpr int64_t kTargetThreads = 1 << 20;   // expand: split columns when rows are too few
+constexpr int kCTile = 2048;                  // expand: coefficients staged per pass (8 KB)
+
+template <typename T>
+__device__ __forceinline__ float to_float(T v) {
+  return static_cast<float>(v);
+}
+
+// g[i0 .. i0+3] as floats, zero outside [0, n). The aligned fp32 path is one 16-byte load.
+template <typename T>
+__device__ __forceinline__ void load_rows(const T* __restrict__ g, int64_t i0, int64_t n, bool vec_ok,
+                                          float (&gv)[4]) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (vec_ok && i0 >= 0 && i0 + 4 <= n) {
+      const float4 v = __ldg(reinterpret_cast<const float4*>(g + i0));
+      gv[0] = v.x; gv[1] = v.y; gv[2] = v.z; gv[3] = v.w;
+      return;
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const int64_t i = i0 + r;
+    gv[r] = (i >= 0 && i < n) ? to_float(g[i]) : 0.0f;
+  }
+}
+
+__device__ __forceinline__ float flip_sign(float v, uint32_t word, int bit) {
+  return __uint_as_float(__float_as_uint(v) ^ ((word << (31 - bit)) & 0x80000000u));
+}
+
+template <Distribution D>
+__device__ __forceinline__ void entries4(const Philox4& x, float (&e)[4]) {
+  if constexpr (D == Distribution::Normal) {
+    normal4(x, e);
+  } else {
+    uniform4(x, e);
+  }
+}
+
+struct Launch {
+  int64_t rb_first, rb_end;  // 4-row blocks of the stream covering the rows
+  int64_t n_chunks, chunk;   // project: row chunks (grid.y) and row blocks per chunk
+};
+
+#define RBD_DISPATCH_FLOAT(TYPE, NAME, ...)                    \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                               \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)  \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+inline int64_t pow2_floor(int64_t v) {
+  int64_t p = 1;
+  while (p * 2 <= v) p *= 2;
+  return p;
+}
+
+}  // namespace rbd

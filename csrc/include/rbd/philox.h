@@ -1,0 +1,234 @@
+// Philox4x32 and the rbd_cuda random stream (v1), shared by every kernel.
+//
+// Torch-free and usable from host and device code, so the CPU and CUDA kernels
+// produce the same integer stream by construction. Entry P[i, j] of the
+// conceptual matrix for (seed, step, stream, distribution) depends on nothing
+// else: not on the matrix shape, device, thread count or tiling.
+//
+//   key     = 64-bit seed, low word first
+//   counter = (i >> 2, j, step, stream)          normal, uniform;   word i & 3
+//   counter = (i >> 2, j >> 5, step, stream)     rademacher;        word i & 3, bit j & 31
+//
+// See docs/random_stream.md for the contract (what is bit-exact, what is
+// tolerance-tested) and the reasons behind the layout.
+#pragma once
+
+#include <stdint.h>
+
+#if defined(__CUDACC__)
+#define RBD_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define RBD_HOST_DEVICE inline
+#endif
+
+namespace rbd {
+
+constexpr int kStreamVersion = 1;
+
+constexpr uint32_t kPhiloxM0 = 0xD2511F53u;
+constexpr uint32_t kPhiloxM1 = 0xCD9E8D57u;
+constexpr uint32_t kPhiloxW0 = 0x9E3779B9u;  // golden ratio
+constexpr uint32_t kPhiloxW1 = 0xBB67AE85u;  // sqrt(3) - 1
+
+// Rows are grouped by 4 (one Philox call = 4 rows); counter[0] is 32 bits.
+constexpr int64_t kMaxRows = int64_t(1) << 34;
+constexpr int64_t kMaxCols = int64_t(1) << 32;
+
+enum class Distribution : int { Normal = 0, Uniform = 1, Rademacher = 2 };
+
+struct Philox4 {
+  uint32_t w[4];
+};
+
+// One 32x32->64 multiply; on CUDA this lowers to a single IMAD.WIDE.U32.
+RBD_HOST_DEVICE void mulhilo32(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
+  const uint64_t p = uint64_t(a) * uint64_t(b);
+  hi = uint32_t(p >> 32);
+  lo = uint32_t(p);
+}
+
+template <int Rounds>
+RBD_HOST_DEVICE Philox4 philox4x32(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
+                                   uint32_t k0, uint32_t k1) {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int r = 0; r < Rounds; ++r) {
+    if (r > 0) {
+      k0 += kPhiloxW0;
+      k1 += kPhiloxW1;
+    }
+    uint32_t hi0, lo0, hi1, lo1;
+    mulhilo32(kPhiloxM0, c0, hi0, lo0);
+    mulhilo32(kPhiloxM1, c2, hi1, lo1);
+    const uint32_t n0 = hi1 ^ c1 ^ k0;
+    const uint32_t n2 = hi0 ^ c3 ^ k1;
+    c0 = n0;
+    c1 = lo1;
+    c2 = n2;
+    c3 = lo0;
+  }
+  return Philox4{{c0, c1, c2, c3}};
+}
+
+// The stream's generator: Philox4x32-10.
+RBD_HOST_DEVICE Philox4 stream_block(uint32_t row_block, uint32_t col, uint32_t step,
+                                     uint32_t stream, uint32_t k0, uint32_t k1) {
+  return philox4x32<10>(row_block, col, step, stream, k0, k1);
+}
+
+// ---- bit -> float conversions (exact in fp32) ----------------------------
+
+// U(-1, 1) on the grid k * 2^-23 - 1, k in [0, 2^24): exact in fp32.
+RBD_HOST_DEVICE float uniform_pm1(uint32_t x) {
+  return float(x >> 8) * (1.0f / 8388608.0f) - 1.0f;
+}
+
+// (0, 1] on the grid (k + 1) * 2^-24: never 0, so log() is finite.
+RBD_HOST_DEVICE float uniform_open0(uint32_t x) {
+  return float((x >> 8) + 1u) * (1.0f / 16777216.0f);
+}
+
+// Rademacher: bit set -> -1, clear -> +1.
+RBD_HOST_DEVICE float rademacher(uint32_t word, int bit) {
+  return ((word >> bit) & 1u) ? -1.0f : 1.0f;
+}
+
+// ---- Box-Muller ------------------------------------------------------------
+//
+// From words (a, b): u1 = uniform_open0(a) in (0, 1], v = uniform_pm1(b) in [-1, 1),
+//   z0 = sqrt(-2 ln u1) * cos(pi v),   z1 = sqrt(-2 ln u1) * sin(pi v).
+// Words (0, 1) give rows 4b, 4b+1; words (2, 3) give rows 4b+2, 4b+3.
+// Device code uses an accurate logf, the SFU square root and the SFU sine/cosine
+// (argument in [-pi, pi), where they are accurate to ~2^-21 absolute); host code uses the
+// portable polynomials below, written branch-free so loops over them
+// vectorise and give the same bits as scalar code. The two agree to ~1e-6.
+
+namespace detail {
+
+RBD_HOST_DEVICE uint32_t float_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  union { float f; uint32_t u; } v{f};
+  return v.u;
+#endif
+}
+
+RBD_HOST_DEVICE float bits_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  union { uint32_t u; float f; } v{u};
+  return v.f;
+#endif
+}
+
+// ln(x) for normal positive finite x (Cephes logf: x = m 2^e, m in [sqrt(1/2), sqrt(2))).
+// Written without branches or selects on floats so host loops over it vectorise.
+RBD_HOST_DEVICE float log_poly(float x) {
+  const uint32_t bits = float_bits(x);
+  float m = bits_float((bits & 0x007fffffu) | 0x3f000000u);  // [0.5, 1)
+  const int small = m < 0.70710678118654752f ? 1 : 0;
+  const int e = int((bits >> 23) & 0xffu) - 126 - small;
+  m = m * float(1 + small) - 1.0f;  // doubling is exact
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  const float ef = float(e);
+  y += -2.12194440e-4f * ef;
+  y += -0.5f * z;
+  return (m + y) + 0.693359375f * ef;
+}
+
+// sin(pi v), cos(pi v) for v in [-1, 1]: reduce to r in [-1/4, 1/4], then Taylor
+// series in t = pi r (truncation error < 2e-9). Quadrant handling uses integer bit
+// operations only, so host loops over it vectorise and round like scalar code.
+RBD_HOST_DEVICE void sincospi_poly(float v, float& s, float& c) {
+  const float q = (v * 2.0f + 12582912.0f) - 12582912.0f;  // round(2v): 1.5 * 2^23 trick
+  const float r = v - 0.5f * q;                              // exact, |r| <= 1/4
+  const float t = r * 3.14159265358979f;
+  const float t2 = t * t;
+  float ps = -2.50521084e-8f;
+  ps = ps * t2 + 2.75573192e-6f;
+  ps = ps * t2 - 1.98412698e-4f;
+  ps = ps * t2 + 8.33333333e-3f;
+  ps = ps * t2 - 1.66666667e-1f;
+  const uint32_t sr = float_bits(t + t * t2 * ps);
+  float pc = 2.08767570e-9f;
+  pc = pc * t2 - 2.75573192e-7f;
+  pc = pc * t2 + 2.48015873e-5f;
+  pc = pc * t2 - 1.38888889e-3f;
+  pc = pc * t2 + 4.16666667e-2f;
+  pc = pc * t2 - 0.5f;
+  const uint32_t cr = float_bits(1.0f + t2 * pc);
+  // Rotate by q quarter turns (q mod 4): 1 swaps sin and cos; sin negates for 2, 3;
+  // cos negates for 1, 2.
+  const uint32_t qi = uint32_t(int(q)) & 3u;
+  const uint32_t swap = 0u - (qi & 1u);
+  const uint32_t s_sign = (qi >> 1) << 31;
+  const uint32_t c_sign = (((qi + 1u) >> 1) & 1u) << 31;
+  s = bits_float(((sr & ~swap) | (cr & swap)) ^ s_sign);
+  c = bits_float(((cr & ~swap) | (sr & swap)) ^ c_sign);
+}
+
+}  // namespace detail
+
+RBD_HOST_DEVICE void box_muller(uint32_t a, uint32_t b, float& z0, float& z1) {
+  const float u1 = uniform_open0(a);
+  const float v = uniform_pm1(b);
+#if defined(__CUDA_ARCH__)
+  float radius;  // one SFU op (relative error ~2^-23) instead of the IEEE sqrt sequence
+  asm("sqrt.approx.f32 %0, %1;" : "=f"(radius) : "f"(-2.0f * logf(u1)));
+  float s, c;
+  __sincosf(v * 3.14159265358979f, &s, &c);
+#else
+  const float radius = __builtin_sqrtf(-2.0f * detail::log_poly(u1));
+  float s, c;
+  detail::sincospi_poly(v, s, c);
+#endif
+  z0 = radius * c;
+  z1 = radius * s;
+}
+
+// Four normal entries (rows 4b..4b+3 of one column) from one Philox block.
+RBD_HOST_DEVICE void normal4(const Philox4& x, float out[4]) {
+  box_muller(x.w[0], x.w[1], out[0], out[1]);
+  box_muller(x.w[2], x.w[3], out[2], out[3]);
+}
+
+RBD_HOST_DEVICE void uniform4(const Philox4& x, float out[4]) {
+  out[0] = uniform_pm1(x.w[0]);
+  out[1] = uniform_pm1(x.w[1]);
+  out[2] = uniform_pm1(x.w[2]);
+  out[3] = uniform_pm1(x.w[3]);
+}
+
+// Single entry P[row, col], for debugging and the materialize op.
+RBD_HOST_DEVICE float entry(Distribution dist, uint64_t row, uint64_t col, uint32_t step,
+                            uint32_t stream, uint32_t k0, uint32_t k1) {
+  const uint32_t rb = uint32_t(row >> 2);
+  const int w = int(row & 3);
+  if (dist == Distribution::Rademacher) {
+    const Philox4 x = stream_block(rb, uint32_t(col >> 5), step, stream, k0, k1);
+    return rademacher(x.w[w], int(col & 31));
+  }
+  const Philox4 x = stream_block(rb, uint32_t(col), step, stream, k0, k1);
+  float v[4];
+  if (dist == Distribution::Normal) {
+    normal4(x, v);
+  } else {
+    uniform4(x, v);
+  }
+  return v[w];
+}
+
+}  // namespace rbd

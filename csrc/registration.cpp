@@ -1,0 +1,61 @@
+// The only TORCH_LIBRARY(rbd_cuda, m) block: every schema lives here.
+#include <Python.h>
+
+#include <torch/library.h>
+#include <ATen/ATen.h>
+
+#include "common.h"
+
+// Importing the extension from Python must register the ops: a module init that
+// does nothing else is enough (the ops are then reached as torch.ops.rbd_cuda.*).
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+namespace rbd {
+
+bool built_with_cuda() {
+#ifdef RBD_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+int64_t stream_version() { return kStreamVersion; }
+
+// Allocates on the requested device and lets materialize_ dispatch there.
+at::Tensor materialize(int64_t numel, int64_t dim, int64_t seed, int64_t step, int64_t stream,
+                       c10::string_view distribution, int64_t row_offset, int64_t col_offset,
+                       std::optional<at::ScalarType> dtype, std::optional<at::Device> device) {
+  make_stream_args(numel, dim, seed, step, stream, std::string(distribution), row_offset,
+                   col_offset);
+  auto out = at::empty({numel, dim}, at::TensorOptions()
+                                         .dtype(dtype.value_or(at::kFloat))
+                                         .device(device.value_or(at::Device(at::kCPU))));
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("rbd_cuda::materialize_", "")
+                       .typed<void(at::Tensor&, int64_t, int64_t, int64_t, c10::string_view,
+                                   int64_t, int64_t)>();
+  op.call(out, seed, step, stream, distribution, row_offset, col_offset);
+  return out;
+}
+
+}  // namespace rbd
+
+#define RBD_STREAM_KWARGS \
+  "int seed, int step=0, int stream=0, str distribution=\"normal\", int row_offset=0, int col_offset=0"
+
+TORCH_LIBRARY(rbd_cuda, m) {
+  m.def("project(Tensor g, int dim, *, " RBD_STREAM_KWARGS ") -> Tensor");
+  m.def("expand(Tensor c, int numel, *, " RBD_STREAM_KWARGS ") -> Tensor");
+  m.def("expand_(Tensor(a!) out, Tensor c, float alpha=1.0, *, " RBD_STREAM_KWARGS ") -> ()");
+  m.def("materialize_(Tensor(a!) out, *, " RBD_STREAM_KWARGS ") -> ()");
+  m.def("materialize(int numel, int dim, *, " RBD_STREAM_KWARGS
+        ", ScalarType? dtype=None, Device? device=None) -> Tensor",
+        &rbd::materialize);
+  m.def("philox4x32(Tensor counter, Tensor key, int rounds=10) -> Tensor");
+  m.def("built_with_cuda() -> bool", &rbd::built_with_cuda);
+  m.def("stream_version() -> int", &rbd::stream_version);
+}

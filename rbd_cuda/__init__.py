@@ -1,0 +1,28 @@
+"""rbd_cuda: training in re-drawn random subspaces with fused Philox projection kernels.
+
+Each op regenerates the needed entries of a D×d random matrix P from a
+counter-based RNG inside the product, so P never exists in memory.
+"""
+
+from .ops import (
+    DISTRIBUTIONS,
+    built_with_cuda,
+    expand,
+    expand_,
+    materialize,
+    philox4x32,
+    project,
+    stream_version,
+)
+
+__all__ = [
+    "DISTRIBUTIONS",
+    "built_with_cuda",
+    "expand",
+    "expand_",
+    "materialize",
+    "philox4x32",
+    "project",
+    "stream_version",
+]
+__version__ = "0.1.0"

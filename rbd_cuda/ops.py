@@ -1,0 +1,187 @@
+"""Typed wrappers over ``torch.ops.rbd_cuda`` and the fake kernels torch.compile traces with.
+
+The random matrix P is addressed, never stored: entry ``P[i, j]`` of the stream
+``(seed, step, stream, distribution)`` is a pure function of ``(i, j)``. ``row_offset``
+and ``col_offset`` select the sub-matrix an op works on, so
+``project(g, dim, row_offset=r, col_offset=k)[j] == sum_i P[r + i, k + j] * g[i]``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from . import _C  # noqa: F401  (loading the extension registers torch.ops.rbd_cuda)
+
+Distribution = Literal["normal", "uniform", "rademacher"]
+DISTRIBUTIONS: tuple[str, ...] = ("normal", "uniform", "rademacher")
+
+_SEED_MIN = -(2**63)
+_SEED_MAX = 2**64  # exclusive
+
+
+def _seed_to_int64(seed: int) -> int:
+    """Map any 64-bit seed (signed or unsigned) to the int64 holding the same bits."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"rbd_cuda: seed must be an int, got {type(seed).__name__}")
+    if not _SEED_MIN <= seed < _SEED_MAX:
+        raise ValueError(f"rbd_cuda: seed must fit in 64 bits, i.e. in [-2**63, 2**64), got {seed}")
+    return seed - 2**64 if seed >= 2**63 else seed
+
+
+def _stream_kwargs(seed, step, stream, distribution, row_offset, col_offset) -> dict:
+    return dict(
+        seed=_seed_to_int64(seed),
+        step=int(step),
+        stream=int(stream),
+        distribution=distribution,
+        row_offset=int(row_offset),
+        col_offset=int(col_offset),
+    )
+
+
+def project(
+    g: torch.Tensor,
+    dim: int,
+    *,
+    seed: int,
+    step: int = 0,
+    stream: int = 0,
+    distribution: Distribution = "normal",
+    row_offset: int = 0,
+    col_offset: int = 0,
+) -> torch.Tensor:
+    """Coefficients ``c = Pᵀ g`` of ``g`` on ``dim`` random directions.
+
+    ``g`` (any shape, fp32/fp16/bf16) is flattened to length D; returns a 1-D tensor
+    of length ``dim`` with ``g``'s dtype and device, accumulated in fp32:
+    ``c[j] = sum_i P[row_offset + i, col_offset + j] * g[i]``. P is generated on the fly.
+    """
+    return torch.ops.rbd_cuda.project(
+        g, int(dim), **_stream_kwargs(seed, step, stream, distribution, row_offset, col_offset)
+    )
+
+
+def expand(
+    c: torch.Tensor,
+    numel: int,
+    *,
+    seed: int,
+    step: int = 0,
+    stream: int = 0,
+    distribution: Distribution = "normal",
+    row_offset: int = 0,
+    col_offset: int = 0,
+) -> torch.Tensor:
+    """The vector ``u = P c`` of length ``numel`` (``c`` is 1-D, one coefficient per direction).
+
+    ``u[i] = sum_j P[row_offset + i, col_offset + j] * c[j]``, accumulated in fp32 and
+    returned in ``c``'s dtype on ``c``'s device.
+    """
+    return torch.ops.rbd_cuda.expand(
+        c, int(numel), **_stream_kwargs(seed, step, stream, distribution, row_offset, col_offset)
+    )
+
+
+def expand_(
+    out: torch.Tensor,
+    c: torch.Tensor,
+    alpha: float = 1.0,
+    *,
+    seed: int,
+    step: int = 0,
+    stream: int = 0,
+    distribution: Distribution = "normal",
+    row_offset: int = 0,
+    col_offset: int = 0,
+) -> torch.Tensor:
+    """In place ``out += alpha * P c`` (``out`` contiguous, any shape, flattened); returns ``out``.
+
+    No temporary of ``out``'s size is created: this is the optimizer's update.
+    The sum is formed in fp32 and rounded to ``out``'s dtype once per element.
+    """
+    torch.ops.rbd_cuda.expand_(
+        out,
+        c,
+        float(alpha),
+        **_stream_kwargs(seed, step, stream, distribution, row_offset, col_offset),
+    )
+    return out
+
+
+def materialize(
+    numel: int,
+    dim: int,
+    *,
+    seed: int,
+    step: int = 0,
+    stream: int = 0,
+    distribution: Distribution = "normal",
+    row_offset: int = 0,
+    col_offset: int = 0,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """The sub-matrix ``P[row_offset : row_offset + numel, col_offset : col_offset + dim]``.
+
+    For tests and debugging: this is the D×d matrix the other ops never store.
+    """
+    return torch.ops.rbd_cuda.materialize(
+        int(numel),
+        int(dim),
+        **_stream_kwargs(seed, step, stream, distribution, row_offset, col_offset),
+        dtype=dtype,
+        device=torch.device(device) if device is not None else None,
+    )
+
+
+def philox4x32(counter: torch.Tensor, key: torch.Tensor, rounds: int = 10) -> torch.Tensor:
+    """Raw Philox4x32-``rounds`` blocks (debugging and known-answer tests).
+
+    ``counter``: int64 (N, 4) and ``key``: int64 (N, 2), each word in [0, 2**32);
+    returns int64 (N, 4). Runs the same header code as the kernels.
+    """
+    return torch.ops.rbd_cuda.philox4x32(counter, key, int(rounds))
+
+
+def built_with_cuda() -> bool:
+    """True when the extension was compiled with its CUDA kernels."""
+    return bool(torch.ops.rbd_cuda.built_with_cuda())
+
+
+def stream_version() -> int:
+    """Version of the random-stream layout: the same version gives the same matrices."""
+    return int(torch.ops.rbd_cuda.stream_version())
+
+
+# ---- fake kernels: shapes and dtypes only, for torch.compile / meta tensors ----
+
+
+@torch.library.register_fake("rbd_cuda::project")
+def _project_fake(g, dim, *, seed, step=0, stream=0, distribution="normal", row_offset=0, col_offset=0):
+    torch._check(dim > 0, lambda: f"rbd_cuda: dim must be positive, got {dim}")
+    return g.new_empty((dim,))
+
+
+@torch.library.register_fake("rbd_cuda::expand")
+def _expand_fake(c, numel, *, seed, step=0, stream=0, distribution="normal", row_offset=0, col_offset=0):
+    torch._check(numel >= 0, lambda: f"rbd_cuda: numel must be non-negative, got {numel}")
+    return c.new_empty((numel,))
+
+
+@torch.library.register_fake("rbd_cuda::expand_")
+def _expand_inplace_fake(out, c, alpha=1.0, *, seed, step=0, stream=0, distribution="normal",
+                         row_offset=0, col_offset=0):
+    return None
+
+
+@torch.library.register_fake("rbd_cuda::materialize_")
+def _materialize_inplace_fake(out, *, seed, step=0, stream=0, distribution="normal", row_offset=0,
+                              col_offset=0):
+    return None
+
+
+@torch.library.register_fake("rbd_cuda::philox4x32")
+def _philox_fake(counter, key, rounds=10):
+    return torch.empty_like(counter)

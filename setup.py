@@ -1,0 +1,90 @@
+"""Build rbd_cuda: CPU kernels always, CUDA kernels when torch has CUDA and nvcc is found.
+
+Environment switches:
+  RBD_CUDA=auto|0|1        auto (default): build CUDA when possible; 1: require it; 0: skip it
+  TORCH_CUDA_ARCH_LIST     GPU architectures (default "8.0;9.0"; torch crashes without one
+                           on a machine with no GPU)
+  CUDA_HOME                toolkit root (default: found from nvcc)
+  RBD_NVCC_VERBOSE=1       print ptxas resource usage (registers, spills) per kernel
+"""
+
+import glob
+import os
+import shutil
+
+from setuptools import find_packages, setup
+
+
+def find_cuda_home():
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    candidates = ["/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for root in candidates:
+        if os.path.exists(os.path.join(root, "bin", "nvcc")) and os.path.exists(
+            os.path.join(root, "include", "cuda.h")
+        ):
+            return root
+    return None
+
+
+mode = os.environ.get("RBD_CUDA", "auto").lower()
+if mode not in ("auto", "0", "1"):
+    raise SystemExit(f"RBD_CUDA must be auto, 0 or 1, got {mode!r}")
+
+cuda_home = find_cuda_home() if mode != "0" else None
+if cuda_home:
+    os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension at import
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+with_cuda = bool(cuda_home) and torch.version.cuda is not None
+if mode == "1" and not with_cuda:
+    raise SystemExit(
+        "RBD_CUDA=1 but the CUDA build is impossible: "
+        + ("nvcc/CUDA_HOME not found" if not cuda_home else f"torch {torch.__version__} has no CUDA")
+    )
+
+root = os.path.dirname(os.path.abspath(__file__))
+sources = ["csrc/registration.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp", root_dir=root))
+include_dirs = [os.path.join(root, "csrc", "include"), os.path.join(root, "csrc")]
+# -ffp-contract=off: vectorised and scalar loops round alike; -fno-math-errno lets sqrt vectorise.
+cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
+define_macros = []
+extension = CppExtension
+extra = {}
+if with_cuda:
+    sources += sorted(glob.glob("csrc/cuda/*.cu", root_dir=root))
+    define_macros.append(("RBD_WITH_CUDA", None))
+    extension = CUDAExtension
+    extra["nvcc"] = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+    if os.environ.get("RBD_NVCC_VERBOSE"):
+        extra["nvcc"].append("-Xptxas=-v")  # registers, shared memory, spills per kernel
+
+print(f"rbd_cuda: building CPU kernels{' and CUDA kernels' if with_cuda else ''}"
+      + (f" (CUDA_HOME={cuda_home}, arch list {os.environ['TORCH_CUDA_ARCH_LIST']})" if with_cuda else ""))
+
+setup(
+    name="rbd_cuda",
+    version="0.1.0",
+    description="Random Bases Descent: fused Philox random-projection kernels for PyTorch",
+    packages=find_packages(include=["rbd_cuda", "rbd_cuda.*"]),
+    ext_modules=[
+        extension(
+            name="rbd_cuda._C",
+            sources=sources,
+            include_dirs=include_dirs,
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx_flags, **extra},
+            extra_link_args=["-fopenmp"],
+        )
+    ],
+    cmdclass={"build_ext": BuildExtension},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.6", "numpy", "tqdm"],
+    zip_safe=False,
+)
