@@ -91,7 +91,7 @@ def draw(D: int, d: int, dist: str, device: str, gen: torch.Generator) -> torch.
 
 def check(D: int, d: int, dist: str, device: str, dtype: torch.dtype) -> dict:
     """Pass consistency on the full size and agreement with materialize on a slice."""
-    kw = dict(seed=1234, step=7, stream=3, distribution=dist)
+    kw = {"seed": 1234, "step": 7, "stream": 3, "distribution": dist}
     g = torch.randn(D, device=device).to(dtype)
     c = rbd_cuda.project(g, d, **kw).float()
     u = rbd_cuda.expand(c, D, **kw)
@@ -108,7 +108,7 @@ def check(D: int, d: int, dist: str, device: str, dtype: torch.dtype) -> dict:
 
 
 def bench_case(D, d, dist, dtype, device, warmup, reps, gen) -> dict:
-    kw = dict(seed=99, step=1, stream=0, distribution=dist)
+    kw = {"seed": 99, "step": 1, "stream": 0, "distribution": dist}
     g = torch.randn(D, device=device).to(dtype)
     c = torch.randn(d, device=device)
     out = torch.zeros(D, device=device, dtype=dtype)
@@ -116,8 +116,8 @@ def bench_case(D, d, dist, dtype, device, warmup, reps, gen) -> dict:
     row = {"D": D, "d": d, "distribution": dist, "dtype": str(dtype).replace("torch.", "")}
     row.update(check(D, d, dist, device, dtype))
 
-    fused_project = lambda: rbd_cuda.project(g, d, **kw)  # noqa: E731
-    fused_expand = lambda: rbd_cuda.expand_(out, c, 1e-3, **kw)  # noqa: E731
+    fused_project = lambda: rbd_cuda.project(g, d, **kw)
+    fused_expand = lambda: rbd_cuda.expand_(out, c, 1e-3, **kw)
     t_proj = timed(fused_project, device, warmup, reps)
     t_exp = timed(fused_expand, device, warmup, reps)
     row["project_s"] = statistics.median(t_proj)

@@ -96,6 +96,26 @@ inline at::Tensor coefficients_fp32(const at::Tensor& c) {
   return c.to(at::kFloat).contiguous();
 }
 
+// The raw-generator debug op: int64 (N, 4) counters and (N, 2) keys, each word a u32.
+inline void check_philox_args(const at::Tensor& counter, const at::Tensor& key, int64_t rounds) {
+  TORCH_CHECK_VALUE(rounds == 7 || rounds == 10, "rbd_cuda: rounds must be 7 or 10, got ", rounds);
+  TORCH_CHECK_VALUE(counter.scalar_type() == at::kLong && counter.dim() == 2 && counter.size(1) == 4,
+                    "rbd_cuda: counter must be an int64 tensor of shape (N, 4), got ",
+                    counter.scalar_type(), " ", counter.sizes());
+  TORCH_CHECK_VALUE(key.scalar_type() == at::kLong && key.dim() == 2 && key.size(1) == 2 &&
+                        key.size(0) == counter.size(0),
+                    "rbd_cuda: key must be an int64 tensor of shape (N, 2) matching counter, got ",
+                    key.scalar_type(), " ", key.sizes());
+  check_same_device(counter, "counter", key, "key");
+  const auto check_words = [](const at::Tensor& t, const char* name) {
+    TORCH_CHECK_VALUE(t.numel() == 0 || (t.min().item<int64_t>() >= 0 &&
+                                         t.max().item<int64_t>() < (int64_t(1) << 32)),
+                      "rbd_cuda: every ", name, " word must be in [0, 2**32)");
+  };
+  check_words(counter, "counter");
+  check_words(key, "key");
+}
+
 inline void check_out(const at::Tensor& out, const char* name) {
   check_float_input(out, name);
   TORCH_CHECK_VALUE(out.is_contiguous(), "rbd_cuda: ", name,

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import torch
@@ -57,8 +58,9 @@ def main(argv=None) -> int:
     g = torch.randn(D, device=device)
     rbd_cuda.project(g[:4096], d, seed=0)  # warm-up
     for dist in rbd_cuda.DISTRIBUTIONS:
-        c, t_p = _timed(lambda: rbd_cuda.project(g, d, seed=42, step=1, distribution=dist), device)
-        u, t_e = _timed(lambda: rbd_cuda.expand(c, D, seed=42, step=1, distribution=dist), device)
+        kw = {"seed": 42, "step": 1, "distribution": dist}
+        c, t_p = _timed(functools.partial(rbd_cuda.project, g, d, **kw), device)
+        _, t_e = _timed(functools.partial(rbd_cuda.expand, c, D, **kw), device)
         print(f"   {dist:>10}: project {t_p * 1e3:8.1f} ms ({D * d / t_p / 1e9:6.2f} G entries/s), "
               f"expand {t_e * 1e3:8.1f} ms ({D * d / t_e / 1e9:6.2f} G entries/s)")
 

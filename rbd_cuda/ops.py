@@ -8,6 +8,7 @@ and ``col_offset`` select the sub-matrix an op works on, so
 
 from __future__ import annotations
 
+import operator
 from typing import Literal
 
 import torch
@@ -23,22 +24,31 @@ _SEED_MAX = 2**64  # exclusive
 
 def _seed_to_int64(seed: int) -> int:
     """Map any 64-bit seed (signed or unsigned) to the int64 holding the same bits."""
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"rbd_cuda: seed must be an int, got {type(seed).__name__}")
+    seed = _integer("seed", seed)
     if not _SEED_MIN <= seed < _SEED_MAX:
         raise ValueError(f"rbd_cuda: seed must fit in 64 bits, i.e. in [-2**63, 2**64), got {seed}")
     return seed - 2**64 if seed >= 2**63 else seed
 
 
+def _integer(name: str, value) -> int:
+    """An integer argument as int; floats are refused rather than truncated."""
+    if isinstance(value, bool):
+        raise TypeError(f"rbd_cuda: {name} must be an int, got bool")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"rbd_cuda: {name} must be an int, got {type(value).__name__}") from None
+
+
 def _stream_kwargs(seed, step, stream, distribution, row_offset, col_offset) -> dict:
-    return dict(
-        seed=_seed_to_int64(seed),
-        step=int(step),
-        stream=int(stream),
-        distribution=distribution,
-        row_offset=int(row_offset),
-        col_offset=int(col_offset),
-    )
+    return {
+        "seed": _seed_to_int64(seed),
+        "step": _integer("step", step),
+        "stream": _integer("stream", stream),
+        "distribution": distribution,
+        "row_offset": _integer("row_offset", row_offset),
+        "col_offset": _integer("col_offset", col_offset),
+    }
 
 
 def project(
@@ -59,7 +69,7 @@ def project(
     ``c[j] = sum_i P[row_offset + i, col_offset + j] * g[i]``. P is generated on the fly.
     """
     return torch.ops.rbd_cuda.project(
-        g, int(dim), **_stream_kwargs(seed, step, stream, distribution, row_offset, col_offset)
+        g, _integer("dim", dim), **_stream_kwargs(seed, step, stream, distribution, row_offset, col_offset)
     )
 
 
@@ -80,7 +90,7 @@ def expand(
     returned in ``c``'s dtype on ``c``'s device.
     """
     return torch.ops.rbd_cuda.expand(
-        c, int(numel), **_stream_kwargs(seed, step, stream, distribution, row_offset, col_offset)
+        c, _integer("numel", numel), **_stream_kwargs(seed, step, stream, distribution, row_offset, col_offset)
     )
 
 
@@ -128,8 +138,8 @@ def materialize(
     For tests and debugging: this is the D×d matrix the other ops never store.
     """
     return torch.ops.rbd_cuda.materialize(
-        int(numel),
-        int(dim),
+        _integer("numel", numel),
+        _integer("dim", dim),
         **_stream_kwargs(seed, step, stream, distribution, row_offset, col_offset),
         dtype=dtype,
         device=torch.device(device) if device is not None else None,
@@ -142,7 +152,7 @@ def philox4x32(counter: torch.Tensor, key: torch.Tensor, rounds: int = 10) -> to
     ``counter``: int64 (N, 4) and ``key``: int64 (N, 2), each word in [0, 2**32);
     returns int64 (N, 4). Runs the same header code as the kernels.
     """
-    return torch.ops.rbd_cuda.philox4x32(counter, key, int(rounds))
+    return torch.ops.rbd_cuda.philox4x32(counter, key, _integer("rounds", rounds))
 
 
 def built_with_cuda() -> bool:

@@ -304,14 +304,7 @@ void materialize_inplace_cpu(at::Tensor& out, int64_t seed, int64_t step, int64_
 }
 
 at::Tensor philox_cpu(const at::Tensor& counter, const at::Tensor& key, int64_t rounds) {
-  TORCH_CHECK_VALUE(rounds == 7 || rounds == 10, "rbd_cuda: rounds must be 7 or 10, got ", rounds);
-  TORCH_CHECK_VALUE(counter.scalar_type() == at::kLong && counter.dim() == 2 && counter.size(1) == 4,
-                    "rbd_cuda: counter must be an int64 tensor of shape (N, 4), got ",
-                    counter.scalar_type(), " ", counter.sizes());
-  TORCH_CHECK_VALUE(key.scalar_type() == at::kLong && key.dim() == 2 && key.size(1) == 2 &&
-                        key.size(0) == counter.size(0),
-                    "rbd_cuda: key must be an int64 tensor of shape (N, 2) matching counter, got ",
-                    key.scalar_type(), " ", key.sizes());
+  check_philox_args(counter, key, rounds);
   const at::Tensor ctr = counter.contiguous(), k = key.contiguous();
   at::Tensor out = at::empty_like(ctr);
   const int64_t* cp = ctr.data_ptr<int64_t>();

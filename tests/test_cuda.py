@@ -1,0 +1,352 @@
+"""CUDA kernels against the CPU kernels (the CPU side is itself checked against the reference).
+
+Skipped when no GPU is present. When a GPU is present, every test here FAILS (does not skip) if
+the extension was built without its CUDA kernels: a CPU-only build on a GPU machine is a
+broken install, not a reason to pass.
+
+Contract checked: the integer stream is identical on both devices (uniform and rademacher
+entries bit-exact, normal within 1e-5 since the transcendentals differ); products agree within
+float tolerance; CUDA results are deterministic run to run; every output element is written.
+"""
+
+import pytest
+import torch
+from conftest import DISTRIBUTIONS, DTYPES, KAT, dtype_id, random_vector
+
+import rbd_cuda
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+CUDA = "cuda"  # the device under test
+ERR = (ValueError, RuntimeError)
+
+
+@pytest.fixture(autouse=True)
+def _require_cuda_kernels():
+    if not rbd_cuda.built_with_cuda():
+        pytest.fail("a CUDA GPU is present but rbd_cuda was built without its CUDA kernels "
+                    "(rebuild with RBD_CUDA=1)")
+
+
+def test_built_with_cuda():
+    assert rbd_cuda.built_with_cuda()
+
+
+# (numel, dim, row_offset, col_offset): sizes 1, 3, 4097, 1_000_003 and dims 1, 7, 33, 256, with
+# offsets that are not multiples of 4 (row blocks) or 32 (Rademacher column groups).
+SHAPES = [
+    (1, 1, 0, 0),
+    (1, 33, 3, 32),
+    (3, 7, 1, 3),
+    (3, 256, 2, 1),
+    (4097, 33, 2, 31),
+    (4097, 256, 0, 0),
+    (1_000_003, 1, 3, 0),
+    (1_000_003, 7, 5, 33),
+    (1_000_003, 33, 0, 5),
+    (1_000_003, 256, 7, 61),
+]
+SHAPE_IDS = [f"{n}x{d}@{r},{c}" for n, d, r, c in SHAPES]
+STREAM = {"seed": 2**63 + 12345, "step": 77, "stream": 2**32 - 3}
+
+# Norm-relative and elementwise tolerances for CUDA vs CPU products (both accumulate in fp32 in
+# different orders, then round once to the output dtype).
+NORM_RTOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def assert_matches_cpu(got: torch.Tensor, cpu: torch.Tensor, what: str = "") -> None:
+    assert got.device.type == torch.device(CUDA).type, what
+    assert got.dtype == cpu.dtype and got.shape == cpu.shape, (what, got.dtype, got.shape)
+    a, b = got.cpu().double(), cpu.double()
+    assert torch.isfinite(a).all(), f"{what}: non-finite output"
+    if b.numel() == 0:
+        return
+    eps = torch.finfo(cpu.dtype).eps
+    rms = b.pow(2).mean().sqrt().item()
+    err = (a - b).abs()
+    assert (a - b).norm() <= NORM_RTOL[cpu.dtype] * b.norm() + 1e-30, (
+        f"{what}: relative error {((a - b).norm() / b.norm()).item():.3g}")
+    tol = 2 * eps * b.abs() + 1e-4 * rms + 1e-7
+    bad = err > tol
+    assert not bad.any(), (f"{what}: {int(bad.sum())}/{bad.numel()} elements off; worst "
+                           f"{err.max().item():.3g} (rms {rms:.3g})")
+
+
+def poison_cache(numel: int, dtype=torch.float32) -> None:
+    """Leave NaN in the caching allocator's free blocks so an unwritten output shows up."""
+    blocks = [torch.full((max(numel, 1) + k,), float("nan"), dtype=dtype, device=CUDA)
+              for k in (0, 1, 512)]
+    torch.cuda.synchronize()
+    del blocks
+
+
+# ---- Philox and materialize -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rounds", [7, 10])
+def test_philox_known_answers(rounds):
+    rows = [r for r in KAT if r[0] == rounds]
+    counter = torch.tensor([r[1] for r in rows], dtype=torch.int64, device=CUDA)
+    key = torch.tensor([r[2] for r in rows], dtype=torch.int64, device=CUDA)
+    out = rbd_cuda.philox4x32(counter, key, rounds)
+    assert out.device.type == torch.device(CUDA).type and out.dtype == torch.int64
+    assert out.cpu().tolist() == [r[3] for r in rows]
+
+
+@pytest.mark.parametrize("rounds", [7, 10])
+def test_philox_random_words_match_cpu(rounds):
+    gen = torch.Generator().manual_seed(rounds)
+    counter = torch.randint(0, 2**32, (100_003, 4), generator=gen, dtype=torch.int64)
+    key = torch.randint(0, 2**32, (100_003, 2), generator=gen, dtype=torch.int64)
+    got = rbd_cuda.philox4x32(counter.to(CUDA), key.to(CUDA), rounds)
+    assert torch.equal(got.cpu(), rbd_cuda.philox4x32(counter, key, rounds))
+
+
+MAT_SHAPES = [(1, 1, 0, 0), (3, 7, 1, 3), (4097, 33, 2, 31), (257, 256, 5, 61),
+              (1_000_003, 1, 3, 0),
+              (64, 100, 2**34 - 64, 2**32 - 100)]
+
+
+@pytest.mark.parametrize("dist", DISTRIBUTIONS)
+@pytest.mark.parametrize("shape", MAT_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}@{s[2]},{s[3]}")
+def test_materialize_matches_cpu(shape, dist):
+    numel, dim, r0, c0 = shape
+    kw = dict(distribution=dist, row_offset=r0, col_offset=c0, **STREAM)
+    poison_cache(numel * dim)
+    got = rbd_cuda.materialize(numel, dim, device=CUDA, **kw)
+    cpu = rbd_cuda.materialize(numel, dim, **kw)
+    assert got.device.type == torch.device(CUDA).type
+    assert got.dtype == torch.float32 and got.shape == (numel, dim)
+    got = got.cpu()
+    if dist == "normal":
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, cpu, atol=1e-5, rtol=0)
+    else:
+        assert torch.equal(got, cpu)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=dtype_id)
+@pytest.mark.parametrize("dist", ["uniform", "rademacher"])
+def test_materialize_dtypes_bit_exact(dist, dtype):
+    kw = dict(distribution=dist, row_offset=3, col_offset=7, **STREAM)
+    got = rbd_cuda.materialize(1001, 45, dtype=dtype, device=CUDA, **kw)
+    assert got.dtype == dtype
+    assert torch.equal(got.cpu(), rbd_cuda.materialize(1001, 45, dtype=dtype, **kw))
+
+
+@pytest.mark.parametrize("seed", [0, -1, 2**63, 2**64 - 1, 0x0123456789ABCDEF])
+def test_materialize_seeds_steps_streams(seed):
+    for step, stream in [(0, 0), (1, 2**32 - 1), (2**32 - 1, 5)]:
+        kw = {"seed": seed, "step": step, "stream": stream, "distribution": "uniform",
+              "row_offset": 1, "col_offset": 2}
+        got = rbd_cuda.materialize(33, 40, device=CUDA, **kw)
+        assert torch.equal(got.cpu(), rbd_cuda.materialize(33, 40, **kw))
+
+
+# ---- products ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("dist", DISTRIBUTIONS)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_project_matches_cpu(shape, dist, dtype):
+    numel, dim, r0, c0 = shape
+    kw = dict(distribution=dist, row_offset=r0, col_offset=c0, **STREAM)
+    g = random_vector(numel, dtype, seed=numel)
+    poison_cache(dim)
+    got = rbd_cuda.project(g.to(CUDA), dim, **kw)
+    assert_matches_cpu(got, rbd_cuda.project(g, dim, **kw), f"project {shape} {dist}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("dist", DISTRIBUTIONS)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_expand_matches_cpu(shape, dist, dtype):
+    numel, dim, r0, c0 = shape
+    kw = dict(distribution=dist, row_offset=r0, col_offset=c0, **STREAM)
+    c = random_vector(dim, dtype, seed=dim)
+    poison_cache(numel, dtype)
+    got = rbd_cuda.expand(c.to(CUDA), numel, **kw)
+    assert_matches_cpu(got, rbd_cuda.expand(c, numel, **kw), f"expand {shape} {dist}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("dist", DISTRIBUTIONS)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_expand_inplace_matches_cpu(shape, dist, dtype):
+    numel, dim, r0, c0 = shape
+    kw = dict(distribution=dist, row_offset=r0, col_offset=c0, **STREAM)
+    c = random_vector(dim, torch.float32, seed=dim)
+    out_cpu = random_vector(numel, dtype, seed=1, scale=2.0)
+    out = out_cpu.to(CUDA)
+    ptr = out.data_ptr()
+    ret = rbd_cuda.expand_(out, c.to(CUDA), -0.3, **kw)
+    assert ret is out and out.data_ptr() == ptr
+    rbd_cuda.expand_(out_cpu, c, -0.3, **kw)
+    assert_matches_cpu(out, out_cpu, f"expand_ {shape} {dist}")
+
+
+@pytest.mark.parametrize("dist", DISTRIBUTIONS)
+def test_unaligned_and_strided_inputs(dist):
+    kw = dict(distribution=dist, row_offset=1, col_offset=3, **STREAM)
+    base = random_vector(40_011, seed=3)
+    for off in (1, 2, 3):  # storage offsets break 16-byte alignment
+        g = base[off:off + 40_000]
+        got = rbd_cuda.project(base.to(CUDA)[off:off + 40_000], 37, **kw)
+        assert_matches_cpu(got, rbd_cuda.project(g, 37, **kw), f"unaligned {off}")
+        out_cpu = g.clone()
+        out = base.to(CUDA)[off:off + 40_000]
+        rbd_cuda.expand_(out, torch.ones(37, device=CUDA), 0.5, **kw)
+        rbd_cuda.expand_(out_cpu, torch.ones(37), 0.5, **kw)
+        assert_matches_cpu(out, out_cpu, f"unaligned expand_ {off}")
+    g2 = random_vector(2 * 20_000, seed=4).reshape(200, 200).T  # non-contiguous
+    assert_matches_cpu(rbd_cuda.project(g2.to(CUDA), 37, **kw), rbd_cuda.project(g2, 37, **kw))
+
+
+@pytest.mark.parametrize("dist", DISTRIBUTIONS)
+def test_adjoint_and_offsets(dist):
+    kw = dict(distribution=dist, **STREAM)
+    g = random_vector(300_001, seed=1).to(CUDA)
+    c = random_vector(129, seed=2).to(CUDA)
+    lhs = torch.dot(rbd_cuda.project(g, 129, **kw).double(), c.double())
+    rhs = torch.dot(g.double(), rbd_cuda.expand(c, 300_001, **kw).double())
+    assert (lhs - rhs).abs() <= 1e-5 * g.norm() * c.norm()
+    # prefix and column offsets
+    full = rbd_cuda.project(g, 129, **kw).double()
+    torch.testing.assert_close(rbd_cuda.project(g, 10, **kw).double(), full[:10],
+                               rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(rbd_cuda.project(g, 29, col_offset=100, **kw).double(), full[100:],
+                               rtol=1e-5, atol=1e-4)
+    # row offsets: a concatenation is the sum of its parts
+    n1 = 100_003
+    parts = (rbd_cuda.project(g[:n1], 129, **kw).double()
+             + rbd_cuda.project(g[n1:], 129, row_offset=n1, **kw).double())
+    assert (parts - full).norm() <= 1e-5 * full.norm()
+    u = rbd_cuda.expand(c, 300_001, **kw)
+    torch.testing.assert_close(rbd_cuda.expand(c, 300_001 - n1, row_offset=n1, **kw), u[n1:],
+                               rtol=1e-5, atol=1e-5 * c.abs().sum().item())
+
+
+# ---- determinism --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dist", DISTRIBUTIONS)
+def test_deterministic(dist):
+    kw = dict(distribution=dist, row_offset=3, col_offset=5, **STREAM)
+    g = random_vector(8_000_003, seed=5).to(CUDA)  # many row chunks: a multi-block reduction
+    c = random_vector(300, seed=6).to(CUDA)
+    projs = [rbd_cuda.project(g, 300, **kw) for _ in range(3)]
+    assert all(torch.equal(p, projs[0]) for p in projs[1:])
+    projs = [rbd_cuda.project(g[:4_000_000].to(torch.bfloat16), 1000, **kw) for _ in range(3)]
+    assert all(torch.equal(p, projs[0]) for p in projs[1:])
+    exps = [rbd_cuda.expand(c, 1_000_003, **kw) for _ in range(3)]
+    assert all(torch.equal(e, exps[0]) for e in exps[1:])
+    outs = []
+    for _ in range(3):
+        out = g[:1_000_003].clone()
+        rbd_cuda.expand_(out, c, 0.1, **kw)
+        outs.append(out)
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
+
+
+# ---- coverage of outputs and propagation -----------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("dist", DISTRIBUTIONS)
+def test_poison(dist, dtype):
+    kw = dict(distribution=dist, row_offset=2, col_offset=31, **STREAM)
+    c = random_vector(33, dtype, seed=1)
+    for numel in (1, 3, 4097, 1_000_003):
+        # expand_ must read out: NaN stays NaN
+        out = torch.full((numel,), float("nan"), dtype=dtype, device=CUDA)
+        rbd_cuda.expand_(out, c.to(CUDA), **kw)
+        assert torch.isnan(out).all(), numel
+        # a fresh result must cover every element, whatever the allocator hands back
+        poison_cache(numel, dtype)
+        got = rbd_cuda.expand(c.to(CUDA), numel, **kw)
+        assert_matches_cpu(got, rbd_cuda.expand(c, numel, **kw), f"fresh expand {numel}")
+        poison_cache(numel * 33)
+        m = rbd_cuda.materialize(numel, 33, device=CUDA, **kw)
+        assert torch.isfinite(m).all()
+
+
+@pytest.mark.parametrize("dist", DISTRIBUTIONS)
+def test_nan_propagates(dist):
+    kw = dict(distribution=dist, **STREAM)
+    g = random_vector(100_000, seed=1)
+    g[54_321] = float("nan")
+    assert torch.isnan(rbd_cuda.project(g.to(CUDA), 77, **kw)).all()
+    c = random_vector(77, seed=2)
+    c[40] = float("inf")
+    assert not torch.isfinite(rbd_cuda.expand(c.to(CUDA), 10_000, **kw)).any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_empty(dtype):
+    c = rbd_cuda.project(torch.empty(0, dtype=dtype, device=CUDA), 5, seed=1)
+    assert c.device.type == torch.device(CUDA).type and c.dtype == dtype
+    assert torch.equal(c.cpu(), torch.zeros(5, dtype=dtype))
+    u = rbd_cuda.expand(torch.ones(3, dtype=dtype, device=CUDA), 0, seed=1)
+    assert u.device.type == torch.device(CUDA).type and u.shape == (0,)
+    out = torch.empty(0, dtype=dtype, device=CUDA)
+    assert rbd_cuda.expand_(out, torch.ones(3, dtype=dtype, device=CUDA), seed=1) is out
+
+
+# ---- bad input ------------------------------------------------------------------------------
+
+
+def test_mixed_devices_rejected():
+    out_gpu = torch.zeros(10, device=CUDA)
+    with pytest.raises(RuntimeError, match=r"out.*c|c.*out") as e:
+        rbd_cuda.expand_(out_gpu, torch.ones(4), seed=0)
+    assert "cuda" in str(e.value) and "cpu" in str(e.value)
+    out_cpu = torch.zeros(10)
+    with pytest.raises(RuntimeError, match=r"out.*c|c.*out"):
+        rbd_cuda.expand_(out_cpu, torch.ones(4, device=CUDA), seed=0)
+    assert torch.equal(out_cpu, torch.zeros(10))
+    with pytest.raises(RuntimeError, match=r"counter.*key|key.*counter"):
+        rbd_cuda.philox4x32(torch.zeros(1, 4, dtype=torch.int64, device=CUDA),
+                            torch.zeros(1, 2, dtype=torch.int64))
+
+
+def test_bad_input_cuda():
+    g = torch.ones(10, device=CUDA)
+    with pytest.raises(ERR, match="dim"):
+        rbd_cuda.project(g, 0, seed=0)
+    with pytest.raises(ERR, match=r"\bg must be"):
+        rbd_cuda.project(g.double(), 4, seed=0)
+    with pytest.raises(ERR, match="distribution"):
+        rbd_cuda.project(g, 4, seed=0, distribution="gauss")
+    with pytest.raises(ERR, match="row_offset"):
+        rbd_cuda.project(g, 4, seed=0, row_offset=2**34 - 5)
+    with pytest.raises(ERR, match=r"\bc must be 1-D"):
+        rbd_cuda.expand(torch.ones(2, 2, device=CUDA), 10, seed=0)
+    with pytest.raises(ERR, match=r"\bout must be contiguous"):
+        rbd_cuda.expand_(torch.zeros(10, 4, device=CUDA).T, torch.ones(4, device=CUDA), seed=0)
+    with pytest.raises(ERR, match="rounds"):
+        rbd_cuda.philox4x32(torch.zeros(1, 4, dtype=torch.int64, device=CUDA),
+                            torch.zeros(1, 2, dtype=torch.int64, device=CUDA), 8)
+
+
+# ---- torch.library ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dist", DISTRIBUTIONS)
+def test_opcheck_cuda(dist):
+    ops = torch.ops.rbd_cuda
+    # the raw ops take the seed as the int64 holding its bits
+    kw = dict(STREAM, seed=STREAM["seed"] - 2**64, distribution=dist, row_offset=3, col_offset=33)
+    g = random_vector(5001, seed=1).to(CUDA)
+    c = random_vector(40, torch.bfloat16, seed=2).to(CUDA)
+    torch.library.opcheck(ops.project, (g, 40), kw)
+    torch.library.opcheck(ops.project, (g.to(torch.float16), 7), kw)
+    torch.library.opcheck(ops.expand, (c, 5001), kw)
+    torch.library.opcheck(ops.expand_, (g.clone(), c, 0.5), kw)
+    torch.library.opcheck(ops.materialize_, (torch.empty(77, 40, device=CUDA),), kw)
+    counter = torch.randint(0, 2**32, (16, 4), dtype=torch.int64, device=CUDA)
+    key = torch.randint(0, 2**32, (16, 2), dtype=torch.int64, device=CUDA)
+    torch.library.opcheck(ops.philox4x32, (counter, key, 10))

@@ -1,0 +1,95 @@
+"""torch.library.opcheck on the CPU ops and torch.compile of a function using them."""
+
+import pytest
+import torch
+from conftest import random_vector
+
+import rbd_cuda
+
+OPS = torch.ops.rbd_cuda
+
+STREAM_KW = [
+    {"seed": 0},
+    {"seed": -(2**62) - 7, "step": 2**32 - 1, "stream": 5, "distribution": "uniform",
+     "row_offset": 3, "col_offset": 31},
+    {"seed": 2**40 + 1, "step": 3, "stream": 2**31, "distribution": "rademacher",
+     "row_offset": 6, "col_offset": 33},
+]
+
+
+@pytest.mark.parametrize("kw", STREAM_KW, ids=["default", "uniform", "rademacher"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_opcheck(kw, dtype):
+    g = random_vector(1001, dtype, seed=1)
+    c = random_vector(19, dtype, seed=2)
+    torch.library.opcheck(OPS.project, (g, 19), kw)
+    torch.library.opcheck(OPS.project, (g.reshape(7, 143), 5), kw)
+    torch.library.opcheck(OPS.expand, (c, 1001), kw)
+    torch.library.opcheck(OPS.expand_, (random_vector(1001, dtype, seed=3), c, -0.5), kw)
+    torch.library.opcheck(OPS.expand_, (random_vector(77, dtype, seed=3).reshape(7, 11), c), kw)
+    torch.library.opcheck(OPS.materialize_, (torch.empty(33, 9, dtype=dtype),), kw)
+
+
+def test_opcheck_philox():
+    counter = torch.randint(0, 2**32, (8, 4), dtype=torch.int64)
+    key = torch.randint(0, 2**32, (8, 2), dtype=torch.int64)
+    torch.library.opcheck(OPS.philox4x32, (counter, key, 7))
+    torch.library.opcheck(OPS.philox4x32, (counter, key))
+
+
+def _rbd_update(param, grad, step):
+    """One RBD update: project the gradient, expand the coefficients back into the parameter."""
+    c = rbd_cuda.project(grad, 24, seed=2**63 + 1, step=step, stream=1, row_offset=2)
+    rbd_cuda.expand_(param, c, -0.01, seed=2**63 + 1, step=step, stream=1, row_offset=2)
+    return c
+
+
+def _rbd_step(param, grad, step):
+    """The update plus ordinary torch ops around the custom ops."""
+    c = _rbd_update(param, grad * 0.5, step)
+    u = rbd_cuda.expand(c * 2, 100, seed=7, distribution="uniform", col_offset=3)
+    return c, u.sum()
+
+
+def _run(fn, steps=(0, 1)):
+    param = random_vector(3001, seed=1)
+    grad = random_vector(3001, seed=2)
+    outs = [fn(param, grad, s) for s in steps]
+    return param, outs
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_compile_matches_eager(backend):
+    torch._dynamo.reset()
+    compiled = torch.compile(_rbd_step, backend=backend, fullgraph=True)
+    p_eager, out_eager = _run(_rbd_step)
+    p_comp, out_comp = _run(compiled)
+    # Same kernels on the same inputs: the ops' results are bit-identical.
+    assert torch.equal(p_comp, p_eager)
+    for (c1, s1), (c2, s2) in zip(out_comp, out_eager):
+        assert torch.equal(c1, c2)
+        torch.testing.assert_close(s1, s2, rtol=1e-6, atol=1e-5)
+
+
+def test_compile_inductor_matches_eager():
+    # Default backend; only the custom ops in the graph so no C++ kernel has to be compiled.
+    torch._dynamo.reset()
+    compiled = torch.compile(_rbd_update, fullgraph=True)
+    p_eager, out_eager = _run(_rbd_update, steps=(3,))
+    p_comp, out_comp = _run(compiled, steps=(3,))
+    assert torch.equal(p_comp, p_eager)
+    assert torch.equal(out_comp[0], out_eager[0])
+
+
+def test_compile_fake_shapes():
+    # The fake kernels give the right shapes and dtypes under dynamic shapes.
+    @torch.compile(backend="aot_eager", dynamic=True, fullgraph=True)
+    def f(g, dim_src):
+        c = rbd_cuda.project(g, 9, seed=1)
+        return rbd_cuda.expand(c, g.numel(), seed=1) + dim_src.sum()
+
+    for n in (17, 33):
+        g = random_vector(n, torch.bfloat16, seed=n)
+        out = f(g, torch.zeros(1, dtype=torch.bfloat16))
+        assert out.shape == (n,) and out.dtype == torch.bfloat16
+        assert torch.equal(out, rbd_cuda.expand(rbd_cuda.project(g, 9, seed=1), n, seed=1))
