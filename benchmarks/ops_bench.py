@@ -11,7 +11,8 @@ materialised P on a slice), then times, in one process and interleaved:
   torch product      P drawn into memory with torch (randn / uniform_ / randint), then one matvec
   torch step         P drawn once, then both matvecs (the cheapest materialised RBD step)
 Reports median times, G entries/s (entries = D·d per product), the fused/torch
-ratios, and peak memory (CUDA: max_memory_allocated; CPU: growth of peak RSS).
+ratios, and peak memory beyond the inputs (CUDA: max_memory_allocated; CPU: growth of the
+peak RSS in a fresh process).
 Writes JSON and a markdown table to --out.
 """
 
@@ -21,9 +22,9 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -65,8 +66,30 @@ def timed(fn, device: str, warmup: int, reps: int) -> list[float]:
     return times
 
 
-def peak_memory(fn, device: str) -> int:
-    """Bytes the call allocates at its peak beyond what was live before it."""
+_CPU_PEAK_CHILD = """
+import resource, sys, torch, rbd_cuda
+from benchmarks.ops_bench import draw
+D, d, dist, what = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+g, c, out = torch.randn(D), torch.randn(d), torch.zeros(D)
+kw = {"seed": 1, "distribution": dist}
+rbd_cuda.project(g[:64], 8, **kw)  # load everything the first call loads
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if what == "project":
+    rbd_cuda.project(g, d, **kw)
+elif what == "expand":
+    rbd_cuda.expand_(out, c, 1.0, **kw)
+else:
+    draw(D, d, dist, "cpu", torch.Generator().manual_seed(0)).T @ g
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+def peak_memory(what: str, D: int, d: int, dist: str, device: str, fn) -> int:
+    """Bytes the call needs at its peak beyond its inputs (g, c, out) already in memory.
+
+    CUDA: growth of max_memory_allocated. CPU: growth of the peak RSS, measured in a fresh
+    process (the peak RSS of this one only ever grows).
+    """
     if device == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -74,10 +97,11 @@ def peak_memory(fn, device: str) -> int:
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    # CPU: ru_maxrss only grows, so this is the growth of the process peak (KiB on Linux).
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    fn()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+    result = subprocess.run(
+        [sys.executable, "-c", _CPU_PEAK_CHILD, str(D), str(d), dist, what],
+        capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent.parent,
+    )
+    return int(result.stdout.strip().splitlines()[-1])
 
 
 def draw(D: int, d: int, dist: str, device: str, gen: torch.Generator) -> torch.Tensor:
@@ -124,8 +148,8 @@ def bench_case(D, d, dist, dtype, device, warmup, reps, gen) -> dict:
     row["expand_s"] = statistics.median(t_exp)
     row["project_Gps"] = entries / row["project_s"] / 1e9
     row["expand_Gps"] = entries / row["expand_s"] / 1e9
-    row["fused_project_peak_bytes"] = peak_memory(fused_project, device)
-    row["fused_expand_peak_bytes"] = peak_memory(fused_expand, device)
+    row["fused_project_peak_bytes"] = peak_memory("project", D, d, dist, device, fused_project)
+    row["fused_expand_peak_bytes"] = peak_memory("expand", D, d, dist, device, fused_expand)
     row["g_plus_c_bytes"] = g.numel() * g.element_size() + d * 4
 
     if 4 * entries <= MATERIALIZE_LIMIT[device] and dtype == torch.float32:
@@ -143,7 +167,7 @@ def bench_case(D, d, dist, dtype, device, warmup, reps, gen) -> dict:
         row["torch_product_s"] = statistics.median(t_tp)
         row["torch_step_s"] = statistics.median(t_ts)
         row["torch_product_Gps"] = entries / row["torch_product_s"] / 1e9
-        row["torch_peak_bytes"] = peak_memory(torch_product, device)
+        row["torch_peak_bytes"] = peak_memory("torch", D, d, dist, device, torch_product)
         row["speedup_project_vs_torch_product"] = row["torch_product_s"] / row["project_s"]
         row["speedup_step_vs_torch_step"] = row["torch_step_s"] / (row["project_s"] + row["expand_s"])
     return row

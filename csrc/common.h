@@ -11,6 +11,17 @@
 
 namespace rbd {
 
+// Integers reach error messages as std::string: with torch 2.11 on the H200 machine, streaming an
+// integer through c10::str (TORCH_CHECK's formatter) from this extension crashed the process,
+// while strings were fine (benchmarks/README.md, "Known problems").
+inline std::string decimal(int64_t v) { return std::to_string(v); }
+
+inline std::string shape_string(at::IntArrayRef sizes) {
+  std::string s = "(";
+  for (size_t k = 0; k < sizes.size(); ++k) s += (k ? ", " : "") + std::to_string(sizes[k]);
+  return s + (sizes.size() == 1 ? ",)" : ")");
+}
+
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 template <Distribution D>
@@ -49,20 +60,20 @@ inline Distribution parse_distribution(const std::string& name) {
 inline StreamArgs make_stream_args(int64_t numel, int64_t dim, int64_t seed, int64_t step,
                                    int64_t stream, const std::string& distribution,
                                    int64_t row_offset, int64_t col_offset) {
-  TORCH_CHECK_VALUE(dim > 0, "rbd_cuda: dim must be positive, got ", dim);
-  TORCH_CHECK_VALUE(numel >= 0, "rbd_cuda: numel must be non-negative, got ", numel);
+  TORCH_CHECK_VALUE(dim > 0, "rbd_cuda: dim must be positive, got ", decimal(dim));
+  TORCH_CHECK_VALUE(numel >= 0, "rbd_cuda: numel must be non-negative, got ", decimal(numel));
   TORCH_CHECK_VALUE(step >= 0 && step < (int64_t(1) << 32),
-                    "rbd_cuda: step must be in [0, 2**32), got ", step);
+                    "rbd_cuda: step must be in [0, 2**32), got ", decimal(step));
   TORCH_CHECK_VALUE(stream >= 0 && stream < (int64_t(1) << 32),
-                    "rbd_cuda: stream must be in [0, 2**32), got ", stream);
+                    "rbd_cuda: stream must be in [0, 2**32), got ", decimal(stream));
   TORCH_CHECK_VALUE(row_offset >= 0, "rbd_cuda: row_offset must be non-negative, got ",
-                    row_offset);
+                    decimal(row_offset));
   TORCH_CHECK_VALUE(col_offset >= 0, "rbd_cuda: col_offset must be non-negative, got ",
-                    col_offset);
+                    decimal(col_offset));
   TORCH_CHECK_VALUE(row_offset <= kMaxRows - numel, "rbd_cuda: row_offset + numel must be at most 2**34 "
-                    "(the stream's row range), got row_offset=", row_offset, ", numel=", numel);
+                    "(the stream's row range), got row_offset=", decimal(row_offset), ", numel=", decimal(numel));
   TORCH_CHECK_VALUE(col_offset <= kMaxCols - dim, "rbd_cuda: col_offset + dim must be at most 2**32 "
-                    "(the stream's column range), got col_offset=", col_offset, ", dim=", dim);
+                    "(the stream's column range), got col_offset=", decimal(col_offset), ", dim=", decimal(dim));
   StreamArgs a;
   const uint64_t s = static_cast<uint64_t>(seed);
   a.key0 = static_cast<uint32_t>(s);
@@ -91,21 +102,21 @@ inline void check_same_device(const at::Tensor& a, const char* a_name, const at:
 inline at::Tensor coefficients_fp32(const at::Tensor& c) {
   check_float_input(c, "c");
   TORCH_CHECK_VALUE(c.dim() == 1, "rbd_cuda: c must be 1-D (one coefficient per direction), got shape ",
-                    c.sizes());
+                    shape_string(c.sizes()));
   TORCH_CHECK_VALUE(c.numel() > 0, "rbd_cuda: c must hold at least one coefficient (dim > 0)");
   return c.to(at::kFloat).contiguous();
 }
 
 // The raw-generator debug op: int64 (N, 4) counters and (N, 2) keys, each word a u32.
 inline void check_philox_args(const at::Tensor& counter, const at::Tensor& key, int64_t rounds) {
-  TORCH_CHECK_VALUE(rounds == 7 || rounds == 10, "rbd_cuda: rounds must be 7 or 10, got ", rounds);
+  TORCH_CHECK_VALUE(rounds == 7 || rounds == 10, "rbd_cuda: rounds must be 7 or 10, got ", decimal(rounds));
   TORCH_CHECK_VALUE(counter.scalar_type() == at::kLong && counter.dim() == 2 && counter.size(1) == 4,
                     "rbd_cuda: counter must be an int64 tensor of shape (N, 4), got ",
-                    counter.scalar_type(), " ", counter.sizes());
+                    counter.scalar_type(), " ", shape_string(counter.sizes()));
   TORCH_CHECK_VALUE(key.scalar_type() == at::kLong && key.dim() == 2 && key.size(1) == 2 &&
                         key.size(0) == counter.size(0),
                     "rbd_cuda: key must be an int64 tensor of shape (N, 2) matching counter, got ",
-                    key.scalar_type(), " ", key.sizes());
+                    key.scalar_type(), " ", shape_string(key.sizes()));
   check_same_device(counter, "counter", key, "key");
   const auto check_words = [](const at::Tensor& t, const char* name) {
     TORCH_CHECK_VALUE(t.numel() == 0 || (t.min().item<int64_t>() >= 0 &&

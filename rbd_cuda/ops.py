@@ -40,8 +40,16 @@ def _integer(name: str, value) -> int:
         raise TypeError(f"rbd_cuda: {name} must be an int, got {type(value).__name__}") from None
 
 
-def _stream_kwargs(seed, step, stream, distribution, row_offset, col_offset) -> dict:
-    return {
+def _stream_kwargs(numel, dim, seed, step, stream, distribution, row_offset, col_offset) -> dict:
+    """Validated keyword arguments for the ops, for a sub-matrix of ``numel`` rows and ``dim`` columns.
+
+    The C++ ops check the same conditions (for callers of ``torch.ops.rbd_cuda`` directly);
+    checking here first gives a plain Python traceback. It also keeps bad scalars away from C++
+    error paths: with torch 2.11 on an H200 machine one of those crashed the process inside the
+    exception machinery instead of raising (benchmarks/README.md, "Known problems").
+    """
+    numel, dim = _integer("numel", numel), _integer("dim", dim)
+    kw = {
         "seed": _seed_to_int64(seed),
         "step": _integer("step", step),
         "stream": _integer("stream", stream),
@@ -49,6 +57,34 @@ def _stream_kwargs(seed, step, stream, distribution, row_offset, col_offset) -> 
         "row_offset": _integer("row_offset", row_offset),
         "col_offset": _integer("col_offset", col_offset),
     }
+    if dim <= 0:
+        raise ValueError(f"rbd_cuda: dim must be positive, got {dim}")
+    if numel < 0:
+        raise ValueError(f"rbd_cuda: numel must be non-negative, got {numel}")
+    for name in ("step", "stream"):
+        if not 0 <= kw[name] < 2**32:
+            raise ValueError(f"rbd_cuda: {name} must be in [0, 2**32), got {kw[name]}")
+    for name in ("row_offset", "col_offset"):
+        if kw[name] < 0:
+            raise ValueError(f"rbd_cuda: {name} must be non-negative, got {kw[name]}")
+    if kw["row_offset"] + numel > 2**34:
+        raise ValueError("rbd_cuda: row_offset + numel must be at most 2**34 (the stream's row range), "
+                         f"got row_offset={kw['row_offset']}, numel={numel}")
+    if kw["col_offset"] + dim > 2**32:
+        raise ValueError("rbd_cuda: col_offset + dim must be at most 2**32 (the stream's column range), "
+                         f"got col_offset={kw['col_offset']}, dim={dim}")
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"rbd_cuda: distribution must be one of 'normal', 'uniform', 'rademacher', "
+                         f"got {distribution!r}")
+    return kw
+
+
+def _coefficient_count(c: torch.Tensor) -> int:
+    if c.dim() != 1:
+        raise ValueError(f"rbd_cuda: c must be 1-D (one coefficient per direction), got shape {tuple(c.shape)}")
+    if c.numel() == 0:
+        raise ValueError("rbd_cuda: c must hold at least one coefficient (dim > 0)")
+    return c.numel()
 
 
 def project(
@@ -69,7 +105,7 @@ def project(
     ``c[j] = sum_i P[row_offset + i, col_offset + j] * g[i]``. P is generated on the fly.
     """
     return torch.ops.rbd_cuda.project(
-        g, _integer("dim", dim), **_stream_kwargs(seed, step, stream, distribution, row_offset, col_offset)
+        g, _integer("dim", dim), **_stream_kwargs(g.numel(), dim, seed, step, stream, distribution, row_offset, col_offset)
     )
 
 
@@ -90,7 +126,9 @@ def expand(
     returned in ``c``'s dtype on ``c``'s device.
     """
     return torch.ops.rbd_cuda.expand(
-        c, _integer("numel", numel), **_stream_kwargs(seed, step, stream, distribution, row_offset, col_offset)
+        c,
+        _integer("numel", numel),
+        **_stream_kwargs(numel, _coefficient_count(c), seed, step, stream, distribution, row_offset, col_offset),
     )
 
 
@@ -115,7 +153,8 @@ def expand_(
         out,
         c,
         float(alpha),
-        **_stream_kwargs(seed, step, stream, distribution, row_offset, col_offset),
+        **_stream_kwargs(out.numel(), _coefficient_count(c), seed, step, stream, distribution, row_offset,
+                         col_offset),
     )
     return out
 
@@ -140,7 +179,7 @@ def materialize(
     return torch.ops.rbd_cuda.materialize(
         _integer("numel", numel),
         _integer("dim", dim),
-        **_stream_kwargs(seed, step, stream, distribution, row_offset, col_offset),
+        **_stream_kwargs(numel, dim, seed, step, stream, distribution, row_offset, col_offset),
         dtype=dtype,
         device=torch.device(device) if device is not None else None,
     )

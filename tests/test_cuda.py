@@ -5,7 +5,7 @@ the extension was built without its CUDA kernels: a CPU-only build on a GPU mach
 broken install, not a reason to pass.
 
 Contract checked: the integer stream is identical on both devices (uniform and rademacher
-entries bit-exact, normal within 1e-5 since the transcendentals differ); products agree within
+entries bit-exact, normal within 1e-5 + 2e-7/|z| since the transcendentals differ); products agree within
 float tolerance; CUDA results are deterministic run to run; every output element is written.
 """
 
@@ -75,6 +75,18 @@ def assert_matches_cpu(got: torch.Tensor, cpu: torch.Tensor, what: str = "") -> 
                            f"{err.max().item():.3g} (rms {rms:.3g})")
 
 
+def assert_normal_entries_close(got: torch.Tensor, cpu: torch.Tensor) -> None:
+    """CUDA normal entries use the SFU log2, whose ~2^-22 absolute error moves the Box–Muller
+    radius r by ~1.7e-7 / r; with |z| <= r that bounds the error by 1e-5 + 2e-7 / |z|."""
+    assert torch.isfinite(got).all()
+    err = (got.double() - cpu.double()).abs()
+    bound = 1e-5 + 2e-7 / cpu.double().abs().clamp_min(1e-12)
+    bad = err > bound
+    assert not bad.any(), f"{int(bad.sum())} normal entries off; worst error {err.max().item():.3g}"
+    assert err.max() <= 1e-3  # the radius error is at most ~4e-4 at any u1
+    assert (err > 1e-5).double().mean() <= 1e-3  # only entries with a tiny radius exceed 1e-5
+
+
 def poison_cache(numel: int, dtype=torch.float32) -> None:
     """Leave NaN in the caching allocator's free blocks so an unwritten output shows up."""
     blocks = [torch.full((max(numel, 1) + k,), float("nan"), dtype=dtype, device=CUDA)
@@ -122,8 +134,7 @@ def test_materialize_matches_cpu(shape, dist):
     assert got.dtype == torch.float32 and got.shape == (numel, dim)
     got = got.cpu()
     if dist == "normal":
-        assert torch.isfinite(got).all()
-        torch.testing.assert_close(got, cpu, atol=1e-5, rtol=0)
+        assert_normal_entries_close(got, cpu)
     else:
         assert torch.equal(got, cpu)
 

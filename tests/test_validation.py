@@ -71,6 +71,44 @@ def test_stream_range_limits_are_inclusive(op):
     OPS[op](seed=-(2**63))
 
 
+RAW_OK = {"seed": 0, "step": 0, "stream": 0, "distribution": "normal", "row_offset": 0, "col_offset": 0}
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"distribution": "gaussian"}, "distribution"),
+        ({"step": -1}, "step"),
+        ({"step": 2**32}, "step"),
+        ({"stream": 2**32}, "stream"),
+        ({"row_offset": -1}, "row_offset"),
+        ({"col_offset": 2**32}, "col_offset"),
+    ],
+    ids=repr,
+)
+def test_raw_ops_validate_too(kw, match):
+    # Callers of torch.ops.rbd_cuda.* bypass the Python wrapper's checks: C++ checks the same.
+    ops, args = torch.ops.rbd_cuda, {**RAW_OK, **kw}
+    with pytest.raises(ValueError, match=match):
+        ops.project(G, 4, **args)
+    with pytest.raises(ValueError, match=match):
+        ops.expand(C, 10, **args)
+    with pytest.raises(ValueError, match=match):
+        ops.expand_(torch.zeros(10), C, 1.0, **args)
+    with pytest.raises(ValueError, match=match):
+        ops.materialize_(torch.zeros(10, 4), **args)
+
+
+def test_raw_ops_validate_sizes():
+    ops = torch.ops.rbd_cuda
+    with pytest.raises(ValueError, match="dim"):
+        ops.project(G, 0, **RAW_OK)
+    with pytest.raises(ValueError, match="numel"):
+        ops.expand(C, -1, **RAW_OK)
+    with pytest.raises(ValueError, match=r"\bc must hold at least one"):
+        ops.expand_(torch.zeros(10), torch.ones(0), 1.0, **RAW_OK)
+
+
 def test_seed_type():
     with pytest.raises(TypeError, match="seed"):
         _project(seed=1.5)

@@ -277,7 +277,7 @@ at::Tensor expand_cpu(const at::Tensor& c, int64_t numel, int64_t seed, int64_t 
                       int64_t stream, c10::string_view distribution, int64_t row_offset,
                       int64_t col_offset) {
   check_float_input(c, "c");
-  TORCH_CHECK_VALUE(numel >= 0, "rbd_cuda: numel must be non-negative, got ", numel);
+  TORCH_CHECK_VALUE(numel >= 0, "rbd_cuda: numel must be non-negative, got ", decimal(numel));
   at::Tensor out = at::zeros({numel}, c.options());
   expand_inplace_cpu(out, c, 1.0, seed, step, stream, distribution, row_offset, col_offset);
   return out;
@@ -287,7 +287,7 @@ void materialize_inplace_cpu(at::Tensor& out, int64_t seed, int64_t step, int64_
                              c10::string_view distribution, int64_t row_offset,
                              int64_t col_offset) {
   TORCH_CHECK_VALUE(out.dim() == 2, "rbd_cuda: out must be 2-D (numel, dim), got shape ",
-                    out.sizes());
+                    shape_string(out.sizes()));
   TORCH_CHECK_VALUE(out.is_contiguous(), "rbd_cuda: out must be contiguous");
   const auto st = out.scalar_type();
   TORCH_CHECK_VALUE(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,

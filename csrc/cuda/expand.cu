@@ -138,7 +138,7 @@ at::Tensor expand_cuda(const at::Tensor& c, int64_t numel, int64_t seed, int64_t
                        int64_t stream_id, c10::string_view distribution, int64_t row_offset,
                        int64_t col_offset) {
   check_float_input(c, "c");
-  TORCH_CHECK_VALUE(numel >= 0, "rbd_cuda: numel must be non-negative, got ", numel);
+  TORCH_CHECK_VALUE(numel >= 0, "rbd_cuda: numel must be non-negative, got ", decimal(numel));
   at::Tensor out = at::zeros({numel}, c.options());
   expand_inplace_cuda(out, c, 1.0, seed, step, stream_id, distribution, row_offset, col_offset);
   return out;

@@ -25,16 +25,24 @@ __device__ __forceinline__ float to_float(T v) {
   return static_cast<float>(v);
 }
 
-// g[i0 .. i0+3] as floats, zero outside [0, n). The aligned fp32 path is one 16-byte load.
+// g[i0 .. i0+3] as floats, zero outside [0, n). When the host found g aligned
+// (vec_ok), interior blocks take one 16-byte (fp32) or 8-byte (fp16, bf16) load.
 template <typename T>
 __device__ __forceinline__ void load_rows(const T* __restrict__ g, int64_t i0, int64_t n, bool vec_ok,
                                           float (&gv)[4]) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (vec_ok && i0 >= 0 && i0 + 4 <= n) {
+  if (vec_ok && i0 >= 0 && i0 + 4 <= n) {
+    if constexpr (sizeof(T) == 4) {
       const float4 v = __ldg(reinterpret_cast<const float4*>(g + i0));
       gv[0] = v.x; gv[1] = v.y; gv[2] = v.z; gv[3] = v.w;
-      return;
+    } else {
+      static_assert(sizeof(T) == 2, "fp32, fp16 or bf16");
+      const uint2 raw = __ldg(reinterpret_cast<const uint2*>(g + i0));
+      T v[4];
+      memcpy(v, &raw, sizeof(raw));
+#pragma unroll
+      for (int r = 0; r < 4; ++r) gv[r] = to_float(v[r]);
     }
+    return;
   }
 #pragma unroll
   for (int r = 0; r < 4; ++r) {

@@ -56,7 +56,7 @@ void materialize_inplace_cuda(at::Tensor& out, int64_t seed, int64_t step, int64
                               c10::string_view distribution, int64_t row_offset,
                               int64_t col_offset) {
   TORCH_CHECK_VALUE(out.dim() == 2, "rbd_cuda: out must be 2-D (numel, dim), got shape ",
-                    out.sizes());
+                    shape_string(out.sizes()));
   TORCH_CHECK_VALUE(out.is_contiguous(), "rbd_cuda: out must be contiguous");
   const auto st = out.scalar_type();
   TORCH_CHECK_VALUE(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,

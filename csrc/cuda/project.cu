@@ -136,8 +136,9 @@ at::Tensor project_cuda(const at::Tensor& g, int64_t dim, int64_t seed, int64_t 
   const int64_t rb_first = row_offset >> 2, rb_end = (row_offset + numel + 3) >> 2;
   const auto opts = g.options().dtype(at::kFloat);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  // Row blocks line up with g's 4-element vectors only when the offset is a multiple of 4.
   const bool vec_ok = (row_offset % 4 == 0) &&
-                      (reinterpret_cast<uintptr_t>(gc.data_ptr()) % 16 == 0);
+                      (reinterpret_cast<uintptr_t>(gc.data_ptr()) % (4 * gc.element_size()) == 0);
   RBD_DISPATCH_FLOAT(g.scalar_type(), "rbd_cuda::project", [&] {
     const scalar_t* gp = gc.data_ptr<scalar_t>();
     at::Tensor partial;
