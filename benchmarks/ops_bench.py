@@ -12,7 +12,7 @@ materialised P on a slice), then times, in one process and interleaved:
   torch step         P drawn once, then both matvecs (the cheapest materialised RBD step)
 Reports median times, G entries/s (entries = D·d per product), the fused/torch
 ratios, and peak memory beyond the inputs (CUDA: max_memory_allocated; CPU: growth of the
-peak RSS in a fresh process).
+resident high-water mark in a fresh process).
 Writes JSON and a markdown table to --out.
 """
 
@@ -67,28 +67,35 @@ def timed(fn, device: str, warmup: int, reps: int) -> list[float]:
 
 
 _CPU_PEAK_CHILD = """
-import resource, sys, torch, rbd_cuda
+import sys, torch, rbd_cuda
 from benchmarks.ops_bench import draw
+
+def high_water_kib():
+    # VmHWM belongs to this process's memory map; ru_maxrss would carry the parent's peak
+    # across fork + exec and hide anything smaller.
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
+
 D, d, dist, what = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 g, c, out = torch.randn(D), torch.randn(d), torch.zeros(D)
 kw = {"seed": 1, "distribution": dist}
 rbd_cuda.project(g[:64], 8, **kw)  # load everything the first call loads
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = high_water_kib()
 if what == "project":
     rbd_cuda.project(g, d, **kw)
 elif what == "expand":
     rbd_cuda.expand_(out, c, 1.0, **kw)
 else:
     draw(D, d, dist, "cpu", torch.Generator().manual_seed(0)).T @ g
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+print((high_water_kib() - before) * 1024)
 """
 
 
 def peak_memory(what: str, D: int, d: int, dist: str, device: str, fn) -> int:
     """Bytes the call needs at its peak beyond its inputs (g, c, out) already in memory.
 
-    CUDA: growth of max_memory_allocated. CPU: growth of the peak RSS, measured in a fresh
-    process (the peak RSS of this one only ever grows).
+    CUDA: growth of max_memory_allocated. CPU: growth of the resident high-water mark (VmHWM),
+    measured in a fresh process (this one's only ever grows).
     """
     if device == "cuda":
         torch.cuda.synchronize()
@@ -226,7 +233,7 @@ def markdown(rows: list[dict], info: dict) -> str:
         tpk = fmt_bytes(r["torch_peak_bytes"]) if "torch_peak_bytes" in r else "–"
         fpk = fmt_bytes(max(r["fused_project_peak_bytes"], r["fused_expand_peak_bytes"]))
         lines.append(
-            f"| {r['distribution']} | {r['D']:.0e} | {r['d']} | {r['dtype']} | "
+            f"| {r['distribution']} | {r['D']:,} | {r['d']} | {r['dtype']} | "
             f"{'ok' if r['ok'] else 'FAIL'} | {r['project_Gps']:.3f} | {r['expand_Gps']:.3f} | {tp} | "
             f"{sp} | {ss} | {fpk} | {tpk} |"
         )
