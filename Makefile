@@ -20,10 +20,14 @@ $(VENV)/.deps: requirements-dev.txt | $(BIN)/python
 
 venv: $(VENV)/.deps
 
-# Builds the extension (CPU kernels always; CUDA kernels when nvcc is found, RBD_CUDA=auto|0|1).
-install: venv
+# Builds the extension (CPU kernels always; CUDA kernels when nvcc is found, RBD_CUDA=auto|0|1),
+# again only when a source or the build script changed.
+$(VENV)/.installed: $(VENV)/.deps setup.py pyproject.toml $(shell find csrc -type f)
 	set -o pipefail; $(BIN)/pip install -v --no-build-isolation --no-deps -e . 2>&1 \
-	  | tee build.log | grep -E "^rbd_cuda:|\] .*(nvcc|c\+\+).*\.(cu|cpp)|error" | sed -E 's/ -.*(csrc\/[^ ]*\.(cu|cpp)).*/ ... \1/'
+	  | tee build.log | grep -E "^ *rbd_cuda:|\] .*(nvcc|c\+\+).*\.(cu|cpp)|error" | sed -E 's/ -.*(csrc\/[^ ]*\.(cu|cpp)).*/ ... \1/'
+	touch $@
+
+install: $(VENV)/.installed
 
 build: venv
 	$(BIN)/python setup.py build_ext --inplace
@@ -51,4 +55,4 @@ lint: venv
 	$(BIN)/pip install -q ruff==0.17.6 && $(BIN)/ruff check rbd_cuda tests benchmarks
 
 clean:
-	rm -rf build *.egg-info rbd_cuda/_C*.so build.log
+	rm -rf build *.egg-info rbd_cuda/_C*.so build.log $(VENV)/.installed
