@@ -4,11 +4,12 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 MAX_JOBS ?= 2
+RBD_CUDA ?= auto
 TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 RESULTS ?= results
-export MAX_JOBS TORCH_CUDA_ARCH_LIST
+export MAX_JOBS TORCH_CUDA_ARCH_LIST RBD_CUDA
 
-.PHONY: venv install build test test-gpu demo bench bench-quick gpu-check lint clean
+.PHONY: venv install build test test-gpu demo bench bench-quick gpu-check lint clean FORCE
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,13 +22,22 @@ $(VENV)/.deps: requirements-dev.txt | $(BIN)/python
 venv: $(VENV)/.deps
 
 # Builds the extension (CPU kernels always; CUDA kernels when nvcc is found, RBD_CUDA=auto|0|1),
-# again only when a source or the build script changed.
-$(VENV)/.installed: $(VENV)/.deps setup.py pyproject.toml $(shell find csrc -type f)
-	set -o pipefail; $(BIN)/pip install -v --no-build-isolation --no-deps -e . 2>&1 \
-	  | tee build.log | grep -E "^ *rbd_cuda:|\] .*(nvcc|c\+\+).*\.(cu|cpp)|error" | sed -E 's/ -.*(csrc\/[^ ]*\.(cu|cpp)).*/ ... \1/'
+# again only when a source, the build script or the build settings changed, or the library is gone.
+BUILD_SETTINGS := RBD_CUDA=$(RBD_CUDA) TORCH_CUDA_ARCH_LIST=$(TORCH_CUDA_ARCH_LIST) CUDA_HOME=$(CUDA_HOME)
+
+$(VENV)/.build-settings: FORCE | $(BIN)/python
+	@echo '$(BUILD_SETTINGS)' | cmp -s - $@ || echo '$(BUILD_SETTINGS)' > $@
+
+$(VENV)/.installed: $(VENV)/.deps $(VENV)/.build-settings setup.py pyproject.toml $(shell find csrc -type f)
+	set -o pipefail; $(BIN)/pip install -v --no-build-isolation --no-deps -e . 2>&1 | tee build.log \
+	  | { grep -E "^ *rbd_cuda:|\] .*(nvcc|c\+\+).*\.(cu|cpp)|error" || true; } \
+	  | sed -E 's/ -.*(csrc\/[^ ]*\.(cu|cpp)).*/ ... \1/'
 	touch $@
 
 install: $(VENV)/.installed
+	@ls rbd_cuda/_C*.so >/dev/null 2>&1 || { rm -f $< && $(MAKE) --no-print-directory install; }
+
+FORCE:
 
 build: venv
 	$(BIN)/python setup.py build_ext --inplace
@@ -55,4 +65,4 @@ lint: venv
 	$(BIN)/pip install -q ruff==0.17.6 && $(BIN)/ruff check rbd_cuda tests benchmarks
 
 clean:
-	rm -rf build *.egg-info rbd_cuda/_C*.so build.log $(VENV)/.installed
+	rm -rf build *.egg-info rbd_cuda/_C*.so build.log $(VENV)/.installed $(VENV)/.build-settings

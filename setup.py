@@ -10,7 +10,9 @@ Environment switches:
 
 import glob
 import os
+import re
 import shutil
+import subprocess
 
 from setuptools import find_packages, setup
 
@@ -42,12 +44,30 @@ if cuda_home:
 import torch  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
-with_cuda = bool(cuda_home) and torch.version.cuda is not None
+
+def nvcc_major(root):
+    """CUDA major version of the toolkit's nvcc ("release 13.0" -> 13), or None."""
+    try:
+        out = subprocess.run([os.path.join(root, "bin", "nvcc"), "--version"],
+                             capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    match = re.search(r"release (\d+)\.", out)
+    return int(match.group(1)) if match else None
+
+
+why_not = None
+if not cuda_home:
+    why_not = "nvcc/CUDA_HOME not found" if mode != "0" else "RBD_CUDA=0"
+elif torch.version.cuda is None:
+    why_not = f"torch {torch.__version__} has no CUDA"
+elif nvcc_major(cuda_home) != int(torch.version.cuda.split(".")[0]):
+    # torch refuses to compile with a toolkit of another major version than its own.
+    why_not = (f"nvcc in {cuda_home} is CUDA {nvcc_major(cuda_home)}, torch {torch.__version__} "
+               f"was built with CUDA {torch.version.cuda}")
+with_cuda = why_not is None
 if mode == "1" and not with_cuda:
-    raise SystemExit(
-        "RBD_CUDA=1 but the CUDA build is impossible: "
-        + ("nvcc/CUDA_HOME not found" if not cuda_home else f"torch {torch.__version__} has no CUDA")
-    )
+    raise SystemExit(f"RBD_CUDA=1 but the CUDA build is impossible: {why_not}")
 
 root = os.path.dirname(os.path.abspath(__file__))
 sources = ["csrc/registration.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp", root_dir=root))
@@ -66,7 +86,8 @@ if with_cuda:
         extra["nvcc"].append("-Xptxas=-v")  # registers, shared memory, spills per kernel
 
 print(f"rbd_cuda: building CPU kernels{' and CUDA kernels' if with_cuda else ''}"
-      + (f" (CUDA_HOME={cuda_home}, arch list {os.environ['TORCH_CUDA_ARCH_LIST']})" if with_cuda else ""))
+      + (f" (CUDA_HOME={cuda_home}, arch list {os.environ['TORCH_CUDA_ARCH_LIST']})" if with_cuda
+         else f" only ({why_not})"))
 
 setup(
     name="rbd_cuda",

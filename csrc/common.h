@@ -98,13 +98,14 @@ inline void check_same_device(const at::Tensor& a, const char* a_name, const at:
               " must be on the same device, got ", a.device(), " and ", b.device());
 }
 
-// The coefficient vector: 1-D, non-empty, float; returned as contiguous fp32 (it is tiny).
+// The coefficient vector: 1-D, non-empty, float; returned as a fresh contiguous fp32 copy (it is
+// tiny), so an expand_ whose c is a view of its own out reads c as it was before the update.
 inline at::Tensor coefficients_fp32(const at::Tensor& c) {
   check_float_input(c, "c");
   TORCH_CHECK_VALUE(c.dim() == 1, "rbd_cuda: c must be 1-D (one coefficient per direction), got shape ",
                     shape_string(c.sizes()));
   TORCH_CHECK_VALUE(c.numel() > 0, "rbd_cuda: c must hold at least one coefficient (dim > 0)");
-  return c.to(at::kFloat).contiguous();
+  return c.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous();
 }
 
 // The raw-generator debug op: int64 (N, 4) counters and (N, 2) keys, each word a u32.
@@ -126,6 +127,10 @@ inline void check_philox_args(const at::Tensor& counter, const at::Tensor& key, 
   check_words(counter, "counter");
   check_words(key, "key");
 }
+
+// An in-place op's output changed: bump its version counter as torch's own in-place ops do, so
+// autograd refuses a backward that would read the overwritten values.
+inline void mark_modified(at::Tensor& out) { out.unsafeGetTensorImpl()->bump_version(); }
 
 inline void check_out(const at::Tensor& out, const char* name) {
   check_float_input(out, name);

@@ -2,6 +2,7 @@
 #include <Python.h>
 
 #include <torch/library.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <ATen/ATen.h>
 
 #include "common.h"
@@ -58,4 +59,13 @@ TORCH_LIBRARY(rbd_cuda, m) {
   m.def("philox4x32(Tensor counter, Tensor key, int rounds=10) -> Tensor");
   m.def("built_with_cuda() -> bool", &rbd::built_with_cuda);
   m.def("stream_version() -> int", &rbd::stream_version);
+}
+
+// Autograd: the ops have no derivatives yet, so they must say so: backward through project or
+// expand raises, and expand_/materialize_ refuse a leaf that requires grad (outside no_grad).
+// (The in-place ops bump their output's version counter themselves: mark_modified.)
+TORCH_LIBRARY_IMPL(rbd_cuda, Autograd, m) {
+  for (const char* op : {"project", "expand", "expand_", "materialize_", "philox4x32"}) {
+    m.impl(op, torch::autograd::autogradNotImplementedFallback());
+  }
 }

@@ -286,6 +286,15 @@ def test_poison(dist, dtype):
 
 
 @pytest.mark.parametrize("dist", DISTRIBUTIONS)
+def test_expand_inplace_with_c_a_view_of_out(dist):
+    x = random_vector(100_000, seed=9).to(CUDA)
+    expected = x.clone()
+    rbd_cuda.expand_(expected, x[:300].clone(), 0.5, seed=3, distribution=dist)
+    rbd_cuda.expand_(x, x[:300], 0.5, seed=3, distribution=dist)
+    assert torch.equal(x, expected)
+
+
+@pytest.mark.parametrize("dist", DISTRIBUTIONS)
 def test_nan_propagates(dist):
     kw = dict(distribution=dist, **STREAM)
     g = random_vector(100_000, seed=1)

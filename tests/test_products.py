@@ -297,3 +297,13 @@ def test_large_values_fp16_round_once():
     rbd_cuda.expand_(out, c, 1.0, **kw)
     u = rbd_cuda.expand(c, 64, **kw)
     assert torch.equal(out, (1024.0 + u).half())
+
+
+@pytest.mark.parametrize("dist", DISTRIBUTIONS)
+def test_expand_inplace_with_c_a_view_of_out(dist):
+    # c is read as it was before the update, even when it aliases out.
+    x = random_vector(1000, seed=9)
+    expected = x.clone()
+    rbd_cuda.expand_(expected, x[:7].clone(), 0.5, seed=3, distribution=dist)
+    rbd_cuda.expand_(x, x[:7], 0.5, seed=3, distribution=dist)
+    assert torch.equal(x, expected)

@@ -93,3 +93,38 @@ def test_compile_fake_shapes():
         out = f(g, torch.zeros(1, dtype=torch.bfloat16))
         assert out.shape == (n,) and out.dtype == torch.bfloat16
         assert torch.equal(out, rbd_cuda.expand(rbd_cuda.project(g, 9, seed=1), n, seed=1))
+
+
+# ---- autograd: no derivatives yet, and in-place updates are visible to autograd -------------
+
+
+def test_expand_inplace_bumps_the_version_counter():
+    x = torch.zeros(10)
+    before = x._version
+    rbd_cuda.expand_(x, torch.ones(3), seed=1)
+    assert x._version > before
+
+
+def test_backward_through_an_overwritten_tensor_raises():
+    a = torch.randn(10, requires_grad=True)
+    y = a.exp()
+    rbd_cuda.expand_(y, torch.ones(3), seed=1)
+    with pytest.raises(RuntimeError):
+        y.sum().backward()
+
+
+def test_expand_inplace_on_a_leaf_that_requires_grad_raises():
+    w = torch.zeros(10, requires_grad=True)
+    with pytest.raises(RuntimeError, match="leaf"):
+        rbd_cuda.expand_(w, torch.ones(3), seed=1)
+    with torch.no_grad():  # how an optimizer updates parameters
+        rbd_cuda.expand_(w, torch.ones(3), seed=1)
+    assert w.abs().sum() > 0
+
+
+@pytest.mark.parametrize("op", ["project", "expand"])
+def test_backward_through_the_ops_raises(op):
+    x = torch.randn(100, requires_grad=True)
+    y = rbd_cuda.project(x, 4, seed=0) if op == "project" else rbd_cuda.expand(x, 7, seed=0)
+    with pytest.raises(RuntimeError, match="not implemented"):
+        y.sum().backward()

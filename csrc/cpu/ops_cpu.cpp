@@ -263,6 +263,7 @@ void expand_inplace_cpu(at::Tensor& out, const at::Tensor& c, double alpha, int6
   const at::Tensor c32 = coefficients_fp32(c);
   const StreamArgs a = make_stream_args(out.numel(), c32.numel(), seed, step, stream,
                                         std::string(distribution), row_offset, col_offset);
+  mark_modified(out);
   if (out.numel() == 0) return;
   RBD_DISPATCH_FLOAT(out.scalar_type(), "rbd_cuda::expand_", [&] {
     with_distribution(a.dist, [&](auto tag) {
@@ -294,6 +295,7 @@ void materialize_inplace_cpu(at::Tensor& out, int64_t seed, int64_t step, int64_
                     "rbd_cuda: out must be a floating-point tensor, got ", st);
   const StreamArgs a = make_stream_args(out.size(0), out.size(1), seed, step, stream,
                                         std::string(distribution), row_offset, col_offset);
+  mark_modified(out);
   if (out.numel() == 0) return;
   RBD_DISPATCH_FLOAT(st, "rbd_cuda::materialize_", [&] {
     with_distribution(a.dist, [&](auto tag) {

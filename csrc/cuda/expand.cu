@@ -97,6 +97,7 @@ void expand_inplace_cuda(at::Tensor& out, const at::Tensor& c, double alpha, int
   const int64_t dim = c32.numel(), numel = out.numel();
   const StreamArgs a = make_stream_args(numel, dim, seed, step, stream_id,
                                         std::string(distribution), row_offset, col_offset);
+  mark_modified(out);
   if (numel == 0) return;
   const c10::cuda::CUDAGuard guard(out.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

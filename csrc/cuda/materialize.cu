@@ -64,6 +64,7 @@ void materialize_inplace_cuda(at::Tensor& out, int64_t seed, int64_t step, int64
   const int64_t numel = out.size(0), dim = out.size(1);
   const StreamArgs a = make_stream_args(numel, dim, seed, step, stream_id,
                                         std::string(distribution), row_offset, col_offset);
+  mark_modified(out);
   if (out.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(out.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

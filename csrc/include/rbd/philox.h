@@ -191,7 +191,8 @@ RBD_HOST_DEVICE void box_muller(uint32_t a, uint32_t b, float& z0, float& z1) {
   // absolute error ~2^-22, so the radius r is off by ~1.7e-7 / r: below 1e-5 unless
   // r < 0.017 (probability 1.4e-4 per pair), and below 4e-4 always.
   float radius;
-  asm("sqrt.approx.f32 %0, %1;" : "=f"(radius) : "f"(-2.0f * __logf(u1)));
+  // fmaxf: the SFU log's error bound does not exclude a tiny positive result at u1 ~ 1.
+  asm("sqrt.approx.f32 %0, %1;" : "=f"(radius) : "f"(fmaxf(0.0f, -2.0f * __logf(u1))));
   float s, c;
   __sincosf(v * 3.14159265358979f, &s, &c);
 #else
