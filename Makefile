@@ -9,7 +9,7 @@ TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 RESULTS ?= results
 export MAX_JOBS TORCH_CUDA_ARCH_LIST RBD_CUDA
 
-.PHONY: venv install build test test-gpu demo bench bench-quick gpu-check lint clean FORCE
+.PHONY: venv install build test test-gpu demo bench bench-optim bench-quick gpu-check lint clean FORCE
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,9 @@ demo: install
 
 bench: install
 	$(BIN)/python -m benchmarks.ops_bench --device cpu --out $(RESULTS)/ops_bench_cpu
+
+bench-optim: install
+	$(BIN)/python -m benchmarks.optim_compare --out $(RESULTS)/optim_compare
 
 bench-quick: install
 	$(BIN)/python -m benchmarks.ops_bench --device cpu --preset quick --out $(RESULTS)/ops_bench_quick

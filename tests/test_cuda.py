@@ -370,3 +370,25 @@ def test_opcheck_cuda(dist):
     counter = torch.randint(0, 2**32, (16, 4), dtype=torch.int64, device=CUDA)
     key = torch.randint(0, 2**32, (16, 2), dtype=torch.int64, device=CUDA)
     torch.library.opcheck(ops.philox4x32, (counter, key, 10))
+
+
+# ---- optimizers on CUDA parameters ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("dist", DISTRIBUTIONS)
+def test_rbd_step_on_cuda_matches_cpu(dist):
+    from rbd_cuda.optim import RBD
+
+    torch.manual_seed(0)
+    cpu_model = torch.nn.Sequential(torch.nn.Linear(50, 40), torch.nn.ReLU(), torch.nn.Linear(40, 5))
+    cuda_model = torch.nn.Sequential(torch.nn.Linear(50, 40), torch.nn.ReLU(), torch.nn.Linear(40, 5)).to(CUDA)
+    cuda_model.load_state_dict(cpu_model.state_dict())
+    x, y = torch.randn(64, 50), torch.randint(0, 5, (64,))
+    for model, device in ((cpu_model, "cpu"), (cuda_model, CUDA)):
+        opt = RBD(model.named_parameters(), lr=0.5, dim=16, compartments="layer", distribution=dist, seed=4)
+        for _ in range(3):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x.to(device)), y.to(device)).backward()
+            opt.step()
+    for a, b in zip(cpu_model.parameters(), cuda_model.parameters(), strict=True):
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-4, atol=1e-5)
