@@ -92,21 +92,26 @@ def test_dimension_rules():
 # ---- the update --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("distribution", ["normal", "uniform", "rademacher"])
-def test_unbiased_update_averages_to_the_gradient(distribution):
-    # E[P Pᵀ g] = d σ² g, so the "unbiased" step −lr P Pᵀ g / (d σ²) averages to −lr g.
-    gen = torch.Generator().manual_seed(0)
-    g = torch.randn(12, generator=gen)
-    p = torch.nn.Parameter(torch.zeros(12))
-    opt = RBD([p], lr=1.0, dim=3, distribution=distribution, seed=5)
-    total, n = torch.zeros(12), 4000
-    for _ in range(n):
+def mean_step(g: torch.Tensor, steps: int, **rbd_kwargs) -> torch.Tensor:
+    """The average of −Δθ over ``steps`` re-drawn RBD steps (lr 1) on the fixed gradient ``g``."""
+    p = torch.nn.Parameter(torch.zeros_like(g))
+    opt = RBD([p], lr=1.0, **rbd_kwargs)
+    total = torch.zeros_like(g)
+    for _ in range(steps):
         with torch.no_grad():
             p.zero_()
         p.grad = g.clone()
         opt.step()
         total -= p.detach()
-    mean = total / n
+    return total / steps
+
+
+@pytest.mark.parametrize("distribution", ["normal", "uniform", "rademacher"])
+def test_unbiased_update_averages_to_the_gradient(distribution):
+    # E[P Pᵀ g] = d σ² g, so the "unbiased" step −lr P Pᵀ g / (d σ²) averages to −lr g.
+    g = torch.randn(12, generator=torch.Generator().manual_seed(0))
+    n = 4000
+    mean = mean_step(g, n, dim=3, distribution=distribution, seed=5)
     # per-entry standard error of one draw is about |g| sqrt(1/d) (normal); 6 of them over n draws
     assert (mean - g).abs().max() < 6 * g.norm() / (3**0.5 * n**0.5) * 1.5
     assert torch.nn.functional.cosine_similarity(mean, g, dim=0) > 0.99
@@ -114,17 +119,8 @@ def test_unbiased_update_averages_to_the_gradient(distribution):
 
 def test_paper_normalisation_scales_by_d_over_D():
     g = torch.randn(50, generator=torch.Generator().manual_seed(1))
-    p = torch.nn.Parameter(torch.zeros(50))
-    opt = RBD([p], lr=1.0, dim=5, normalize="paper", seed=2)
-    total, n = torch.zeros(50), 3000
-    for _ in range(n):
-        with torch.no_grad():
-            p.zero_()
-        p.grad = g.clone()
-        opt.step()
-        total -= p.detach()
-    ratio = (total / n).dot(g) / g.dot(g)
-    assert abs(ratio - 5 / 50) < 0.01  # E[Δθ] = −lr (d/D) g
+    mean = mean_step(g, 3000, dim=5, normalize="paper", seed=2)
+    assert abs(mean.dot(g) / g.dot(g) - 5 / 50) < 0.01  # E[Δθ] = −lr (d/D) g
 
 
 def test_rbd_descends_faster_than_fpd():
