@@ -61,11 +61,13 @@ TORCH_LIBRARY(rbd_cuda, m) {
   m.def("stream_version() -> int", &rbd::stream_version);
 }
 
-// Autograd: the ops have no derivatives yet, so they must say so: backward through project or
-// expand raises, and expand_/materialize_ refuse a leaf that requires grad (outside no_grad).
-// (The in-place ops bump their output's version counter themselves: mark_modified.)
+// Autograd for the in-place and integer ops: they have no derivatives, so they must say so
+// (expand_/materialize_ refuse a leaf that requires grad outside no_grad). project and expand
+// get their derivatives in rbd_cuda/ops.py (torch.library.register_autograd): each is the
+// other's adjoint. The in-place ops bump their output's version counter themselves
+// (mark_modified).
 TORCH_LIBRARY_IMPL(rbd_cuda, Autograd, m) {
-  for (const char* op : {"project", "expand", "expand_", "materialize_", "philox4x32"}) {
+  for (const char* op : {"expand_", "materialize_", "philox4x32"}) {
     m.impl(op, torch::autograd::autogradNotImplementedFallback());
   }
 }

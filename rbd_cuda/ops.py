@@ -8,6 +8,7 @@ and ``col_offset`` select the sub-matrix an op works on, so
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Literal
 
@@ -234,3 +235,29 @@ def _materialize_inplace_fake(out, *, seed, step=0, stream=0, distribution="norm
 @torch.library.register_fake("rbd_cuda::philox4x32")
 def _philox_fake(counter, key, rounds=10):
     return torch.empty_like(counter)
+
+
+# ---- derivatives: project and expand are each other's adjoint ------------------------------
+#   c = Pᵀ g  =>  ∂L/∂g = P ∂L/∂c = expand(∂L/∂c)
+#   u = P c   =>  ∂L/∂c = Pᵀ ∂L/∂u = project(∂L/∂u)
+# The same stream keywords address the same P, so the backward regenerates it (never stored).
+
+
+def _save_stream(ctx, inputs, keyword_only_inputs, output):
+    ctx.stream = dict(keyword_only_inputs)
+    ctx.shape, ctx.dtype = inputs[0].shape, inputs[0].dtype
+
+
+def _project_backward(ctx, grad_c):
+    numel = math.prod(ctx.shape)
+    grad_g = torch.ops.rbd_cuda.expand(grad_c.contiguous(), numel, **ctx.stream)
+    return grad_g.reshape(ctx.shape).to(ctx.dtype), None
+
+
+def _expand_backward(ctx, grad_u):
+    grad_c = torch.ops.rbd_cuda.project(grad_u.contiguous(), ctx.shape[0], **ctx.stream)
+    return grad_c.to(ctx.dtype), None
+
+
+torch.library.register_autograd("rbd_cuda::project", _project_backward, setup_context=_save_stream)
+torch.library.register_autograd("rbd_cuda::expand", _expand_backward, setup_context=_save_stream)
