@@ -132,6 +132,16 @@ inline void check_philox_args(const at::Tensor& counter, const at::Tensor& key, 
 // autograd refuses a backward that would read the overwritten values.
 inline void mark_modified(at::Tensor& out) { out.unsafeGetTensorImpl()->bump_version(); }
 
+// materialize_'s output: a contiguous 2-D (numel, dim) floating-point tensor.
+inline void check_matrix_out(const at::Tensor& out) {
+  TORCH_CHECK_VALUE(out.dim() == 2, "rbd_cuda: out must be 2-D (numel, dim), got shape ",
+                    shape_string(out.sizes()));
+  TORCH_CHECK_VALUE(out.is_contiguous(), "rbd_cuda: out must be contiguous");
+  const auto st = out.scalar_type();
+  TORCH_CHECK_VALUE(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
+                    "rbd_cuda: out must be a floating-point tensor, got ", st);
+}
+
 inline void check_out(const at::Tensor& out, const char* name) {
   check_float_input(out, name);
   TORCH_CHECK_VALUE(out.is_contiguous(), "rbd_cuda: ", name,

@@ -287,12 +287,8 @@ at::Tensor expand_cpu(const at::Tensor& c, int64_t numel, int64_t seed, int64_t 
 void materialize_inplace_cpu(at::Tensor& out, int64_t seed, int64_t step, int64_t stream,
                              c10::string_view distribution, int64_t row_offset,
                              int64_t col_offset) {
-  TORCH_CHECK_VALUE(out.dim() == 2, "rbd_cuda: out must be 2-D (numel, dim), got shape ",
-                    shape_string(out.sizes()));
-  TORCH_CHECK_VALUE(out.is_contiguous(), "rbd_cuda: out must be contiguous");
+  check_matrix_out(out);
   const auto st = out.scalar_type();
-  TORCH_CHECK_VALUE(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
-                    "rbd_cuda: out must be a floating-point tensor, got ", st);
   const StreamArgs a = make_stream_args(out.size(0), out.size(1), seed, step, stream,
                                         std::string(distribution), row_offset, col_offset);
   mark_modified(out);
