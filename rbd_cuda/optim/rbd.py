@@ -106,12 +106,14 @@ class RBD(torch.optim.Optimizer):
         """The stream ``step`` of the basis the next ``step()`` uses."""
         return self.steps_taken if self._redraw else 0
 
-    def stream_kwargs(self, comp: Compartment) -> dict:
-        """The keywords that address compartment ``comp``'s basis for the next step."""
+    def stream_kwargs(self, comp: Compartment, stream: int | None = None) -> dict:
+        """The keywords that address compartment ``comp``'s basis for the next step (on stream
+        ``stream`` instead of ``comp.stream`` when given: distributed training's per-rank bases)."""
         step = self.basis_step()
         if step >= 2**32:
             raise RuntimeError("rbd_cuda: the random stream has 2**32 steps; this run has used them all")
-        return {"seed": self.seed, "step": step, "stream": comp.stream, "distribution": self.distribution}
+        return {"seed": self.seed, "step": step, "stream": comp.stream if stream is None else stream,
+                "distribution": self.distribution}
 
     def coefficients(self, comp: Compartment) -> torch.Tensor | None:
         """``c = Pᵀ g`` of compartment ``comp`` (fp32), or None when none of its parameters has a grad."""
@@ -126,22 +128,31 @@ class RBD(torch.optim.Optimizer):
 
     def apply(self, comp: Compartment, c: torch.Tensor, segments: list[int]) -> None:
         """θ ← θ − lr · s · P c on the segments of ``comp`` listed by index (those with a grad)."""
-        kw = self.stream_kwargs(comp)
+        self.apply_sum(comp, [(c, comp.stream, segments)])
+
+    def apply_sum(self, comp: Compartment, terms: list[tuple[torch.Tensor, int, list[int]]]) -> None:
+        """θ ← θ − lr · s · Σₜ Pₜ cₜ for terms (cₜ, stream, segment indices): several bases'
+        updates of one compartment in one step (``rbd_cuda.distributed``, a basis per rank).
+        Momentum sees their sum as the step's one update."""
         scale = self._scale(comp)
-        for index in segments:
+        for index in sorted({k for _, _, segments in terms for k in segments}):
             seg = comp.segments[index]
             group = self._group_of[id(seg.param)]
             lr, momentum = group["lr"], group["momentum"]
-            target, coeffs = seg.view(seg.param), c.to(seg.param.device)
+            target = seg.view(seg.param)
+            mine = [(c.to(seg.param.device), self.stream_kwargs(comp, stream))
+                    for c, stream, segments in terms if index in segments]
             if momentum == 0.0:
-                ops.expand_(target, coeffs, -lr * scale, row_offset=seg.row_offset, **kw)
+                for coeffs, kw in mine:
+                    ops.expand_(target, coeffs, -lr * scale, row_offset=seg.row_offset, **kw)
                 continue
             state = self.state[seg.param]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(seg.param)
             buf = seg.view(state["momentum_buffer"])
             buf.mul_(momentum)
-            ops.expand_(buf, coeffs, (1.0 - momentum) * scale, row_offset=seg.row_offset, **kw)
+            for coeffs, kw in mine:
+                ops.expand_(buf, coeffs, (1.0 - momentum) * scale, row_offset=seg.row_offset, **kw)
             target.add_(buf, alpha=-lr)
 
     def _diagnose(self, comp: Compartment, c: torch.Tensor, segments: list[int]) -> dict:
