@@ -115,9 +115,10 @@ class RBD(torch.optim.Optimizer):
         return {"seed": self.seed, "step": step, "stream": comp.stream if stream is None else stream,
                 "distribution": self.distribution}
 
-    def coefficients(self, comp: Compartment) -> torch.Tensor | None:
-        """``c = Pᵀ g`` of compartment ``comp`` (fp32), or None when none of its parameters has a grad."""
-        kw = self.stream_kwargs(comp)
+    def coefficients(self, comp: Compartment, stream: int | None = None) -> torch.Tensor | None:
+        """``c = Pᵀ g`` of compartment ``comp`` (fp32; on ``stream`` instead of ``comp.stream`` when
+        given), or None when none of its parameters has a grad."""
+        kw = self.stream_kwargs(comp, stream)
         c = None
         for seg in comp.segments:
             if seg.param.grad is None:

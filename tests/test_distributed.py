@@ -1,0 +1,348 @@
+"""rbd_cuda.distributed on gloo, with 2–3 local processes spawned by the tests.
+
+Starting a process costs seconds (importing torch), so one 3-rank launch runs every scenario and
+the tests below check its results; a second launch checks that a rank that raises makes the
+others fail instead of hanging. Every launch is bounded: collectives time out, and the launcher
+kills what is still running at its deadline and fails the test.
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing
+import os
+import time
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import rbd_cuda
+from rbd_cuda.distributed import (DistributedFPD, DistributedRBD, RandomBasesHook, fingerprint,
+                                  random_bases_hook)
+from rbd_cuda.optim import RBD
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="needs torch.distributed with gloo")
+
+WORLD = 3
+BATCH = 8  # per rank
+COLLECTIVE_TIMEOUT_S = 15
+LAUNCH_DEADLINE_S = 90
+
+
+# ---- launcher -----------------------------------------------------------------------------------
+
+
+def _entry(rank: int, world: int, folder: str, target, args: tuple) -> None:
+    torch.set_num_threads(1)
+    store = dist.FileStore(os.path.join(folder, "store"), world)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    try:
+        result = {"ok": target(rank, world, *args)}
+    except Exception as error:  # reported to the test, which decides whether it was expected
+        result = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
+    torch.save(result, os.path.join(folder, f"rank{rank}.pt"))
+    if "ok" in result:
+        dist.destroy_process_group()
+
+
+def launch(folder: Path, world: int, target, *args) -> tuple[list[dict], float]:
+    """Run ``target(rank, world, *args)`` on ``world`` gloo ranks; their results and the seconds taken.
+
+    The ranks are forked from a fork server that has imported torch and rbd_cuda once: fast to
+    start, and safe, since the server never ran an OpenMP region (forking a process that has is
+    not). The fork server starts with OMP_NUM_THREADS=1, which its children inherit.
+    """
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "rbd_cuda.distributed", "pytest"])
+    old = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        procs = [ctx.Process(target=_entry, args=(r, world, str(folder), target, args)) for r in range(world)]
+        start = time.monotonic()
+        for p in procs:
+            p.start()
+    finally:
+        if old is None:
+            del os.environ["OMP_NUM_THREADS"]
+        else:
+            os.environ["OMP_NUM_THREADS"] = old
+    for p in procs:
+        p.join(max(0.0, start + LAUNCH_DEADLINE_S - time.monotonic()))
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    elapsed = time.monotonic() - start
+    assert not hung, f"ranks {hung} still running after {LAUNCH_DEADLINE_S} s"
+    results = []
+    for r in range(world):
+        path = folder / f"rank{r}.pt"
+        assert path.exists(), f"rank {r} exited with code {procs[r].exitcode} and no result"
+        results.append(torch.load(path, weights_only=False))
+    return results, elapsed
+
+
+# ---- what the ranks run -------------------------------------------------------------------------
+
+
+def mlp(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(10, 12), torch.nn.ReLU(), torch.nn.Linear(12, 3))
+
+
+def batch(step: int, world: int):
+    """The global batch of ``step`` (BATCH rows per rank) from a fixed teacher."""
+    gen = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(world * BATCH, 10, generator=gen)
+    teacher = torch.randn(10, 3, generator=torch.Generator().manual_seed(7))
+    return x, (x @ teacher).argmax(1)
+
+
+def local(step: int, rank: int, world: int):
+    x, y = batch(step, world)
+    return x[rank * BATCH:(rank + 1) * BATCH], y[rank * BATCH:(rank + 1) * BATCH]
+
+
+def flat(model) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
+
+
+def train_steps(model, opt, steps: int, rank: int, world: int) -> None:
+    for t in range(steps):
+        x, y = local(t, rank, world)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def shared_vs_single(rank, world):
+    """Shared bases with momentum, against one process stepping on the concatenated batches."""
+    kw = {"lr": 0.3, "dim": 8, "compartments": "tensor", "seed": 5, "momentum": 0.5}
+    model = mlp()
+    train_steps(model, DistributedRBD(model.parameters(), scheme="shared", check_every=1, **kw), 3, rank, world)
+    single = mlp()
+    opt = RBD(single.parameters(), **kw)
+    for t in range(3):
+        x, y = batch(t, world)
+        opt.zero_grad()
+        F.cross_entropy(single(x), y).backward()
+        opt.step()
+    return {"distributed": flat(model), "single": flat(single)}
+
+
+def independent_one_step(rank, world, reduction):
+    """One independent-bases step: the inputs the test needs to recompute it, and the result."""
+    model = mlp()
+    opt = DistributedRBD(model.parameters(), lr=0.5, dim=6, compartments="tensor", seed=11,
+                         scheme="independent", reduction=reduction)
+    x, y = local(0, rank, world)
+    F.cross_entropy(model(x), y).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    return {"before": before, "grads": grads, "after": [p.detach().clone() for p in model.parameters()],
+            "comm": opt.comm.as_dict()}
+
+
+def runs_stay_identical(rank, world):
+    """Several optimizers and schemes, checked every step; returns the final hashes."""
+    out = {}
+    for name, cls, scheme, kw in [
+        ("rbd-independent-momentum", DistributedRBD, "independent", {"momentum": 0.9, "compartments": "layer"}),
+        ("rbd-shared-rademacher", DistributedRBD, "shared", {"distribution": "rademacher", "compartments": 50}),
+        ("fpd-shared", DistributedFPD, "shared", {}),
+        ("fpd-independent", DistributedFPD, "independent", {"reduction": "sum"}),
+    ]:
+        # Different initialisations per rank: the broadcast makes them rank 0's.
+        model = mlp(seed=rank)
+        params = model.named_parameters() if kw.get("compartments") == "layer" else model.parameters()
+        opt = cls(params, lr=0.2, dim=7, seed=3, scheme=scheme, check_every=1, **kw)
+        train_steps(model, opt, 4, rank, world)
+        out[name] = fingerprint(model.parameters())
+    return out
+
+
+def divergence_is_detected(rank, world):
+    model = mlp()
+    opt = DistributedRBD(model.parameters(), lr=0.1, dim=4, seed=1)
+    train_steps(model, opt, 1, rank, world)
+    if rank == 1:
+        with torch.no_grad():
+            next(model.parameters()).view(-1)[0] += 1e-6
+    try:
+        opt.check_consistency()
+    except RuntimeError as error:
+        return str(error)
+    return None
+
+
+def mismatched_seed_is_refused(rank, world):
+    model = mlp()
+    try:
+        DistributedRBD(model.parameters(), lr=0.1, dim=4, seed=1 + (rank == 2))
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def hook_one_step(rank, world):
+    """The hook's input (local bucket) and output (what DDP hands the optimizer), per bucket."""
+    model = torch.nn.parallel.DistributedDataParallel(mlp())
+    state = RandomBasesHook(dim=20, seed=9)
+    seen = []
+
+    def recording_hook(state, bucket):
+        given = bucket.buffer().clone()
+        return random_bases_hook(state, bucket).then(
+            lambda f: seen.append({"index": bucket.index(), "in": given, "out": f.value().clone()}) or f.value())
+
+    model.register_comm_hook(state, recording_hook)
+    x, y = local(0, rank, world)
+    F.cross_entropy(model(x), y).backward()
+    return {"buckets": seen, "stats": state.stats.as_dict()}
+
+
+def hook_trains(rank, world, error_feedback):
+    model = torch.nn.parallel.DistributedDataParallel(mlp())
+    state = RandomBasesHook(dim=rbd_cuda.optim.Compression(4, minimum=8), seed=9, error_feedback=error_feedback)
+    model.register_comm_hook(state, random_bases_hook)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0 if error_feedback else 0.4)
+    x, y = batch(0, world)  # a fixed task: loss on the whole batch before and after
+    first = F.cross_entropy(model(x), y).item()
+    for t in range(40):
+        xl, yl = local(t % 4, rank, world)
+        opt.zero_grad()
+        F.cross_entropy(model(xl), yl).backward()
+        opt.step()
+    with torch.no_grad():
+        last = F.cross_entropy(model(x), y).item()
+    return {"first": first, "last": last, "hash": fingerprint(model.parameters()),
+            "stats": state.stats.per_step()}
+
+
+def scenarios(rank, world):
+    return {
+        "shared": shared_vs_single(rank, world),
+        "independent-sum": independent_one_step(rank, world, "sum"),
+        "independent-mean": independent_one_step(rank, world, "mean"),
+        "identical": runs_stay_identical(rank, world),
+        "divergence": divergence_is_detected(rank, world),
+        "seed": mismatched_seed_is_refused(rank, world),
+        "hook-step": hook_one_step(rank, world),
+        "hook-trains": hook_trains(rank, world, False),
+        "hook-trains-ef": hook_trains(rank, world, True),
+    }
+
+
+def one_rank_raises(rank, world):
+    model = mlp()
+    opt = DistributedRBD(model.parameters(), lr=0.1, dim=4, seed=1)
+    if rank == 1:
+        raise ValueError("rank 1 fails on purpose")
+    start = time.monotonic()
+    try:
+        train_steps(model, opt, 1, rank, world)
+    except RuntimeError as error:
+        return {"error": str(error), "seconds": time.monotonic() - start}
+    return {"error": None}
+
+
+# ---- the tests ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out, _ = launch(tmp_path_factory.mktemp("dist"), WORLD, scenarios)
+    for r, res in enumerate(out):
+        assert "ok" in res, f"rank {r} raised:\n{res.get('traceback')}"
+    return [res["ok"] for res in out]
+
+
+def test_shared_bases_equal_one_process_on_the_concatenated_batch(results):
+    ref = results[0]["shared"]
+    for r, res in enumerate(results):
+        assert torch.equal(res["shared"]["distributed"], ref["distributed"]), f"rank {r} differs from rank 0"
+    moved = (ref["single"] - flat(mlp())).abs().max()
+    assert moved > 1e-3  # the steps did something
+    torch.testing.assert_close(ref["distributed"], ref["single"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_independent_bases_apply_every_ranks_update(results, reduction):
+    """θ₁ = θ₀ − lr·s·w·Σ_r P_r P_rᵀ g_r, rank r's tensor k on stream r·K + k (K = 4 tensors)."""
+    runs = [res[f"independent-{reduction}"] for res in results]
+    n_tensors, dim, lr = 4, 6, 0.5
+    weight = 1.0 if reduction == "sum" else 1.0 / WORLD
+    for k in range(n_tensors):
+        before = runs[0]["before"][k].double().reshape(-1)
+        update = torch.zeros_like(before)
+        for r, run in enumerate(runs):
+            P = rbd_cuda.materialize(before.numel(), dim, seed=11, step=0, stream=r * n_tensors + k,
+                                     dtype=torch.float64)
+            update += P @ (P.T @ run["grads"][k].double().reshape(-1))
+        expected = before - lr / dim * weight * update
+        for r, run in enumerate(runs):
+            assert torch.equal(run["after"][k], runs[0]["after"][k]), f"tensor {k}: rank {r} differs"
+        torch.testing.assert_close(runs[0]["after"][k].double().reshape(-1), expected, rtol=1e-5, atol=1e-6)
+    n_coeffs = n_tensors * dim + n_tensors  # coefficients + one flag per segment
+    comm = runs[0]["comm"]
+    assert comm["payload_bytes"] == 4 * n_coeffs and comm["collectives"] == 1
+    assert comm["ring_sent_bytes"] == (WORLD - 1) * 4 * n_coeffs
+    assert comm["dense_bytes"] == 4 * sum(p.numel() for p in mlp().parameters())
+
+
+def test_every_scheme_keeps_the_ranks_bit_identical(results):
+    hashes = [res["identical"] for res in results]
+    assert len(hashes[0]) == 4
+    assert all(h == hashes[0] for h in hashes)
+
+
+def test_a_rank_that_diverges_is_reported_on_every_rank(results):
+    for r, res in enumerate(results):
+        assert res["divergence"] is not None, f"rank {r} did not see the difference"
+        assert "rank(s) [1] differ from rank 0" in res["divergence"]
+
+
+def test_ranks_with_different_seeds_are_refused(results):
+    for res in results:
+        assert res["seed"] is not None and "ranks disagree on seed" in res["seed"]
+
+
+def test_hook_all_reduces_coefficients_and_expands_them(results):
+    by_rank = [{b["index"]: b for b in res["hook-step"]["buckets"]} for res in results]
+    assert by_rank[0], "the hook saw no bucket"
+    for index, bucket in by_rank[0].items():
+        numel = bucket["in"].numel()
+        P = rbd_cuda.materialize(numel, 20, seed=9, step=0, stream=index, dtype=torch.float64)
+        mean_c = sum(P.T @ ranks[index]["in"].double() for ranks in by_rank) / WORLD
+        torch.testing.assert_close(bucket["out"].double(), P @ mean_c / 20, rtol=1e-5, atol=1e-6)
+        for ranks in by_rank:
+            assert torch.equal(ranks[index]["out"], bucket["out"])
+    stats = results[0]["hook-step"]["stats"]
+    assert stats["payload_bytes"] == 4 * 20 * len(by_rank[0])
+    assert stats["dense_bytes"] == 4 * sum(p.numel() for p in mlp().parameters())
+
+
+@pytest.mark.parametrize("key", ["hook-trains", "hook-trains-ef"])
+def test_hook_trains_a_small_model(results, key):
+    runs = [res[key] for res in results]
+    assert all(run["hash"] == runs[0]["hash"] for run in runs)  # DDP's replicas stay in sync
+    assert runs[0]["last"] < 0.4 * runs[0]["first"], runs[0]
+    assert runs[0]["stats"]["compression"] > 3
+
+
+def test_a_rank_that_raises_makes_the_others_fail_fast(tmp_path):
+    out, elapsed = launch(tmp_path, 2, one_rank_raises)
+    assert out[1]["error"] == "ValueError: rank 1 fails on purpose"
+    survivor = out[0]["ok"]
+    assert survivor["error"] is not None, "rank 0 stepped without its peer"
+    assert "rbd_cuda: the all-reduce of step 0's coefficients failed on rank 0 of 2" in survivor["error"]
+    assert survivor["seconds"] < COLLECTIVE_TIMEOUT_S + 5
+    assert elapsed < LAUNCH_DEADLINE_S
