@@ -311,7 +311,7 @@ class RandomBasesHook:
 
     Args:
         dim: directions per bucket (int), or ``Compression(factor, minimum)`` for
-            ``ceil(D / factor)`` (at least ``minimum``).
+            ``ceil(D / factor)`` (at least ``minimum``); default ``Compression(100, minimum=10)``.
         seed: seed of the bases; must be the same on every rank (use another one than an RBD
             optimizer's, so the hook's bases are not the optimizer's).
         distribution: ``"normal"``, ``"uniform"`` or ``"rademacher"``.
@@ -327,11 +327,11 @@ class RandomBasesHook:
     ``stats`` (``CommStats``) counts the coefficients' bytes and those of the dense all-reduce.
     """
 
-    def __init__(self, dim=Compression(100, minimum=10), *, seed: int = 0, distribution: str = "normal",
+    def __init__(self, dim=None, *, seed: int = 0, distribution: str = "normal",
                  normalize: str | None = None, error_feedback: bool = False, group=None):
-        rule = as_dim_rule(dim)
+        rule = as_dim_rule(Compression(100, minimum=10) if dim is None else dim)
         if not isinstance(rule, (Fixed, Compression)):
-            raise ValueError(f"rbd_cuda: the hook's dim must be an int, Fixed or Compression, got {dim!r}")
+            raise TypeError(f"rbd_cuda: the hook's dim must be an int, Fixed or Compression, got {dim!r}")
         if distribution not in ENTRY_VARIANCE:
             raise ValueError(f"rbd_cuda: distribution must be one of {tuple(ENTRY_VARIANCE)}, got {distribution!r}")
         if normalize is None:

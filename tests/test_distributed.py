@@ -21,8 +21,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import rbd_cuda
-from rbd_cuda.distributed import (DistributedFPD, DistributedRBD, RandomBasesHook, fingerprint,
-                                  random_bases_hook)
+from rbd_cuda.distributed import (
+    DistributedFPD,
+    DistributedRBD,
+    RandomBasesHook,
+    fingerprint,
+    random_bases_hook,
+)
 from rbd_cuda.optim import RBD
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -44,7 +49,7 @@ def _entry(rank: int, world: int, folder: str, target, args: tuple) -> None:
                             timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     try:
         result = {"ok": target(rank, world, *args)}
-    except Exception as error:  # reported to the test, which decides whether it was expected
+    except Exception as error:  # noqa: BLE001 (reported to the test, which decides whether it was expected)
         result = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
     torch.save(result, os.path.join(folder, f"rank{rank}.pt"))
     if "ok" in result:
