@@ -30,6 +30,7 @@ import os
 import pickle
 import shutil
 import subprocess
+import sys
 import tarfile
 import tempfile
 import urllib.request
@@ -313,3 +314,60 @@ def batch_generator(seed: int, epoch: int, index: int) -> torch.Generator:
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The shuffled order of the training set in one epoch (reshuffled every epoch)."""
     return torch.randperm(n, generator=_generator(seed, epoch, 0, 1))
+
+
+def pack(name: str, root: Path, target: Path) -> list[Path]:
+    """Verified, gzip-compressed copies of a dataset's files under ``target/<name>/`` (for carrying
+    the data to a machine without network; ``load(name, target)`` reads them)."""
+    written = []
+    if name == "cifar10":
+        _load_cifar(root, download=True)
+        destination = _cifar_dir(target)
+        destination.mkdir(parents=True, exist_ok=True)
+        for f in CIFAR_FILES:
+            shutil.copyfile(_cifar_dir(root) / f, destination / f)
+            written.append(destination / f)
+        return written
+    _load_idx(name, root, download=True, verify=True)
+    (target / name).mkdir(parents=True, exist_ok=True)
+    for stem in IDX_SHA256[name]:
+        out = target / name / f"{stem}.gz"
+        out.write_bytes(gzip.compress(_read_maybe_gz(_find_idx(name, root, stem)), mtime=0))
+        written.append(out)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m rbd_cuda.data",
+                                description="Fetch and verify datasets, or pack them for an offline machine.")
+    p.add_argument("action", choices=("fetch", "pack"))
+    p.add_argument("names", nargs="+", help=f"of {', '.join(DATASETS)}")
+    p.add_argument("--root", help="data root (default $RBD_DATA or ~/.cache/rbd_cuda)")
+    p.add_argument("--to", help="pack: directory to write the compressed copies to")
+    args = p.parse_args(argv)
+    root = Path(args.root) if args.root else default_root()
+    try:
+        unknown = [n for n in args.names if n not in DATASETS]
+        if unknown:
+            raise ValueError(f"names: {', '.join(unknown)} not among {', '.join(DATASETS)}")
+        if args.action == "pack" and not args.to:
+            raise ValueError("pack needs --to DIR")
+        for name in args.names:
+            if args.action == "fetch":
+                splits = load(name, root)
+                print(f"{name}: {len(splits.train_x)} train, {len(splits.val_x)} validation, "
+                      f"{len(splits.test_x)} test images, checksums verified, under {root}")
+            else:
+                files = pack(name, root, Path(args.to))
+                print(f"{name}: {len(files)} files, {sum(f.stat().st_size for f in files) / 2**20:.1f} MiB, "
+                      f"in {Path(args.to) / name}")
+    except (ValueError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,11 +12,14 @@ the paper's number and the difference), ``OUT/table.json`` and ``OUT/curves.png`
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
+import multiprocessing
 import statistics
 import sys
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from . import data
@@ -56,26 +59,48 @@ def final_row(history: list[dict]) -> dict | None:
     return complete[-1] if complete else (history[-1] if history else None)
 
 
+def _config(row: str, method: str, seed: int, epochs: int, out: Path, **kw) -> TrainConfig:
+    model, dataset = row.split("-")
+    run_dir = out / "runs" / f"{row}-{method}-s{seed}"
+    return TrainConfig(model=model, dataset=dataset, method=method, epochs=epochs, seed=seed, out=str(run_dir),
+                       resume=(run_dir / "checkpoint.pt").is_file(), **kw)
+
+
+def _train_in_worker(cfg: TrainConfig) -> list[dict]:
+    torch.set_num_threads(1)  # one core per run: the runs themselves are the parallelism
+    return train(cfg).history
+
+
 def run_all(rows: list[str], methods: list[str], seeds: list[int], epochs: int, out: Path, *,
             max_steps: int | None = None, device: str = "auto", data_root: str | None = None,
-            progress: bool = True, overrides: dict | None = None) -> dict:
-    """Trains every (row, method, seed) not already done; returns {row: {method: [history, ...]}}."""
+            progress: bool = True, jobs: int = 1) -> dict:
+    """Trains every (row, method, seed) not already done (``jobs`` at a time, each in its own
+    process when jobs > 1); returns {row: {method: [history per seed]}}."""
+    keys = [(row, method, seed) for row in rows for method in methods for seed in seeds]
+    common = {"max_steps": max_steps, "device": device, "data_root": data_root}
+    histories: dict[tuple, list[dict]] = {}
+    outer = tqdm(total=len(keys), desc="Table 1 runs", disable=not progress, dynamic_ncols=True)
+    if jobs == 1:
+        cache: dict[str, data.Splits] = {}
+        for key in keys:
+            cfg = _config(*key, epochs, out, progress=progress, **common)
+            outer.set_postfix_str(" ".join(map(str, key)))
+            if cfg.dataset not in cache:
+                cache[cfg.dataset] = data.load(cfg.dataset, data_root, split_seed=cfg.split_seed)
+            histories[key] = train(cfg, cache[cfg.dataset]).history
+            outer.update()
+    else:
+        context = multiprocessing.get_context("spawn")  # CUDA and OpenMP state do not survive fork
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+            futures = {pool.submit(_train_in_worker, _config(*key, epochs, out, progress=False, **common)): key
+                       for key in keys}
+            for future in concurrent.futures.as_completed(futures):
+                histories[futures[future]] = future.result()
+                outer.update()
+    outer.close()
     results: dict[str, dict[str, list[list[dict]]]] = {}
-    jobs = [(row, method, seed) for row in rows for method in methods for seed in seeds]
-    cache: dict[str, data.Splits] = {}
-    outer = tqdm(jobs, desc="Table 1 runs", disable=not progress, dynamic_ncols=True)
-    for row, method, seed in outer:
-        model, dataset = row.split("-")
-        outer.set_postfix_str(f"{row} {method} seed {seed}")
-        run_dir = out / "runs" / f"{row}-{method}-s{seed}"
-        cfg = TrainConfig(model=model, dataset=dataset, method=method, epochs=epochs, max_steps=max_steps,
-                          seed=seed, device=device, data_root=data_root, out=str(run_dir),
-                          resume=(run_dir / "checkpoint.pt").is_file(), progress=progress,
-                          **(overrides or {}))
-        if dataset not in cache:
-            cache[dataset] = data.load(dataset, data_root, split_seed=cfg.split_seed)
-        history = train(cfg, cache[dataset]).history
-        results.setdefault(row, {}).setdefault(method, []).append(history)
+    for row, method, seed in keys:
+        results.setdefault(row, {}).setdefault(method, []).append(histories[(row, method, seed)])
     return results
 
 
@@ -104,7 +129,7 @@ def markdown(table: list[dict], device: str) -> str:
     for t in table:
         paper = f"{t['paper_mean']:g} ± {t['paper_std']:g}" if t["paper_mean"] is not None else "—"
         diff = f"{t['difference']:+.2f}" if t["difference"] is not None else "—"
-        lines.append(f"| {t['row']} | {t['method']} | {t['epochs']:g} | {t['seeds']} | "
+        lines.append(f"| {t['row']} | {t['method']} | {t['epochs']:.3g} | {t['seeds']} | "
                      f"{t['val_acc_mean']:.2f} ± {t['val_acc_std']:.2f} | {paper} | {diff} | {t['images_per_s']:.0f} |")
     return "\n".join(lines) + "\n"
 
@@ -154,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--max-steps", type=int, help="cap each run's optimizer steps (quick checks)")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once, one process and one CPU thread each")
     p.add_argument("--device", default="auto")
     p.add_argument("--data-root")
     p.add_argument("--out", default="results/reproduce")
@@ -163,10 +189,12 @@ def main(argv: list[str] | None = None) -> int:
         rows = parse_list(args.rows, PAPER_TABLE, "rows")
         methods = parse_list(args.methods, METHODS, "methods")
         seeds = parse_seeds(args.seeds)
+        if args.jobs < 1:
+            raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
         device = str(resolve_device(args.device))
         out = Path(args.out)
         results = run_all(rows, methods, seeds, args.epochs, out, max_steps=args.max_steps, device=args.device,
-                          data_root=args.data_root, progress=args.progress)
+                          data_root=args.data_root, progress=args.progress, jobs=args.jobs)
     except (ValueError, FileNotFoundError, data.DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -314,3 +314,19 @@ def test_reproduce_rejects_unknown_rows_and_seeds(capsys):
     assert "--rows: fc-svhn not among" in capsys.readouterr().err
     assert reproduce.main(["--seeds", "a", "--no-progress"]) == 2
     assert "--seeds must be" in capsys.readouterr().err
+
+
+def test_pack_writes_copies_that_load_offline(tmp_path):
+    write_cifar(tmp_path / "src" / "cifar10" / "cifar-10-batches-py")
+    files = data.pack("cifar10", tmp_path / "src", tmp_path / "packed")
+    assert len(files) == 6
+    original = data.load("cifar10", tmp_path / "src", val_size=10, download=False)
+    packed = data.load("cifar10", tmp_path / "packed", val_size=10, download=False)
+    assert torch.equal(original.train_x, packed.train_x) and torch.equal(original.test_y, packed.test_y)
+
+
+def test_data_cli_names_bad_arguments(capsys):
+    assert data.main(["fetch", "svhn"]) == 2
+    assert "names: svhn not among mnist, fmnist, cifar10" in capsys.readouterr().err
+    assert data.main(["pack", "mnist"]) == 2
+    assert "pack needs --to DIR" in capsys.readouterr().err
