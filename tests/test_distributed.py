@@ -64,7 +64,8 @@ def launch(folder: Path, world: int, target, *args) -> tuple[list[dict], float]:
     not). The fork server starts with OMP_NUM_THREADS=1, which its children inherit.
     """
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torch.distributed", "rbd_cuda.distributed", "pytest"])
+    # torch._dynamo: torch.optim.Optimizer imports it on first use (seconds, in every rank otherwise).
+    ctx.set_forkserver_preload(["torch", "torch._dynamo", "torch.distributed", "rbd_cuda.distributed", "pytest"])
     old = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
@@ -211,7 +212,15 @@ def hook_one_step(rank, world):
     model.register_comm_hook(state, recording_hook)
     x, y = local(0, rank, world)
     F.cross_entropy(model(x), y).backward()
-    return {"buckets": seen, "stats": state.stats.as_dict()}
+    # A bucket no larger than d goes through a plain all-reduce: DDP's mean gradient.
+    plain = mlp()
+    F.cross_entropy(plain(x), y).backward()
+    uncompressed = torch.nn.parallel.DistributedDataParallel(mlp())
+    uncompressed.register_comm_hook(RandomBasesHook(dim=10_000, seed=9), random_bases_hook)
+    F.cross_entropy(uncompressed(x), y).backward()
+    return {"buckets": seen, "stats": state.stats.as_dict(),
+            "local_grads": [p.grad.clone() for p in plain.parameters()],
+            "uncompressed_grads": [p.grad.clone() for p in uncompressed.parameters()]}
 
 
 def hook_trains(rank, world, error_feedback):
@@ -333,6 +342,13 @@ def test_hook_all_reduces_coefficients_and_expands_them(results):
     stats = results[0]["hook-step"]["stats"]
     assert stats["payload_bytes"] == 4 * 20 * len(by_rank[0])
     assert stats["dense_bytes"] == 4 * sum(p.numel() for p in mlp().parameters())
+
+
+def test_hook_all_reduces_a_bucket_no_larger_than_d_as_it_is(results):
+    runs = [res["hook-step"] for res in results]
+    for k, got in enumerate(runs[0]["uncompressed_grads"]):
+        mean = sum(run["local_grads"][k] for run in runs) / WORLD
+        torch.testing.assert_close(got, mean, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("key", ["hook-trains", "hook-trains-ef"])
