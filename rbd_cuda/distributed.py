@@ -342,7 +342,8 @@ class RandomBasesHook:
         self.rule, self.seed, self.distribution = rule, seed, distribution
         self.normalize, self.error_feedback, self.group = normalize, error_feedback, group
         self.step = 0
-        self.residuals: dict[int, torch.Tensor] = {}
+        # bucket index -> (the bucket's parameters, by identity and in order; the residual)
+        self.residuals: dict[int, tuple[tuple[int, ...], torch.Tensor]] = {}
         self.stats = CommStats()
 
     def dim_for(self, numel: int) -> int:
@@ -375,12 +376,11 @@ def random_bases_hook(state: RandomBasesHook, bucket: dist.GradBucket) -> torch.
 
     x = grad
     if state.error_feedback:
-        residual = state.residuals.get(index)
-        # DDP rebuilds its buckets after the first step: a residual of another size is stale.
-        if residual is not None and residual.numel() == numel and residual.device == grad.device:
-            x = grad + residual
-        else:
-            x = grad.clone()
+        layout = tuple(id(p) for p in bucket.parameters())
+        kept = state.residuals.get(index)
+        # DDP rebuilds its buckets after the first step (other parameters, or another order, under
+        # the same index): a residual is only added back to the layout it was computed for.
+        x = grad + kept[1] if kept is not None and kept[0] == layout else grad.clone()
     kw = {"seed": state.seed, "step": step, "stream": index, "distribution": state.distribution}
     c = ops.project(x, dim, **kw).float().div_(world)
     state.stats.add("all_reduce", c.numel() * c.element_size(), world)
@@ -396,7 +396,7 @@ def random_bases_hook(state: RandomBasesHook, bucket: dist.GradBucket) -> torch.
         grad.zero_()
         ops.expand_(grad, mean_c, scale, **kw)
         if state.error_feedback:
-            state.residuals[index] = x.sub_(grad)
+            state.residuals[index] = (layout, x.sub_(grad))
         return grad
 
     return fut.then(expand_back)

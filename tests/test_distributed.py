@@ -223,6 +223,33 @@ def hook_one_step(rank, world):
             "uncompressed_grads": [p.grad.clone() for p in uncompressed.parameters()]}
 
 
+def hook_error_feedback(rank, world):
+    """Three steps with error feedback: per step and bucket, the input, output, layout and residual."""
+    model = torch.nn.parallel.DistributedDataParallel(mlp())
+    state = RandomBasesHook(dim=20, seed=4, error_feedback=True)
+    seen = []
+
+    def recording_hook(state, bucket):
+        given, step = bucket.buffer().clone(), state.step
+        layout = tuple(id(p) for p in bucket.parameters())
+
+        def record(f):
+            seen.append({"step": step, "index": bucket.index(), "layout": layout, "in": given,
+                         "out": f.value().clone(), "residual": state.residuals[bucket.index()][1].clone()})
+            return f.value()
+
+        return random_bases_hook(state, bucket).then(record)
+
+    model.register_comm_hook(state, recording_hook)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for t in range(3):
+        x, y = local(t, rank, world)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return seen
+
+
 def hook_trains(rank, world, error_feedback):
     model = torch.nn.parallel.DistributedDataParallel(mlp())
     state = RandomBasesHook(dim=rbd_cuda.optim.Compression(4, minimum=8), seed=9, error_feedback=error_feedback)
@@ -250,6 +277,7 @@ def scenarios(rank, world):
         "divergence": divergence_is_detected(rank, world),
         "seed": mismatched_seed_is_refused(rank, world),
         "hook-step": hook_one_step(rank, world),
+        "hook-ef": hook_error_feedback(rank, world),
         "hook-trains": hook_trains(rank, world, False),
         "hook-trains-ef": hook_trains(rank, world, True),
     }
@@ -349,6 +377,31 @@ def test_hook_all_reduces_a_bucket_no_larger_than_d_as_it_is(results):
     for k, got in enumerate(runs[0]["uncompressed_grads"]):
         mean = sum(run["local_grads"][k] for run in runs) / WORLD
         torch.testing.assert_close(got, mean, rtol=1e-5, atol=1e-7)
+
+
+def test_hook_error_feedback_carries_the_residual_to_the_next_step(results):
+    """x = g + e (e only from a bucket with the same parameters in the same order);
+    ĝ = P·mean_r(Pᵀ x_r)/D (normalize="projection" by default with error feedback); e ← x − ĝ."""
+    runs = [res["hook-ef"] for res in results]
+    assert {r["step"] for r in runs[0]} == {0, 1, 2}
+    reused = 0
+    for i, rec in enumerate(runs[0]):
+        xs = []
+        for run in runs:
+            mine = run[i]
+            assert (mine["step"], mine["index"]) == (rec["step"], rec["index"])
+            before = [r for r in run[:i] if r["step"] == mine["step"] - 1 and r["index"] == mine["index"]]
+            x = mine["in"].double()
+            if before and before[0]["layout"] == mine["layout"]:
+                x = x + before[0]["residual"].double()
+                reused += 1
+            torch.testing.assert_close(mine["residual"].double(), x - mine["out"].double(), rtol=1e-5, atol=1e-6)
+            xs.append(x)
+        numel = rec["in"].numel()
+        P = rbd_cuda.materialize(numel, 20, seed=4, step=rec["step"], stream=rec["index"], dtype=torch.float64)
+        mean_c = sum(P.T @ x for x in xs) / WORLD
+        torch.testing.assert_close(rec["out"].double(), P @ mean_c / numel, rtol=1e-5, atol=1e-6)
+    assert reused >= WORLD  # at least one step after the rebuild added its residual back
 
 
 @pytest.mark.parametrize("key", ["hook-trains", "hook-trains-ef"])
