@@ -36,7 +36,7 @@ import torch.distributed as dist
 from . import ops
 from .optim import FPD, RBD
 from .optim.compartments import Compression, Fixed, as_dim_rule
-from .optim.rbd import ENTRY_VARIANCE
+from .optim.rbd import ENTRY_VARIANCE, NORMALIZATIONS
 
 SCHEMES = ("shared", "independent")
 REDUCTIONS = ("mean", "sum")
@@ -197,7 +197,7 @@ class _Distributed:
             "scheme": SCHEMES.index(self.scheme),
             "reduction": REDUCTIONS.index(self.reduction),
             "distribution": tuple(ENTRY_VARIANCE).index(self.distribution),
-            "normalize": ("unbiased", "paper", "dim", "none").index(self.normalize),
+            "normalize": NORMALIZATIONS.index(self.normalize),
             "optimizer (RBD or FPD)": int(self._redraw),
             "compartments": len(self.compartments),
             "directions": sum(c.dim for c in self.compartments),
