@@ -420,3 +420,47 @@ def test_a_rank_that_raises_makes_the_others_fail_fast(tmp_path):
     assert "rbd_cuda: the all-reduce of step 0's coefficients failed on rank 0 of 2" in survivor["error"]
     assert survivor["seconds"] < COLLECTIVE_TIMEOUT_S + 5
     assert elapsed < LAUNCH_DEADLINE_S
+
+
+# ---- single-process checks (no process group needed) ------------------------------------------
+
+
+@pytest.mark.parametrize(("kw", "error", "match"), [
+    ({"scheme": "ring"}, ValueError, "scheme must be one of"),
+    ({"reduction": "max"}, ValueError, "reduction must be one of"),
+    ({"check_every": -1}, ValueError, "check_every must be an int >= 0"),
+    ({"record": True}, ValueError, "record=True is not supported"),
+    ({}, RuntimeError, "need an initialised process group"),
+])
+def test_optimizer_arguments_are_checked(kw, error, match):
+    with pytest.raises(error, match=match):
+        DistributedRBD(mlp().parameters(), lr=0.1, dim=4, **kw)
+
+
+@pytest.mark.parametrize(("kw", "error", "match"), [
+    ({"dim": rbd_cuda.optim.Proportional(10)}, TypeError, "hook's dim must be"),
+    ({"dim": 0}, ValueError, "dim must be positive"),
+    ({"normalize": "paper"}, ValueError, "normalize must be one of"),
+    ({"distribution": "bernoulli"}, ValueError, "distribution must be one of"),
+    ({"seed": 2**64}, ValueError, "seed must fit in 64 bits"),
+])
+def test_hook_arguments_are_checked(kw, error, match):
+    with pytest.raises(error, match=match):
+        RandomBasesHook(**kw)
+
+
+def test_hook_normalisation_follows_error_feedback():
+    assert RandomBasesHook().normalize == "unbiased"
+    assert RandomBasesHook(error_feedback=True).normalize == "projection"
+    state = RandomBasesHook(10, distribution="uniform", normalize="projection")
+    assert state.dim_for(1000) == 10 and state.scale(1000, 10) == pytest.approx(3 / 1000)
+    assert RandomBasesHook().dim_for(101_770) == 1018  # Compression(100, minimum=10)
+
+
+def test_fingerprint_sees_every_bit():
+    a = torch.randn(100)
+    b = a.clone()
+    assert fingerprint([a]) == fingerprint([b])
+    b.view(torch.int32)[57] ^= 1  # the lowest mantissa bit of one entry
+    assert fingerprint([a]) != fingerprint([b])
+    assert fingerprint([a.to(torch.bfloat16)]) != fingerprint([a.to(torch.float16)])
