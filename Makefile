@@ -9,7 +9,7 @@ TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 RESULTS ?= results
 export MAX_JOBS TORCH_CUDA_ARCH_LIST RBD_CUDA
 
-.PHONY: venv install build test test-gpu demo bench bench-optim bench-quick gpu-check lint clean FORCE
+.PHONY: venv install build test test-gpu reproduce table1-gpu demo bench bench-optim bench-quick gpu-check lint clean FORCE
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,15 @@ test: install
 
 test-gpu: install
 	$(BIN)/python -m pytest -q -m cuda tests
+
+# The main job: FC-MNIST trained with SGD and with RBD for 2 epochs (CPU without a GPU); prints
+# where the table (beside the paper's Table 1) and the plot went. More: python -m rbd_cuda.reproduce -h
+reproduce: install
+	$(BIN)/python -m rbd_cuda.reproduce --rows fc-mnist --methods sgd,rbd --epochs 2 --out $(RESULTS)/reproduce
+
+# On a GPU machine (its own python3/torch): Table 1's FC rows, 4 methods x 3 seeds x 100 epochs.
+table1-gpu:
+	bash benchmarks/table1_gpu.sh $(RESULTS)/table1-gpu
 
 demo: install
 	$(BIN)/python -m rbd_cuda.demo

