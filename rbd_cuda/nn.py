@@ -21,16 +21,31 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
 from . import ops
-from .optim.compartments import Compartment, plan
+from .optim.compartments import plan
 from .optim.rbd import ENTRY_VARIANCE, NORMALIZATIONS
 
-__all__ = ["RandomSubspace"]
+__all__ = ["RandomSubspace", "SubspaceCompartment"]
+
+
+@dataclass(frozen=True)
+class SubspaceCompartment:
+    """One basis: stream ``stream``, coefficients ``c[offset : offset + dim]``, and its segments as
+    ``(parameter name, start, numel, row_offset)``: ``param.view(-1)[start : start + numel]`` is
+    rows ``row_offset …`` of the compartment's matrix."""
+
+    name: str
+    stream: int
+    dim: int
+    numel: int
+    offset: int
+    segments: tuple[tuple[str, int, int, int], ...]
 
 
 def _split(name: str) -> tuple[str, str]:
@@ -91,10 +106,19 @@ class RandomSubspace(nn.Module):
                 raise ValueError(f"rbd_cuda: parameter {name} has dtype {p.dtype}; the subspace ops take "
                                  "float32, float16 or bfloat16")
 
-        self.compartments: list[Compartment] = plan(named, compartments, dim)
+        name_of = {id(p): name for name, p in named}
+        # The planner's layout, with each segment naming its parameter instead of holding it (the
+        # parameters are about to leave the module; θ₀ buffers may later move with .to()).
+        self.compartments: list[SubspaceCompartment] = []
+        offset = 0
+        for comp in plan(named, compartments, dim):
+            segments = tuple((name_of[id(s.param)], s.start, s.numel, s.row_offset) for s in comp.segments)
+            self.compartments.append(SubspaceCompartment(comp.name, comp.stream, comp.dim, comp.numel, offset,
+                                                         segments))
+            offset += comp.dim
         self.seed, self.distribution, self.normalize = seed, distribution, normalize
         self.numel = sum(p.numel() for _, p in named)
-        self.dim = sum(c.dim for c in self.compartments)
+        self.dim = offset
 
         # Every attribute path of each parameter (tied weights have several): θ₀ replaces all of them.
         paths: dict[int, list[str]] = {}
@@ -102,19 +126,7 @@ class RandomSubspace(nn.Module):
             paths.setdefault(id(p), []).append(name)
         self._names = [name for name, _ in named]
         self._aliases = {name: paths[id(p)] for name, p in named}
-        name_of = {id(p): name for name, p in named}
-
-        # Per compartment: (parameter name, start, numel, row offset) of each segment. Stored as
-        # plain tuples, not the planner's Segments, which hold references to the parameters.
-        self._segments = [[(name_of[id(s.param)], s.start, s.numel, s.row_offset) for s in comp.segments]
-                          for comp in self.compartments]
-        for comp in self.compartments:
-            comp.segments = []
         self._shapes = {name: p.shape for name, p in named}
-        self._offsets, offset = [], 0
-        for comp in self.compartments:
-            self._offsets.append(offset)
-            offset += comp.dim
         self._sqrt_scale = [math.sqrt(self._scale(comp)) for comp in self.compartments]
 
         self.said = said
@@ -126,15 +138,16 @@ class RandomSubspace(nn.Module):
                         if said else None)
 
         for name, p in named:
-            theta0 = p.detach()
+            theta0 = p.detach()  # the parameter's storage, not a copy
             for alias in self._aliases[name]:
                 owner, attr = _split(alias)
                 owner = module.get_submodule(owner)
                 delattr(owner, attr)
+                # One tensor object under every alias: functional_call ties the aliases by identity.
                 owner.register_buffer(attr, theta0)
         self.module = module
 
-    def _scale(self, comp: Compartment) -> float:
+    def _scale(self, comp: SubspaceCompartment) -> float:
         # The same s as rbd_cuda.optim.RBD._scale, so the SGD-vs-FPD mapping is exact.
         if self.normalize == "unbiased":
             return 1.0 / (comp.dim * ENTRY_VARIANCE[self.distribution])
@@ -153,9 +166,9 @@ class RandomSubspace(nn.Module):
         """θ₀ + P c for every reparametrised parameter, by name (differentiable in c and λ)."""
         pieces: dict[str, list[tuple[int, torch.Tensor]]] = {name: [] for name in self._names}
         for k, comp in enumerate(self.compartments):
-            c_k = self.c[self._offsets[k]: self._offsets[k] + comp.dim] * self._sqrt_scale[k]
+            c_k = self.c[comp.offset: comp.offset + comp.dim] * self._sqrt_scale[k]
             kw = self.stream_kwargs(k)
-            for name, start, numel, row_offset in self._segments[k]:
+            for name, start, numel, row_offset in comp.segments:
                 # Scaling the d coefficients, not the numel-long result: P (λ c) = λ P c.
                 coeffs = c_k * self.lambdas[self._layer_index[name]] if self.said else c_k
                 pieces[name].append((start, ops.expand(coeffs, numel, row_offset=row_offset, **kw)))
@@ -187,8 +200,8 @@ class RandomSubspace(nn.Module):
 
     def summary(self) -> dict:
         """Compartments (name, stream, entries, directions), D, d and the trainable count."""
-        rows = [{"name": comp.name, "stream": comp.stream, "numel": sum(s[2] for s in segs), "dim": comp.dim}
-                for comp, segs in zip(self.compartments, self._segments, strict=True)]
+        rows = [{"name": comp.name, "stream": comp.stream, "numel": comp.numel, "dim": comp.dim}
+                for comp in self.compartments]
         trainable = self.dim + (len(self._layers) if self.said else 0)
         return {"compartments": rows, "numel": self.numel, "dim": self.dim, "trainable": trainable,
                 "compression": self.numel / self.dim}

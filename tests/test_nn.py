@@ -224,7 +224,7 @@ def test_sgd_on_the_wrapper_follows_fpd(mode, dim, normalize, distribution):
     wrapper = RandomSubspace(mlp(seed=8), dim, compartments=mode, normalize=normalize,
                              distribution=distribution, seed=77)
     sgd = torch.optim.SGD(wrapper.parameters(), lr=lr)
-    assert [c.dim for c in wrapper.compartments] == [c.dim for c in fpd.compartments]
+    assert wrapper.summary()["compartments"] == fpd.summary()["compartments"]  # names, streams, sizes, dims
     for step in range(steps):
         for model, opt in ((direct, fpd), (wrapper, sgd)):
             opt.zero_grad()
