@@ -4,7 +4,7 @@ Each op regenerates the needed entries of a D×d random matrix P from a
 counter-based RNG inside the product, so P never exists in memory.
 """
 
-from . import optim
+from . import nn, optim
 from .ops import (
     DISTRIBUTIONS,
     built_with_cuda,
@@ -22,6 +22,7 @@ __all__ = [
     "expand",
     "expand_",
     "materialize",
+    "nn",
     "optim",
     "philox4x32",
     "project",
