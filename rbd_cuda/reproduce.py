@@ -104,6 +104,26 @@ def run_all(rows: list[str], methods: list[str], seeds: list[int], epochs: int, 
     return results
 
 
+def collect(rows: list[str], methods: list[str], seeds: list[int], out: Path) -> tuple[dict, str]:
+    """The histories of the runs already under ``out/runs`` (no training; missing runs are left
+    out) and the devices they ran on."""
+    results: dict[str, dict[str, list[list[dict]]]] = {}
+    devices = set()
+    for row in rows:
+        for method in methods:
+            for seed in seeds:
+                path = out / "runs" / f"{row}-{method}-s{seed}" / "metrics.json"
+                if path.is_file():
+                    saved = json.loads(path.read_text())
+                    history = saved["history"]
+                    devices.add(saved["device"])
+                    if history:
+                        results.setdefault(row, {}).setdefault(method, []).append(history)
+    if not results:
+        raise ValueError(f"--report: no finished runs under {out / 'runs'} for these rows, methods and seeds")
+    return results, ", ".join(sorted(devices))
+
+
 def summarize(results: dict) -> list[dict]:
     """One entry per (row, method): mean ± std of the final validation accuracy over seeds."""
     table = []
@@ -183,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--data-root")
     p.add_argument("--out", default="results/reproduce")
+    p.add_argument("--report", action="store_true",
+                   help="train nothing: tabulate the runs already under OUT/runs (each at its last epoch)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     args = p.parse_args(argv)
     try:
@@ -193,8 +215,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
         device = str(resolve_device(args.device))
         out = Path(args.out)
-        results = run_all(rows, methods, seeds, args.epochs, out, max_steps=args.max_steps, device=args.device,
-                          data_root=args.data_root, progress=args.progress, jobs=args.jobs)
+        if args.report:
+            results, device = collect(rows, methods, seeds, out)
+        else:
+            results = run_all(rows, methods, seeds, args.epochs, out, max_steps=args.max_steps,
+                              device=args.device, data_root=args.data_root, progress=args.progress, jobs=args.jobs)
     except (ValueError, FileNotFoundError, data.DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

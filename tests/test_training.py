@@ -307,6 +307,11 @@ def test_reproduce_writes_a_table_beside_the_papers_numbers(tmp_path, monkeypatc
     before = (out / "runs" / "fc-mnist-sgd-s0" / "checkpoint.pt").stat().st_mtime_ns
     assert reproduce.main(argv) == 0
     assert (out / "runs" / "fc-mnist-sgd-s0" / "checkpoint.pt").stat().st_mtime_ns == before
+    # --report tabulates what is there without training; runs that are not there are left out.
+    assert reproduce.main([*argv, "--report", "--methods", "sgd,rbd,nes"]) == 0
+    assert json.loads((out / "table.json").read_text())["rows"] == table
+    assert reproduce.main(["--report", "--rows", "fc-fmnist", "--out", str(out), "--no-progress"]) == 2
+    assert "no finished runs" in capsys.readouterr().err
 
 
 def test_reproduce_rejects_unknown_rows_and_seeds(capsys):
