@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU check: build the extension for the local GPU, run the CUDA tests,
-# then a short benchmark of project/expand against materialise-with-torch-then-multiply.
+# then the benchmark suite's GPU grid (benchmarks/ops_bench.py --preset gpu: fused project/expand/
+# RBD step against torch materialised and chunked, and CuPy cuRAND + cuBLAS when CuPy is installed).
 # Results (logs, JSON, markdown) go to the directory given as $1, else $RBD_RESULTS_DIR,
 # else $OUT (the device tool's folder), else results/gpu-check.
 # Sized for a fresh GPU machine (torch with CUDA, nvcc, 16 cores, no network): a few minutes.
