@@ -336,7 +336,9 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def plots(rows: list[dict], preset: Preset, out_dir: Path, threads: int) -> list[Path]:
-    """Throughput vs D and vs d (per distribution; project solid, expand dashed) and memory vs d."""
+    """Throughput vs D and vs d (per distribution; project solid, expand dashed) and memory vs d,
+    from the fp32 rows at ``threads`` whose shapes lie on the preset's sweeps; a figure with no
+    such rows is not drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -344,45 +346,57 @@ def plots(rows: list[dict], preset: Preset, out_dir: Path, threads: int) -> list
 
     written = []
     sel = [r for r in rows if r["dtype"] == "float32" and r["threads"] == threads]
-    for name, sweep, var in (("throughput_vs_D", preset.sweep_D, "D"), ("throughput_vs_d", preset.sweep_d, "d")):
+
+    def save(fig, name):
+        fig.tight_layout()
+        written.append(out_dir / f"{name}.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+
+    for name, sweep, var, fixed_name in (("throughput_vs_D", preset.sweep_D, "D", "d"),
+                                         ("throughput_vs_d", preset.sweep_d, "d", "D")):
         if not sweep:
             continue
-        fixed_name, fixed = ("d", sweep[0]) if var == "D" else ("D", sweep[0])
+        fixed, values = sweep
+
+        def series(dist, m, op, var=var, fixed_name=fixed_name, fixed=fixed, values=values):
+            return sorted((r[var], r["Gps"]) for r in sel if r["dist"] == dist and r["method"] == m
+                          and r["op"] == op and r[fixed_name] == fixed and r[var] in values)
+
+        if not any(series(dist, "fused", "project") for dist in rbd_cuda.DISTRIBUTIONS):
+            continue
         fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=True)
         for ax, dist in zip(axes, rbd_cuda.DISTRIBUTIONS, strict=True):
             for i, m in enumerate(methods.METHODS):
                 for op, style in (("project", "-"), ("expand", "--")):
-                    pts = sorted((r[var], r["Gps"]) for r in sel if r["dist"] == dist and r["method"] == m
-                                 and r["op"] == op and r[fixed_name] == fixed and r[var] in sweep[1])
+                    pts = series(dist, m, op)
                     if pts:
-                        ax.plot(*zip(*pts, strict=True), style, marker="o", color=f"C{i}",
-                                label=f"{m} {op}")
+                        ax.plot(*zip(*pts, strict=True), style, marker="o", color=f"C{i}", label=f"{m} {op}")
             ax.set(xscale="log", yscale="log", title=f"{dist}, {fixed_name} = {fixed:,}", xlabel=var)
             ax.grid(True, which="both", alpha=0.3)
         axes[0].set_ylabel("G entries/s per product")
         axes[-1].legend(fontsize=7)
         fig.suptitle(f"fp32, {threads} threads")
-        fig.tight_layout()
-        written.append(out_dir / f"{name}.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
-    if preset.sweep_d and any("peak_bytes" in r for r in rows):
+        save(fig, name)
+    if preset.sweep_d:
         D, ds = preset.sweep_d
-        fig, ax = plt.subplots(figsize=(6.5, 4.2))
-        for i, m in enumerate(methods.METHODS):
-            pts = sorted((r["d"], r["peak_bytes"] / 2**20) for r in sel if r["method"] == m and r["op"] == "project"
-                         and r["dist"] == "normal" and r["D"] == D and r["d"] in ds and r.get("peak_bytes"))
-            if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", color=f"C{i}", label=m)
-        ax.plot(ds, [D * d * 4 / 2**20 for d in ds], "k:", label="D·d·4 bytes (fp32 P)")
-        ax.set(xscale="log", yscale="log", xlabel="d", ylabel="MiB beyond inputs",
-               title=f"peak memory of project, normal, D = {D:,}")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        written.append(out_dir / "memory_vs_d.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        curves = {m: sorted((r["d"], r["peak_bytes"] / 2**20) for r in sel
+                            if r["method"] == m and r["op"] == "project" and r["dist"] == "normal"
+                            and r["D"] == D and r["d"] in ds and r.get("peak_bytes") is not None)
+                  for m in methods.METHODS}
+        if curves["fused"]:
+            fig, ax = plt.subplots(figsize=(6.5, 4.2))
+            for i, m in enumerate(methods.METHODS):
+                if curves[m]:
+                    # The fused peak can be 0 at page resolution; log axes need a floor.
+                    d_vals, mib = zip(*curves[m], strict=True)
+                    ax.plot(d_vals, [max(v, 1e-3) for v in mib], marker="o", color=f"C{i}", label=m)
+            ax.plot(ds, [D * d * 4 / 2**20 for d in ds], "k:", label="D·d·4 bytes (fp32 P)")
+            ax.set(xscale="log", yscale="log", xlabel="d", ylabel="MiB beyond inputs (floor 1 KiB)",
+                   title=f"peak memory of project, normal, D = {D:,}")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+            save(fig, "memory_vs_d")
     return written
 
 
@@ -413,7 +427,7 @@ def main(argv=None) -> int:
     write_csv(out_dir / "ops_bench.csv", rows)
     table = markdown(rows, info, roof, tg, records)
     (out_dir / "ops_bench.md").write_text(table)
-    pngs = plots(rows, preset, out_dir, max(args.threads)) if not args.shapes else []
+    pngs = plots(rows, preset, out_dir, max(args.threads))
     print(table)
     print("wrote " + ", ".join(str(p) for p in [out_dir / "ops_bench.json", out_dir / "ops_bench.csv",
                                                  out_dir / "ops_bench.md", *pngs]))
