@@ -61,7 +61,7 @@ class Preset:
 
 PRESETS = {
     # Small sweeps so that the quick run also exercises every plot.
-    "quick": Preset(target=(100_000, 64), sweep_D=(16, (10_000, 100_000)), sweep_d=(10_000, (16, 64))),
+    "quick": Preset(target=(50_000, 64), sweep_D=(64, (5_000, 50_000)), sweep_d=(50_000, (16, 64))),
     "cpu": Preset(target=(1_000_000, 256), sweep_D=(64, (10_000, 100_000, 1_000_000)),
                   sweep_d=(100_000, (4, 16, 64, 256)), skewed=((4_000_000, 4), (2_000, 2_048), (100, 64))),
     "gpu": Preset(target=(1_000_000, 256), sweep_D=(100, (1_000_000, 10_000_000, 100_000_000)),
@@ -72,7 +72,7 @@ PRESETS = {
 TIMING = {
     "cpu": {"reps": 5, "min_reps": 3, "budget_s": 2.0, "min_sample_s": 0.02},
     "cuda": {"reps": 10, "min_reps": 3, "budget_s": 1.0, "min_sample_s": 1e-3},
-    "quick": {"reps": 3, "min_reps": 3, "budget_s": 0.5, "min_sample_s": 0.01},
+    "quick": {"reps": 3, "min_reps": 3, "budget_s": 0.5, "min_sample_s": 0.005},
 }
 
 

@@ -9,7 +9,6 @@ because the resident high-water mark of the benchmarking process only ever grows
 from __future__ import annotations
 
 import ctypes
-import gc
 import json
 import sys
 
@@ -35,7 +34,6 @@ _LIBC = ctypes.CDLL("libc.so.6")
 def _release_free_memory() -> None:
     # Freed heap chunks stay resident, and a later allocation served from them would not raise the
     # high-water mark: malloc_trim(0) hands every free page back (madvise), so reuse is counted.
-    gc.collect()
     _LIBC.malloc_trim(0)
 
 
