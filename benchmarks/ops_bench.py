@@ -1,6 +1,6 @@
 """Microbenchmark suite: fused project / expand / RBD step against materialising P, side by side.
 
-    python -m benchmarks.ops_bench --preset quick                # under a minute (CPU)
+    python -m benchmarks.ops_bench --quick                       # about 40 s of CPU time
     python -m benchmarks.ops_bench --preset cpu --out results/ops_bench_cpu
     python -m benchmarks.ops_bench --device cuda --preset gpu --dtypes float32 bfloat16 --out DIR
 
