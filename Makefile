@@ -60,14 +60,15 @@ table1-gpu:
 demo: install
 	$(BIN)/python -m rbd_cuda.demo
 
+# The microbenchmark suite (benchmarks/README.md): size grid, baselines, targets summary.
 bench: install
-	$(BIN)/python -m benchmarks.ops_bench --device cpu --out $(RESULTS)/ops_bench_cpu
+	$(BIN)/python -m benchmarks.ops_bench --device cpu --preset cpu --out $(RESULTS)/ops_bench_cpu
 
 bench-optim: install
 	$(BIN)/python -m benchmarks.optim_compare --out $(RESULTS)/optim_compare
 
 bench-quick: install
-	$(BIN)/python -m benchmarks.ops_bench --device cpu --preset quick --out $(RESULTS)/ops_bench_quick
+	$(BIN)/python -m benchmarks.ops_bench --device cpu --quick --out $(RESULTS)/ops_bench_quick
 
 # On a GPU machine (uses that machine's python3/torch; builds for the local GPU).
 gpu-check:

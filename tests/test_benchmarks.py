@@ -1,0 +1,87 @@
+"""The benchmark suite (benchmarks/ops_bench.py) end to end on its smallest case, and its checks."""
+
+import json
+
+import pytest
+import torch
+
+import rbd_cuda
+from benchmarks import methods, ops_bench
+
+# Chunks of 0.25 MiB: 4,096 rows of 16 fp32 entries, so the chunked baselines run 5 chunks.
+SMALL = ["--quick", "--shapes", "20000x16", "--distributions", "normal", "--threads", "1", "2",
+         "--chunk-mib", "0.25"]
+
+
+@pytest.fixture
+def restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_quick_case_end_to_end(tmp_path, restore_threads, capsys):
+    assert ops_bench.main([*SMALL, "--out", str(tmp_path)]) == 0
+    assert "Targets (issue #6)" in capsys.readouterr().out
+    for name in ("ops_bench.json", "ops_bench.csv", "ops_bench.md"):
+        assert (tmp_path / name).stat().st_size > 0
+    data = json.loads((tmp_path / "ops_bench.json").read_text())
+    assert {"machine", "roofline", "timing", "cases", "rows", "targets"} <= data.keys()
+    assert data["machine"]["commit"] and data["machine"]["torch"] == torch.__version__
+
+    (case,) = data["cases"]
+    assert set(case["checks"]) == {"fused", "torch", "torch_chunked", "numpy", "numpy_chunked"}
+    assert all(0 <= err <= methods.TOL["float32"] for chk in case["checks"].values() for err in chk.values())
+    assert case["skipped"] == {} and case["chunk_rows"] == 4096
+
+    rows = data["rows"]
+    # fused and torch at 1 and 2 threads, the other baselines at 2; three ops each.
+    assert len(rows) == 3 * (2 * 2 + 3)
+    for r in rows:
+        assert r["entries"] == 20000 * 16 * (2 if r["op"] == "step" else 1)
+        assert 0 < r["p10_s"] <= r["median_s"] <= r["p90_s"]
+        assert r["Gps"] == pytest.approx(r["entries"] / r["median_s"] / 1e9)
+        assert r["samples"] >= 3 and r["peak_bytes"] >= 0
+        if r["method"] == "fused":
+            assert 0 < r["roofline_frac"] < 2 and r["speedup_vs_torch"] > 0
+
+    def peak(method, op):
+        return next(r["peak_bytes"] for r in rows if r["method"] == method and r["op"] == op)
+
+    # fused project allocates only c; drawing P costs D·d·4 bytes (1.2 MiB here).
+    assert peak("fused", "project") < 256 << 10 < 20000 * 16 * 4 <= peak("torch", "project") * 1.05
+    assert peak("fused", "expand") < 20000 * 4 + (256 << 10)
+
+    tg = data["targets"]["by_distribution"]["normal"]
+    assert {"project", "expand", "step"} <= tg.keys()
+    assert tg["project"]["target"] == 4.0 and isinstance(tg["project"]["met"], bool)
+    # At D = 20,000 the page-granular floor of the measurement (tens of KiB) is a large part of g.
+    assert tg["project"]["thread_scaling"] > 0 and tg["project"]["peak_vs_needed"] >= 0.99
+
+
+def test_wrong_kernel_fails_the_check(tmp_path, monkeypatch):
+    def garbage(g, dim, **kw):
+        return torch.randn(dim, dtype=g.dtype)
+
+    monkeypatch.setattr(rbd_cuda, "project", garbage)
+    with pytest.raises(methods.CheckFailed, match="project_slice_rel_err"):
+        ops_bench.main([*SMALL, "--no-memory", "--out", str(tmp_path)])
+    assert not (tmp_path / "ops_bench.json").exists()
+
+
+def test_wrong_baseline_fails_the_check(monkeypatch):
+    def wrong_scale(self, gen, rows, d, dist):
+        return 2 * torch.randn(rows, d, generator=gen)
+
+    monkeypatch.setattr(methods.TorchLib, "draw", wrong_scale)
+    with pytest.raises(methods.CheckFailed, match="moments"):
+        methods.check_baseline("torch", methods.Case("normal", 20000, 16, "float32", "cpu"))
+
+
+def test_bad_arguments_are_named(capsys):
+    with pytest.raises(SystemExit):
+        ops_bench.main(["--shapes", "1000x0"])
+    assert "--shapes" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ops_bench.main(["--quick", "--preset", "cpu"])
+    assert "--quick conflicts with --preset cpu" in capsys.readouterr().err
