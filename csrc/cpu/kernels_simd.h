@@ -28,6 +28,10 @@ inline float lane_sum(const float* v) {
 
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
+// On each kernel entry point: inline everything it calls. GCC otherwise keeps the polynomial
+// templates of rbd/philox.h out of line for their size, and a call per tile spills the vectors.
+#define RBD_KERNEL __attribute__((flatten))
+
 // Entries of T vectors of columns: e[r][v] lane l = P[4 rb + r, col0 + v kLanes + l].
 template <class V, Distribution D, int T>
 inline void gen_entries(const Job& j, uint32_t rb, uint32_t col0, typename V::F (&e)[4][T]) {
@@ -38,11 +42,21 @@ inline void gen_entries(const Job& j, uint32_t rb, uint32_t col0, typename V::F 
   }
   typename V::I w[4][T];
   simd::stream_blocks<V, T>(c0, c1, 0, 1, j.step, j.stream, j.key0, j.key1, w);
-  for (int v = 0; v < T; ++v) {
-    if constexpr (D == Distribution::Normal) {
-      box_muller<V>(w[0][v], w[1][v], e[0][v], e[1][v]);
-      box_muller<V>(w[2][v], w[3][v], e[2][v], e[3][v]);
-    } else {
+  if constexpr (D == Distribution::Normal) {
+    // Rows (0, 1) from words (0, 1), rows (2, 3) from words (2, 3): 2T chains side by side.
+    typename V::I a[2 * T], b[2 * T];
+    typename V::F z0[2 * T], z1[2 * T];
+    for (int v = 0; v < T; ++v) {
+      a[v] = w[0][v], b[v] = w[1][v];
+      a[T + v] = w[2][v], b[T + v] = w[3][v];
+    }
+    box_muller<V, 2 * T>(a, b, z0, z1);
+    for (int v = 0; v < T; ++v) {
+      e[0][v] = z0[v], e[1][v] = z1[v];
+      e[2][v] = z0[T + v], e[3][v] = z1[T + v];
+    }
+  } else {
+    for (int v = 0; v < T; ++v) {
       for (int r = 0; r < 4; ++r) e[r][v] = uniform_pm1<V>(w[r][v]);
     }
   }
@@ -95,16 +109,15 @@ inline void project_group(const Job& j, const float* gv, int64_t rb_lo, int64_t 
 }
 
 template <class V, Distribution D>
-void project_dist(const Job& j, const float* gv, int64_t rb_lo, int64_t n, int64_t t_lo,
+RBD_KERNEL void project_dist(const Job& j, const float* gv, int64_t rb_lo, int64_t n, int64_t t_lo,
                   int64_t t_hi, float* acc) {
   if constexpr (D == Distribution::Rademacher) {
     for (int64_t q = t_lo / kGroup; q < t_hi / kGroup; ++q) project_group<V>(j, gv, rb_lo, n, q, acc);
   } else {
-    // Two tiles at a time: twice the independent Philox chains in flight.
-    constexpr int kRegs = kTile / V::kLanes;
+    constexpr int kRegs = kTile / V::kLanes, kStep = V::kTilesPerStep * kTile;
     int64_t t = t_lo;
-    for (; t + 2 * kTile <= t_hi; t += 2 * kTile) project_columns<V, D, 2 * kRegs>(j, gv, rb_lo, n, t, acc);
-    if (t < t_hi) project_columns<V, D, kRegs>(j, gv, rb_lo, n, t, acc);
+    for (; t + kStep <= t_hi; t += kStep) project_columns<V, D, V::kTilesPerStep * kRegs>(j, gv, rb_lo, n, t, acc);
+    for (; t < t_hi; t += kTile) project_columns<V, D, kRegs>(j, gv, rb_lo, n, t, acc);
   }
 }
 
@@ -179,7 +192,7 @@ void expand_rademacher(const Job& j, const float* c, int64_t width, int64_t rb_l
 }
 
 template <class V, Distribution D>
-void expand_dist(const Job& j, const float* c, int64_t width, int64_t rb_lo, int64_t n, float* u) {
+RBD_KERNEL void expand_dist(const Job& j, const float* c, int64_t width, int64_t rb_lo, int64_t n, float* u) {
   if constexpr (D == Distribution::Rademacher) {
     expand_rademacher<V>(j, c, width, rb_lo, n, u);
   } else {
@@ -190,16 +203,17 @@ void expand_dist(const Job& j, const float* c, int64_t width, int64_t rb_lo, int
       for (int r = 0; r < 4; ++r) {
         for (int v = 0; v < kRegs; ++v) acc[r][v] = V::zero();
       }
+      constexpr int kStep = V::kTilesPerStep * kTile;
       int64_t t = 0;
-      for (; t + 2 * kTile <= width; t += 2 * kTile) expand_columns<V, D, 2 * kRegs>(j, c, rb, t, acc);
-      if (t < width) expand_columns<V, D, kRegs>(j, c, rb, t, acc);
+      for (; t + kStep <= width; t += kStep) expand_columns<V, D, V::kTilesPerStep * kRegs>(j, c, rb, t, acc);
+      for (; t < width; t += kTile) expand_columns<V, D, kRegs>(j, c, rb, t, acc);
       for (int r = 0; r < 4; ++r) u[4 * i + r] = row_sum<V, kTile, kRegs>(acc[r]);
     }
   }
 }
 
 template <class V, Distribution D>
-void entries_dist(const Job& j, int64_t rb, int64_t t_lo, int64_t t_hi, float* e) {
+RBD_KERNEL void entries_dist(const Job& j, int64_t rb, int64_t t_lo, int64_t t_hi, float* e) {
   const int64_t width = t_hi - t_lo;
   if constexpr (D == Distribution::Rademacher) {
     using F = typename V::F;
@@ -262,7 +276,7 @@ void entries_any(const Job& j, int64_t rb, int64_t t_lo, int64_t t_hi, float* e)
 }
 
 template <class V>
-void philox_any(const uint32_t* counter, const uint32_t* key, int rounds, int64_t n, uint32_t* out) {
+RBD_KERNEL void philox_any(const uint32_t* counter, const uint32_t* key, int rounds, int64_t n, uint32_t* out) {
   for (int64_t i0 = 0; i0 < n; i0 += V::kLanes) {
     const int64_t m = min64(V::kLanes, n - i0);
     uint32_t c[4][V::kLanes] = {}, k[2][V::kLanes] = {}, words[4][V::kLanes];

@@ -26,6 +26,11 @@
 #error "rbd/philox_simd.h is host-only"
 #endif
 
+// Pack<__m512, K> drops __m512's may_alias attribute from the template argument; Pack only
+// holds values (no pointer casts), so the attribute is not needed there.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wignored-attributes"
+
 namespace rbd {
 namespace simd {
 
@@ -34,6 +39,8 @@ namespace simd {
 struct Avx512 {
   static constexpr const char* kName = "avx512";
   static constexpr int kLanes = 16;  // 32-bit lanes per vector
+  // 16-column tiles generated together: with 32 registers two tiles' chains fit side by side.
+  static constexpr int kTilesPerStep = 2;
   using I = __m512i;                 // 16 x u32, or 8 x u64 slots
   using F = __m512;                  // 16 x f32 (a GCC vector: + - * work on it)
 
@@ -60,8 +67,9 @@ struct Avx512 {
   static I and_(I a, I b) { return _mm512_and_si512(a, b); }
   static I or_(I a, I b) { return _mm512_or_si512(a, b); }
   static I xor_(I a, I b) { return _mm512_xor_si512(a, b); }
-  static I andnot(I a, I b) { return _mm512_andnot_si512(a, b); }  // ~a & b
   static I slli32(I x, int n) { return _mm512_slli_epi32(x, unsigned(n)); }
+  static I select(I m, I a, I b) { return _mm512_ternarylogic_epi32(m, a, b, 0xCA); }  // m ? a : b
+  static I xor_and(I a, I b, I c) { return _mm512_ternarylogic_epi32(a, b, c, 0x78); }  // a ^ (b & c)
   static F to_float(I x) { return _mm512_cvtepi32_ps(x); }  // exact for |x| < 2^24
   static I trunc_int(F x) { return _mm512_cvttps_epi32(x); }
   static F as_float(I x) { return _mm512_castsi512_ps(x); }
@@ -93,6 +101,7 @@ struct Avx512 {
 struct Avx2 {
   static constexpr const char* kName = "avx2";
   static constexpr int kLanes = 8;
+  static constexpr int kTilesPerStep = 1;  // one tile is already 4 slot vectors per word (16 registers)
   using I = __m256i;
   using F = __m256;
 
@@ -119,8 +128,9 @@ struct Avx2 {
   static I and_(I a, I b) { return _mm256_and_si256(a, b); }
   static I or_(I a, I b) { return _mm256_or_si256(a, b); }
   static I xor_(I a, I b) { return _mm256_xor_si256(a, b); }
-  static I andnot(I a, I b) { return _mm256_andnot_si256(a, b); }
   static I slli32(I x, int n) { return _mm256_slli_epi32(x, n); }
+  static I select(I m, I a, I b) { return _mm256_or_si256(_mm256_and_si256(m, a), _mm256_andnot_si256(m, b)); }
+  static I xor_and(I a, I b, I c) { return _mm256_xor_si256(a, _mm256_and_si256(b, c)); }
   static F to_float(I x) { return _mm256_cvtepi32_ps(x); }
   static I trunc_int(F x) { return _mm256_cvttps_epi32(x); }
   static F as_float(I x) { return _mm256_castsi256_ps(x); }
@@ -174,6 +184,14 @@ inline void philox_slots(typename V::I (&c)[4][N], typename V::I k0, typename V:
   }
 }
 
+template <int T>
+inline bool c0_uniform(const uint32_t (&c0)[T]) {
+  for (int t = 1; t < T; ++t) {
+    if (c0[t] != c0[0]) return false;
+  }
+  return true;
+}
+
 // Philox4x32-10 blocks for `kLanes * T` counters: lane l of tile t gets counter
 // (c0[t] + l * d0, c1[t] + l * d1, step, stream) under key (k0, k1); out[w][t] holds word w.
 // (d0, d1) = (0, 1): consecutive columns of one row block; (1, 0): consecutive row blocks.
@@ -197,7 +215,23 @@ inline void stream_blocks(const uint32_t (&c0)[T], const uint32_t (&c1)[T], uint
     c[2][2 * t] = c[2][2 * t + 1] = V::splat64(step);
     c[3][2 * t] = c[3][2 * t + 1] = V::splat64(stream);
   }
-  philox_slots<V, 10, 2 * T>(c, V::splat64(k0), V::splat64(k1));
+  if (d0 == 0 && c0_uniform(c0)) {
+    // Row-block tiles: c0, c2 and c3 are the same in every lane, so round 1's products are
+    // scalars and only its XOR into c1 is per lane.
+    const uint64_t p0 = uint64_t(kPhiloxM0) * c0[0], p1 = uint64_t(kPhiloxM1) * step;
+    const I x0 = V::splat64(uint32_t(p1 >> 32) ^ k0);
+    const I s1 = V::splat64(uint32_t(p1)), s2 = V::splat64(uint32_t(p0 >> 32) ^ stream ^ k1);
+    const I s3 = V::splat64(uint32_t(p0));
+    for (int n = 0; n < 2 * T; ++n) {
+      c[0][n] = V::xor_(c[1][n], x0);
+      c[1][n] = s1;
+      c[2][n] = s2;
+      c[3][n] = s3;
+    }
+    philox_slots<V, 9, 2 * T>(c, V::splat64(k0 + kPhiloxW0), V::splat64(k1 + kPhiloxW1));
+  } else {
+    philox_slots<V, 10, 2 * T>(c, V::splat64(k0), V::splat64(k1));
+  }
   for (int w = 0; w < 4; ++w) {
     for (int t = 0; t < T; ++t) out[w][t] = V::pack(c[w][2 * t], c[w][2 * t + 1]);
   }
@@ -247,42 +281,77 @@ inline typename V::F uniform_open0(typename V::I x) {
   return V::to_float(V::add32(V::srli32(x, 8), V::splat32(1))) * (1.0f / 16777216.0f);
 }
 
-template <class V>
-inline typename V::F log_poly(typename V::F x) {
-  using I = typename V::I;
-  using F = typename V::F;
-  const I bits = V::as_int(x);
-  F m = V::as_float(V::or_(V::and_(bits, V::splat32(0x007fffffu)), V::splat32(0x3f000000u)));
-  const I small = V::lt_as_one(m, 0.70710678118654752f);
-  const I e = V::sub32(V::sub32(V::and_(V::srli32(bits, 23), V::splat32(0xffu)), V::splat32(126)), small);
-  m = m * V::to_float(V::add32(small, V::splat32(1))) - 1.0f;
-  return detail::log_poly_reduced<F>(m, V::to_float(e));
-}
+// K vectors evaluated statement by statement: the polynomials (templates of rbd/philox.h) then
+// advance K independent dependency chains together, which the core overlaps; one chain alone
+// is latency-bound (a Horner step waits for the previous one).
+template <class F, int K>
+struct Pack {
+  F v[K];
+  friend Pack operator+(Pack a, const Pack& b) {
+    for (int k = 0; k < K; ++k) a.v[k] = a.v[k] + b.v[k];
+    return a;
+  }
+  friend Pack operator-(Pack a, const Pack& b) {
+    for (int k = 0; k < K; ++k) a.v[k] = a.v[k] - b.v[k];
+    return a;
+  }
+  friend Pack operator*(Pack a, const Pack& b) {
+    for (int k = 0; k < K; ++k) a.v[k] = a.v[k] * b.v[k];
+    return a;
+  }
+  friend Pack operator+(Pack a, float b) {
+    for (int k = 0; k < K; ++k) a.v[k] = a.v[k] + b;
+    return a;
+  }
+  friend Pack operator-(Pack a, float b) {
+    for (int k = 0; k < K; ++k) a.v[k] = a.v[k] - b;
+    return a;
+  }
+  friend Pack operator*(Pack a, float b) {
+    for (int k = 0; k < K; ++k) a.v[k] = a.v[k] * b;
+    return a;
+  }
+};
 
-template <class V>
-inline void sincospi_poly(typename V::F v, typename V::F& s, typename V::F& c) {
+// z0[k], z1[k] = Box-Muller of words (a[k], b[k]): rbd/philox.h's box_muller on the host.
+template <class V, int K>
+inline void box_muller(const typename V::I (&a)[K], const typename V::I (&b)[K],
+                       typename V::F (&z0)[K], typename V::F (&z1)[K]) {
   using I = typename V::I;
-  using F = typename V::F;
-  F q, sf, cf;
-  detail::sincospi_reduced<F>(v, q, sf, cf);
-  const I sr = V::as_int(sf), cr = V::as_int(cf);
-  const I qi = V::and_(V::trunc_int(q), V::splat32(3));
-  const I swap = V::sub32(V::splat32(0), V::and_(qi, V::splat32(1)));
-  const I s_sign = V::slli32(V::srli32(qi, 1), 31);
-  const I c_sign = V::slli32(V::and_(V::srli32(V::add32(qi, V::splat32(1)), 1), V::splat32(1)), 31);
-  s = V::as_float(V::xor_(V::or_(V::andnot(swap, sr), V::and_(cr, swap)), s_sign));
-  c = V::as_float(V::xor_(V::or_(V::andnot(swap, cr), V::and_(sr, swap)), c_sign));
-}
-
-template <class V>
-inline void box_muller(typename V::I a, typename V::I b, typename V::F& z0, typename V::F& z1) {
-  using F = typename V::F;
-  const F radius = V::sqrt(log_poly<V>(uniform_open0<V>(a)) * -2.0f);
-  F s, c;
-  sincospi_poly<V>(uniform_pm1<V>(b), s, c);
-  z0 = radius * c;
-  z1 = radius * s;
+  using P = Pack<typename V::F, K>;
+  // radius = sqrt(-2 ln u1), ln by log_poly: u1 = m 2^e with m in [sqrt(1/2), sqrt(2)).
+  P m, ef;
+  for (int k = 0; k < K; ++k) {
+    const I bits = V::as_int(uniform_open0<V>(a[k]));
+    const typename V::F mant =
+        V::as_float(V::or_(V::and_(bits, V::splat32(0x007fffffu)), V::splat32(0x3f000000u)));
+    const I small = V::lt_as_one(mant, 0.70710678118654752f);
+    const I e = V::sub32(V::sub32(V::and_(V::srli32(bits, 23), V::splat32(0xffu)), V::splat32(126)), small);
+    m.v[k] = mant * V::to_float(V::add32(small, V::splat32(1))) - 1.0f;
+    ef.v[k] = V::to_float(e);
+  }
+  const P ln = detail::log_poly_reduced<P>(m, ef);
+  // sin(pi v), cos(pi v) by sincospi_poly's reduction and quadrant rotation.
+  P v, q, sf, cf;
+  for (int k = 0; k < K; ++k) v.v[k] = uniform_pm1<V>(b[k]);
+  detail::sincospi_reduced<P>(v, q, sf, cf);
+  for (int k = 0; k < K; ++k) {
+    const I sr = V::as_int(sf.v[k]), cr = V::as_int(cf.v[k]);
+    // Rotate by q quarter turns: bit 0 of q swaps sin and cos, bit 1 negates sin, bit 1 of
+    // q + 1 negates cos (the same bits as sincospi_poly's integer code).
+    const I qi = V::trunc_int(q.v[k]);
+    const I swap = V::sub32(V::splat32(0), V::and_(qi, V::splat32(1)));
+    const I sign = V::splat32(0x80000000u);
+    const typename V::F s = V::as_float(V::xor_and(V::select(swap, cr, sr), V::slli32(qi, 30), sign));
+    const typename V::F c =
+        V::as_float(V::xor_and(V::select(swap, sr, cr), V::slli32(V::add32(qi, V::splat32(1)), 30), sign));
+    const typename V::F radius = V::sqrt(ln.v[k] * -2.0f);
+    z0[k] = radius * c;
+    z1[k] = radius * s;
+  }
 }
 
 }  // namespace simd
 }  // namespace rbd
+
+#pragma GCC diagnostic pop
