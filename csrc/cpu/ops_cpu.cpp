@@ -9,6 +9,7 @@
 // count or the instruction set, and the sources are compiled with -ffp-contract=off so
 // vectorised and scalar code round identically.
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -32,6 +33,7 @@ constexpr int64_t kMinChunkBlocks = 256;   // project: row blocks (of 4 rows) pe
 constexpr int64_t kColsPerTask = 1024;     // project: columns per parallel task
 constexpr int64_t kRowBatch = 64;          // row blocks per kernel call (fp32 staging of g / u)
 constexpr int64_t kEntryCols = 512;        // materialize_: columns per kernel call
+constexpr int64_t kTaskBlocks = 256;       // expand_, materialize_: row blocks per parallel task
 
 // The tables this CPU can run, best first; the baseline always.
 std::vector<const cpu::Kernels*> usable_kernels() {
@@ -69,6 +71,19 @@ const cpu::Kernels& select_kernels() {
   }
   TORCH_CHECK_VALUE(false, "rbd_cuda: RBD_CPU_ISA='", want, "' is not available on this CPU "
                     "(or was not compiled); available: ", names);
+}
+
+// Runs fn(task) for every task in [0, n_tasks) on torch's intra-op threads, each thread taking
+// the next task as it finishes one: on a shared machine a thread that loses its core leaves
+// its remaining tasks to the others instead of holding up the whole op (a static split would).
+// Each task writes its own outputs, so results do not depend on which thread runs it.
+template <typename F>
+void parallel_tasks(int64_t n_tasks, const F& fn) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), n_tasks);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t t = next.fetch_add(1); t < n_tasks; t = next.fetch_add(1)) fn(t);
+  });
 }
 
 // Rows [row_offset, row_offset + numel) as 4-row blocks of the stream.
@@ -114,23 +129,21 @@ void project_kernel(const cpu::Kernels& k, const T* g, int64_t numel, int64_t di
   const int64_t n_col_tasks = ceil_div(lay.width, kColsPerTask);
   std::vector<float> partial(static_cast<size_t>(n_chunks * lay.width), 0.0f);
 
-  at::parallel_for(0, n_chunks * n_col_tasks, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(n_chunks * n_col_tasks, [&](int64_t task) {
     float gv[4 * kRowBatch];
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t ch = task / n_col_tasks;
-      const int64_t col_lo = (task % n_col_tasks) * kColsPerTask;
-      const int64_t col_hi = std::min(lay.width, col_lo + kColsPerTask);
-      float* acc = partial.data() + ch * lay.width;
-      const int64_t rb_lo = rows.first + ch * chunk;
-      const int64_t rb_hi = std::min(rows.end, rb_lo + chunk);
-      for (int64_t rb = rb_lo; rb < rb_hi; rb += kRowBatch) {
-        const int64_t n = std::min(kRowBatch, rb_hi - rb);
-        for (int64_t q = 0; q < 4 * n; ++q) {  // rows outside [0, numel) count as zeros
-          const int64_t i = 4 * rb + q - a.row_offset;
-          gv[q] = (i >= 0 && i < numel) ? static_cast<float>(g[i]) : 0.0f;
-        }
-        k.project(lay.job, gv, rb, n, col_lo, col_hi, acc);
+    const int64_t ch = task / n_col_tasks;
+    const int64_t col_lo = (task % n_col_tasks) * kColsPerTask;
+    const int64_t col_hi = std::min(lay.width, col_lo + kColsPerTask);
+    float* acc = partial.data() + ch * lay.width;
+    const int64_t rb_lo = rows.first + ch * chunk;
+    const int64_t rb_hi = std::min(rows.end, rb_lo + chunk);
+    for (int64_t rb = rb_lo; rb < rb_hi; rb += kRowBatch) {
+      const int64_t n = std::min(kRowBatch, rb_hi - rb);
+      for (int64_t q = 0; q < 4 * n; ++q) {  // rows outside [0, numel) count as zeros
+        const int64_t i = 4 * rb + q - a.row_offset;
+        gv[q] = (i >= 0 && i < numel) ? static_cast<float>(g[i]) : 0.0f;
       }
+      k.project(lay.job, gv, rb, n, col_lo, col_hi, acc);
     }
   });
 
@@ -150,7 +163,9 @@ void expand_kernel(const cpu::Kernels& k, T* out, const float* c, int64_t numel,
   std::vector<float> c_pad(static_cast<size_t>(lay.width), 0.0f);  // zeros beyond dim
   std::copy(c, c + dim, c_pad.begin() + lay.shift);
 
-  at::parallel_for(rows.first, rows.end, 16, [&](int64_t begin, int64_t end) {
+  parallel_tasks(ceil_div(rows.count(), kTaskBlocks), [&](int64_t task) {
+    const int64_t begin = rows.first + task * kTaskBlocks;
+    const int64_t end = std::min(rows.end, begin + kTaskBlocks);
     float u[4 * kRowBatch];
     for (int64_t rb = begin; rb < end; rb += kRowBatch) {
       const int64_t n = std::min(kRowBatch, end - rb);
@@ -169,7 +184,9 @@ void materialize_kernel(const cpu::Kernels& k, T* out, int64_t numel, int64_t di
                         const StreamArgs& a) {
   const RowBlocks rows(a.row_offset, numel);
   const Layout lay(a, dim);
-  at::parallel_for(rows.first, rows.end, 16, [&](int64_t begin, int64_t end) {
+  parallel_tasks(ceil_div(rows.count(), kTaskBlocks), [&](int64_t task) {
+    const int64_t begin = rows.first + task * kTaskBlocks;
+    const int64_t end = std::min(rows.end, begin + kTaskBlocks);
     float e[4 * kEntryCols];
     for (int64_t rb = begin; rb < end; ++rb) {
       for (int64_t t_lo = 0; t_lo < lay.width; t_lo += kEntryCols) {
