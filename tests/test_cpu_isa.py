@@ -56,8 +56,10 @@ def test_bad_isa_names_the_variable(monkeypatch):
         rbd_cuda.project(torch.ones(8), 4, seed=0)
 
 
-@pytest.mark.parametrize("isa", [isa for isa in KNOWN if isa not in ISAS])
+@pytest.mark.parametrize("isa", KNOWN)
 def test_unavailable_isa_is_refused(isa, monkeypatch):
+    if isa in ISAS:
+        pytest.skip(f"{isa} is available on this CPU")
     monkeypatch.setenv("RBD_CPU_ISA", isa)
     with pytest.raises(ValueError, match=f"RBD_CPU_ISA='{isa}' is not available.*baseline"):
         rbd_cuda.expand(torch.ones(4), 8, seed=0)

@@ -192,7 +192,7 @@ inline bool c0_uniform(const uint32_t (&c0)[T]) {
   return true;
 }
 
-// Philox4x32-10 blocks for `kLanes * T` counters: lane l of tile t gets counter
+// Philox4x32-10 blocks for T vectors of counters: lane l of vector t gets counter
 // (c0[t] + l * d0, c1[t] + l * d1, step, stream) under key (k0, k1); out[w][t] holds word w.
 // (d0, d1) = (0, 1): consecutive columns of one row block; (1, 0): consecutive row blocks.
 template <class V, int T>
