@@ -73,6 +73,8 @@ root = os.path.dirname(os.path.abspath(__file__))
 sources = ["csrc/registration.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp", root_dir=root))
 include_dirs = [os.path.join(root, "csrc", "include"), os.path.join(root, "csrc")]
 # -ffp-contract=off: vectorised and scalar loops round alike; -fno-math-errno lets sqrt vectorise.
+# No -m flags: csrc/cpu/kernels_avx2.cpp and kernels_avx512.cpp select their instruction sets with
+# `#pragma GCC target`, and ops_cpu.cpp calls them only on CPUs that have them.
 cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
 define_macros = []
 extension = CppExtension

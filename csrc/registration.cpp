@@ -1,6 +1,9 @@
 // The only TORCH_LIBRARY(rbd_cuda, m) block: every schema lives here.
 #include <Python.h>
 
+#include <string>
+#include <vector>
+
 #include <torch/library.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <ATen/ATen.h>
@@ -25,6 +28,11 @@ bool built_with_cuda() {
 }
 
 int64_t stream_version() { return kStreamVersion; }
+
+// Defined in cpu/ops_cpu.cpp: the CPU kernels' instruction set for a call made now, and the
+// ones this CPU can run (best first).
+std::string cpu_isa();
+std::vector<std::string> cpu_isas();
 
 // Allocates on the requested device and lets materialize_ dispatch there.
 at::Tensor materialize(int64_t numel, int64_t dim, int64_t seed, int64_t step, int64_t stream,
@@ -59,6 +67,8 @@ TORCH_LIBRARY(rbd_cuda, m) {
   m.def("philox4x32(Tensor counter, Tensor key, int rounds=10) -> Tensor");
   m.def("built_with_cuda() -> bool", &rbd::built_with_cuda);
   m.def("stream_version() -> int", &rbd::stream_version);
+  m.def("cpu_isa() -> str", &rbd::cpu_isa);
+  m.def("cpu_isas() -> str[]", &rbd::cpu_isas);
 }
 
 // Autograd for the in-place and integer ops: they have no derivatives, so they must say so

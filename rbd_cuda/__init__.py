@@ -8,6 +8,8 @@ from . import nn, optim
 from .ops import (
     DISTRIBUTIONS,
     built_with_cuda,
+    cpu_isa,
+    cpu_isas,
     expand,
     expand_,
     materialize,
@@ -19,6 +21,8 @@ from .ops import (
 __all__ = [
     "DISTRIBUTIONS",
     "built_with_cuda",
+    "cpu_isa",
+    "cpu_isas",
     "expand",
     "expand_",
     "materialize",

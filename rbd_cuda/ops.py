@@ -205,6 +205,21 @@ def stream_version() -> int:
     return int(torch.ops.rbd_cuda.stream_version())
 
 
+def cpu_isa() -> str:
+    """Instruction set of the CPU kernels for a call made now: ``"avx512"``, ``"avx2"`` or ``"baseline"``.
+
+    The best one this CPU runs (``cpu_isas()[0]``), unless the environment variable
+    ``RBD_CPU_ISA`` names another of ``cpu_isas()``; it is read on every call. Every path gives
+    the same results bit for bit: only the speed differs.
+    """
+    return str(torch.ops.rbd_cuda.cpu_isa())
+
+
+def cpu_isas() -> list[str]:
+    """The CPU kernels' instruction sets this CPU (and build) can run, best first; always ends with ``"baseline"``."""
+    return [str(name) for name in torch.ops.rbd_cuda.cpu_isas()]
+
+
 # ---- fake kernels: shapes and dtypes only, for torch.compile / meta tensors ----
 
 

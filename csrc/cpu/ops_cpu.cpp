@@ -1,11 +1,17 @@
-// CPU kernels for the rbd_cuda ops: P is generated tile by tile inside the products.
+// CPU implementations of the rbd_cuda ops: P is generated tile by tile inside the products.
 //
-// Determinism: every sum runs in an order fixed by the problem's shape alone
-// (fixed row chunks reduced in chunk order, fixed-width lane accumulators
-// reduced pairwise), never by the thread count, and the file is compiled with
-// -ffp-contract=off so vectorised and scalar code round identically.
+// This file owns argument checks, dtypes, threading and the choice of instruction set; the
+// inner loops are in the kernel tables of kernels.h (baseline, AVX2, AVX-512), chosen per call
+// by select_kernels().
+//
+// Determinism: every sum runs in an order fixed by the problem's shape alone (fixed row chunks
+// reduced in chunk order, fixed-width lane accumulators reduced pairwise), never by the thread
+// count or the instruction set, and the sources are compiled with -ffp-contract=off so
+// vectorised and scalar code round identically.
 #include <algorithm>
-#include <type_traits>
+#include <atomic>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -13,14 +19,72 @@
 #include <torch/library.h>
 
 #include "../common.h"
+#include "kernels.h"
 
 namespace rbd {
+
+using cpu::kGroup;
+using cpu::kTile;
+
 namespace {
 
-constexpr int kLanes = 16;                 // columns per generated tile (normal, uniform)
 constexpr int64_t kMaxRowChunks = 64;      // project: partial sums kept per row chunk
 constexpr int64_t kMinChunkBlocks = 256;   // project: row blocks (of 4 rows) per chunk, at least
 constexpr int64_t kColsPerTask = 1024;     // project: columns per parallel task
+constexpr int64_t kRowBatch = 64;          // row blocks per kernel call (fp32 staging of g / u)
+constexpr int64_t kEntryCols = 512;        // materialize_: columns per kernel call
+constexpr int64_t kTaskBlocks = 256;       // expand_, materialize_: row blocks per parallel task
+
+// The tables this CPU can run, best first; the baseline always.
+std::vector<const cpu::Kernels*> usable_kernels() {
+  std::vector<const cpu::Kernels*> out;
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  if (cpu::avx512_kernels() && __builtin_cpu_supports("avx512f") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl")) {
+    out.push_back(cpu::avx512_kernels());
+  }
+  if (cpu::avx2_kernels() && __builtin_cpu_supports("avx2")) out.push_back(cpu::avx2_kernels());
+#endif
+  out.push_back(&cpu::baseline_kernels());
+  return out;
+}
+
+const std::vector<const cpu::Kernels*>& usable() {
+  static const std::vector<const cpu::Kernels*> tables = usable_kernels();
+  return tables;
+}
+
+// The best table, or the one RBD_CPU_ISA names (read on every call, so it can change at run time).
+const cpu::Kernels& select_kernels() {
+  const char* env = std::getenv("RBD_CPU_ISA");
+  const std::string want = env ? env : "";
+  if (want.empty() || want == "auto") return *usable().front();
+  TORCH_CHECK_VALUE(want == "avx512" || want == "avx2" || want == "baseline",
+                    "rbd_cuda: RBD_CPU_ISA must be 'avx512', 'avx2', 'baseline' or 'auto' (or unset), "
+                    "got '", want, "'");
+  std::string names;
+  for (const cpu::Kernels* k : usable()) {
+    if (want == k->name) return *k;
+    names += std::string(names.empty() ? "" : ", ") + k->name;
+  }
+  TORCH_CHECK_VALUE(false, "rbd_cuda: RBD_CPU_ISA='", want, "' is not available on this CPU "
+                    "(or was not compiled); available: ", names);
+}
+
+// Runs fn(task) for every task in [0, n_tasks) on torch's intra-op threads, each thread taking
+// the next task as it finishes one: on a shared machine a thread that loses its core leaves
+// its remaining tasks to the others instead of holding up the whole op (a static split would).
+// Each task writes its own outputs, so results do not depend on which thread runs it.
+template <typename F>
+void parallel_tasks(int64_t n_tasks, const F& fn) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), n_tasks);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t t = next.fetch_add(1); t < n_tasks; t = next.fetch_add(1)) fn(t);
+  });
+}
 
 // Rows [row_offset, row_offset + numel) as 4-row blocks of the stream.
 struct RowBlocks {
@@ -39,194 +103,102 @@ struct ColGroups {
       : first_group(col_offset >> 5), shift(col_offset & 31), count(ceil_div((col_offset & 31) + dim, 32)) {}
 };
 
-// v, negated when bit `bit` of `word` is set. A compare against a constant bit keeps
-// loops over `bit` vectorisable without per-lane variable shifts (absent before AVX2).
-inline float flip_sign(float v, uint32_t word, int bit) {
-  const uint32_t sign = (word & (1u << bit)) != 0u ? 0x80000000u : 0u;
-  return detail::bits_float(detail::float_bits(v) ^ sign);
-}
-
-// Pairwise sum of a fixed-width lane array: the same order on every machine.
-template <int N>
-inline float lane_sum(const float* v) {
-  if constexpr (N == 1) {
-    return v[0];
-  } else {
-    return lane_sum<N / 2>(v) + lane_sum<N / 2>(v + N / 2);
+// The local column layout of a request: `width` kernel columns (a multiple of the tile or
+// group), of which [shift, shift + dim) are the requested ones.
+struct Layout {
+  cpu::Job job;
+  int64_t width, shift;
+  Layout(const StreamArgs& a, int64_t dim) {
+    const bool rad = a.dist == Distribution::Rademacher;
+    const ColGroups groups(a.col_offset, dim);
+    job = cpu::Job{a.dist, a.key0, a.key1, a.step, a.stream,
+                   uint32_t(rad ? groups.first_group : a.col_offset)};
+    width = rad ? groups.count * kGroup : ceil_div(dim, kTile) * kTile;
+    shift = rad ? groups.shift : 0;
   }
-}
-
-// e[r][l] = P[4 rb + r, col0 + l] for normal or uniform entries.
-template <Distribution D>
-inline void gen_tile(uint32_t rb, uint32_t col0, const StreamArgs& a, float (&e)[4][kLanes]) {
-  const uint32_t step = a.step, stream = a.stream, k0 = a.key0, k1 = a.key1;
-  uint32_t w[4][kLanes];
-#pragma omp simd
-  for (int l = 0; l < kLanes; ++l) {
-    const Philox4 x = stream_block(rb, col0 + uint32_t(l), step, stream, k0, k1);
-    w[0][l] = x.w[0];
-    w[1][l] = x.w[1];
-    w[2][l] = x.w[2];
-    w[3][l] = x.w[3];
-  }
-  if constexpr (D == Distribution::Normal) {
-#pragma omp simd
-    for (int l = 0; l < kLanes; ++l) {
-      box_muller(w[0][l], w[1][l], e[0][l], e[1][l]);
-      box_muller(w[2][l], w[3][l], e[2][l], e[3][l]);
-    }
-  } else {
-#pragma omp simd
-    for (int l = 0; l < kLanes; ++l) {
-      e[0][l] = uniform_pm1(w[0][l]);
-      e[1][l] = uniform_pm1(w[1][l]);
-      e[2][l] = uniform_pm1(w[2][l]);
-      e[3][l] = uniform_pm1(w[3][l]);
-    }
-  }
-}
-
-template <typename T>
-inline void load_rows(const T* g, int64_t numel, int64_t row_offset, int64_t rb, float (&gv)[4]) {
-  for (int r = 0; r < 4; ++r) {
-    const int64_t i = 4 * rb + r - row_offset;
-    gv[r] = (i >= 0 && i < numel) ? static_cast<float>(g[i]) : 0.0f;
-  }
-}
+};
 
 // c[j] = sum_i P[row_offset + i, col_offset + j] g[i]
-template <Distribution D, typename T>
-void project_kernel(const T* g, int64_t numel, int64_t dim, const StreamArgs& a, float* c) {
+template <typename T>
+void project_kernel(const cpu::Kernels& k, const T* g, int64_t numel, int64_t dim,
+                    const StreamArgs& a, float* c) {
   const RowBlocks rows(a.row_offset, numel);
-  const bool rad = D == Distribution::Rademacher;
-  const ColGroups groups(a.col_offset, dim);
-  const int64_t width = rad ? groups.count * 32 : ceil_div(dim, kLanes) * kLanes;
-  const int64_t shift = rad ? groups.shift : 0;
+  const Layout lay(a, dim);
   const int64_t n_chunks = std::min(kMaxRowChunks, ceil_div(rows.count(), kMinChunkBlocks));
   const int64_t chunk = ceil_div(rows.count(), n_chunks);
-  const int64_t n_col_tasks = ceil_div(width, kColsPerTask);
-  std::vector<float> partial(static_cast<size_t>(n_chunks * width), 0.0f);
+  const int64_t n_col_tasks = ceil_div(lay.width, kColsPerTask);
+  std::vector<float> partial(static_cast<size_t>(n_chunks * lay.width), 0.0f);
 
-  at::parallel_for(0, n_chunks * n_col_tasks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t ch = task / n_col_tasks;
-      const int64_t col_lo = (task % n_col_tasks) * kColsPerTask;
-      const int64_t col_hi = std::min(width, col_lo + kColsPerTask);
-      float* acc = partial.data() + ch * width;
-      const int64_t rb_lo = rows.first + ch * chunk;
-      const int64_t rb_hi = std::min(rows.end, rb_lo + chunk);
-      for (int64_t rb = rb_lo; rb < rb_hi; ++rb) {
-        float gv[4];
-        load_rows(g, numel, a.row_offset, rb, gv);
-        if constexpr (rad) {
-          for (int64_t q = col_lo / 32; q < col_hi / 32; ++q) {
-            const Philox4 x = stream_block(uint32_t(rb), uint32_t(groups.first_group + q), a.step,
-                                           a.stream, a.key0, a.key1);
-            float* acc_q = acc + 32 * q;
-#pragma omp simd
-            for (int k = 0; k < 32; ++k) {
-              acc_q[k] += ((flip_sign(gv[0], x.w[0], k) + flip_sign(gv[1], x.w[1], k)) +
-                           flip_sign(gv[2], x.w[2], k)) +
-                          flip_sign(gv[3], x.w[3], k);
-            }
-          }
-        } else {
-          float e[4][kLanes];
-          for (int64_t t = col_lo; t < col_hi; t += kLanes) {
-            gen_tile<D>(uint32_t(rb), uint32_t(a.col_offset + t), a, e);
-            float* acc_t = acc + t;
-#pragma omp simd
-            for (int l = 0; l < kLanes; ++l) {
-              acc_t[l] += ((e[0][l] * gv[0] + e[1][l] * gv[1]) + e[2][l] * gv[2]) + e[3][l] * gv[3];
-            }
-          }
-        }
+  parallel_tasks(n_chunks * n_col_tasks, [&](int64_t task) {
+    float gv[4 * kRowBatch];
+    const int64_t ch = task / n_col_tasks;
+    const int64_t col_lo = (task % n_col_tasks) * kColsPerTask;
+    const int64_t col_hi = std::min(lay.width, col_lo + kColsPerTask);
+    float* acc = partial.data() + ch * lay.width;
+    const int64_t rb_lo = rows.first + ch * chunk;
+    const int64_t rb_hi = std::min(rows.end, rb_lo + chunk);
+    for (int64_t rb = rb_lo; rb < rb_hi; rb += kRowBatch) {
+      const int64_t n = std::min(kRowBatch, rb_hi - rb);
+      for (int64_t q = 0; q < 4 * n; ++q) {  // rows outside [0, numel) count as zeros
+        const int64_t i = 4 * rb + q - a.row_offset;
+        gv[q] = (i >= 0 && i < numel) ? static_cast<float>(g[i]) : 0.0f;
       }
+      k.project(lay.job, gv, rb, n, col_lo, col_hi, acc);
     }
   });
 
   for (int64_t j = 0; j < dim; ++j) {
     float s = 0.0f;
-    for (int64_t ch = 0; ch < n_chunks; ++ch) s += partial[ch * width + shift + j];
+    for (int64_t ch = 0; ch < n_chunks; ++ch) s += partial[ch * lay.width + lay.shift + j];
     c[j] = s;
   }
 }
 
 // out[i] += alpha * sum_j P[row_offset + i, col_offset + j] c[j]
-template <Distribution D, typename T>
-void expand_kernel(T* out, const float* c, int64_t numel, int64_t dim, float alpha,
-                   const StreamArgs& a) {
+template <typename T>
+void expand_kernel(const cpu::Kernels& k, T* out, const float* c, int64_t numel, int64_t dim,
+                   float alpha, const StreamArgs& a) {
   const RowBlocks rows(a.row_offset, numel);
-  const bool rad = D == Distribution::Rademacher;
-  const ColGroups groups(a.col_offset, dim);
-  const int64_t width = rad ? groups.count * 32 : ceil_div(dim, kLanes) * kLanes;
-  const int64_t shift = rad ? groups.shift : 0;
-  std::vector<float> c_pad(static_cast<size_t>(width), 0.0f);  // zeros beyond dim
-  std::copy(c, c + dim, c_pad.begin() + shift);
+  const Layout lay(a, dim);
+  std::vector<float> c_pad(static_cast<size_t>(lay.width), 0.0f);  // zeros beyond dim
+  std::copy(c, c + dim, c_pad.begin() + lay.shift);
 
-  at::parallel_for(rows.first, rows.end, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t rb = begin; rb < end; ++rb) {
-      float u[4];
-      if constexpr (rad) {
-        float acc[4][32] = {};
-        for (int64_t q = 0; q < groups.count; ++q) {
-          const Philox4 x = stream_block(uint32_t(rb), uint32_t(groups.first_group + q), a.step,
-                                         a.stream, a.key0, a.key1);
-          const float* cq = c_pad.data() + 32 * q;
-          for (int r = 0; r < 4; ++r) {
-#pragma omp simd
-            for (int k = 0; k < 32; ++k) acc[r][k] += flip_sign(cq[k], x.w[r], k);
-          }
-        }
-        for (int r = 0; r < 4; ++r) u[r] = lane_sum<32>(acc[r]);
-      } else {
-        float acc[4][kLanes] = {};
-        float e[4][kLanes];
-        for (int64_t t = 0; t < width; t += kLanes) {
-          gen_tile<D>(uint32_t(rb), uint32_t(a.col_offset + t), a, e);
-          const float* ct = c_pad.data() + t;
-          for (int r = 0; r < 4; ++r) {
-#pragma omp simd
-            for (int l = 0; l < kLanes; ++l) acc[r][l] += e[r][l] * ct[l];
-          }
-        }
-        for (int r = 0; r < 4; ++r) u[r] = lane_sum<kLanes>(acc[r]);
-      }
-      for (int r = 0; r < 4; ++r) {
-        const int64_t i = 4 * rb + r - a.row_offset;
-        if (i >= 0 && i < numel) out[i] = static_cast<T>(static_cast<float>(out[i]) + alpha * u[r]);
+  parallel_tasks(ceil_div(rows.count(), kTaskBlocks), [&](int64_t task) {
+    const int64_t begin = rows.first + task * kTaskBlocks;
+    const int64_t end = std::min(rows.end, begin + kTaskBlocks);
+    float u[4 * kRowBatch];
+    for (int64_t rb = begin; rb < end; rb += kRowBatch) {
+      const int64_t n = std::min(kRowBatch, end - rb);
+      k.expand(lay.job, c_pad.data(), lay.width, rb, n, u);
+      for (int64_t q = 0; q < 4 * n; ++q) {
+        const int64_t i = 4 * rb + q - a.row_offset;
+        if (i >= 0 && i < numel) out[i] = static_cast<T>(static_cast<float>(out[i]) + alpha * u[q]);
       }
     }
   });
 }
 
 // out[i, j] = P[row_offset + i, col_offset + j]
-template <Distribution D, typename T>
-void materialize_kernel(T* out, int64_t numel, int64_t dim, const StreamArgs& a) {
+template <typename T>
+void materialize_kernel(const cpu::Kernels& k, T* out, int64_t numel, int64_t dim,
+                        const StreamArgs& a) {
   const RowBlocks rows(a.row_offset, numel);
-  const ColGroups groups(a.col_offset, dim);
-  at::parallel_for(rows.first, rows.end, 16, [&](int64_t begin, int64_t end) {
+  const Layout lay(a, dim);
+  parallel_tasks(ceil_div(rows.count(), kTaskBlocks), [&](int64_t task) {
+    const int64_t begin = rows.first + task * kTaskBlocks;
+    const int64_t end = std::min(rows.end, begin + kTaskBlocks);
+    float e[4 * kEntryCols];
     for (int64_t rb = begin; rb < end; ++rb) {
-      for (int r = 0; r < 4; ++r) {
-        const int64_t i = 4 * rb + r - a.row_offset;
-        if (i < 0 || i >= numel) continue;
-        T* row = out + i * dim;
-        if constexpr (D == Distribution::Rademacher) {
-          for (int64_t q = 0; q < groups.count; ++q) {
-            const Philox4 x = stream_block(uint32_t(rb), uint32_t(groups.first_group + q), a.step,
-                                           a.stream, a.key0, a.key1);
-            for (int k = 0; k < 32; ++k) {
-              const int64_t j = 32 * q + k - groups.shift;
-              if (j >= 0 && j < dim) row[j] = static_cast<T>(rademacher(x.w[r], k));
-            }
-          }
-        } else {
-          float e[4][kLanes];
-          for (int64_t t = 0; t < dim; t += kLanes) {
-            gen_tile<D>(uint32_t(rb), uint32_t(a.col_offset + t), a, e);
-            const int64_t n = std::min<int64_t>(kLanes, dim - t);
-            for (int64_t l = 0; l < n; ++l) row[t + l] = static_cast<T>(e[r][l]);
-          }
+      for (int64_t t_lo = 0; t_lo < lay.width; t_lo += kEntryCols) {
+        const int64_t t_hi = std::min(lay.width, t_lo + kEntryCols);
+        k.entries(lay.job, rb, t_lo, t_hi, e);
+        for (int r = 0; r < 4; ++r) {
+          const int64_t i = 4 * rb + r - a.row_offset;
+          if (i < 0 || i >= numel) continue;
+          const int64_t j_lo = std::max<int64_t>(0, t_lo - lay.shift);
+          const int64_t j_hi = std::min(dim, t_hi - lay.shift);
+          const float* src = e + r * (t_hi - t_lo) + lay.shift - t_lo;
+          for (int64_t j = j_lo; j < j_hi; ++j) out[i * dim + j] = static_cast<T>(src[j]);
         }
       }
     }
@@ -245,11 +217,9 @@ at::Tensor project_cpu(const at::Tensor& g, int64_t dim, int64_t seed, int64_t s
   at::Tensor c = at::zeros({dim}, g.options().dtype(at::kFloat));
   if (g.numel() > 0) {
     const at::Tensor gc = g.contiguous();
+    const cpu::Kernels& k = select_kernels();
     RBD_DISPATCH_FLOAT(g.scalar_type(), "rbd_cuda::project", [&] {
-      with_distribution(a.dist, [&](auto tag) {
-        project_kernel<decltype(tag)::value, scalar_t>(gc.data_ptr<scalar_t>(), gc.numel(), dim,
-                                                       a, c.data_ptr<float>());
-      });
+    project_kernel<scalar_t>(k, gc.data_ptr<scalar_t>(), gc.numel(), dim, a, c.data_ptr<float>());
     });
   }
   return c.to(g.scalar_type());
@@ -265,12 +235,10 @@ void expand_inplace_cpu(at::Tensor& out, const at::Tensor& c, double alpha, int6
                                         std::string(distribution), row_offset, col_offset);
   mark_modified(out);
   if (out.numel() == 0) return;
+  const cpu::Kernels& k = select_kernels();
   RBD_DISPATCH_FLOAT(out.scalar_type(), "rbd_cuda::expand_", [&] {
-    with_distribution(a.dist, [&](auto tag) {
-      expand_kernel<decltype(tag)::value, scalar_t>(out.data_ptr<scalar_t>(),
-                                                    c32.data_ptr<float>(), out.numel(),
-                                                    c32.numel(), static_cast<float>(alpha), a);
-    });
+    expand_kernel<scalar_t>(k, out.data_ptr<scalar_t>(), c32.data_ptr<float>(), out.numel(),
+                            c32.numel(), static_cast<float>(alpha), a);
   });
 }
 
@@ -293,35 +261,32 @@ void materialize_inplace_cpu(at::Tensor& out, int64_t seed, int64_t step, int64_
                                         std::string(distribution), row_offset, col_offset);
   mark_modified(out);
   if (out.numel() == 0) return;
+  const cpu::Kernels& k = select_kernels();
   RBD_DISPATCH_FLOAT(st, "rbd_cuda::materialize_", [&] {
-    with_distribution(a.dist, [&](auto tag) {
-      materialize_kernel<decltype(tag)::value, scalar_t>(out.data_ptr<scalar_t>(), out.size(0),
-                                                         out.size(1), a);
-    });
+    materialize_kernel<scalar_t>(k, out.data_ptr<scalar_t>(), out.size(0), out.size(1), a);
   });
 }
 
 at::Tensor philox_cpu(const at::Tensor& counter, const at::Tensor& key, int64_t rounds) {
   check_philox_args(counter, key, rounds);
-  const at::Tensor ctr = counter.contiguous(), k = key.contiguous();
-  at::Tensor out = at::empty_like(ctr);
-  const int64_t* cp = ctr.data_ptr<int64_t>();
-  const int64_t* kp = k.data_ptr<int64_t>();
-  int64_t* op = out.data_ptr<int64_t>();
-  for (int64_t n = 0; n < ctr.size(0); ++n) {
-    const int64_t* c4 = cp + 4 * n;
-    const int64_t* k2 = kp + 2 * n;
-    const Philox4 x = rounds == 7
-        ? philox4x32<7>(uint32_t(c4[0]), uint32_t(c4[1]), uint32_t(c4[2]), uint32_t(c4[3]),
-                        uint32_t(k2[0]), uint32_t(k2[1]))
-        : philox4x32<10>(uint32_t(c4[0]), uint32_t(c4[1]), uint32_t(c4[2]), uint32_t(c4[3]),
-                         uint32_t(k2[0]), uint32_t(k2[1]));
-    for (int w = 0; w < 4; ++w) op[4 * n + w] = int64_t(x.w[w]);
-  }
-  return out;
+  // The words as u32 arrays for the kernels (the op's tensors hold them in int64).
+  const at::Tensor ctr = counter.to(at::kInt).contiguous(), ky = key.to(at::kInt).contiguous();
+  at::Tensor words = at::empty_like(ctr);
+  select_kernels().philox(reinterpret_cast<const uint32_t*>(ctr.data_ptr<int32_t>()),
+                          reinterpret_cast<const uint32_t*>(ky.data_ptr<int32_t>()), int(rounds),
+                          ctr.size(0), reinterpret_cast<uint32_t*>(words.data_ptr<int32_t>()));
+  return words.to(at::kLong).bitwise_and(0xFFFFFFFFLL);
 }
 
 }  // namespace
+
+std::string cpu_isa() { return select_kernels().name; }
+
+std::vector<std::string> cpu_isas() {
+  std::vector<std::string> names;
+  for (const cpu::Kernels* k : usable()) names.push_back(k->name);
+  return names;
+}
 
 TORCH_LIBRARY_IMPL(rbd_cuda, CPU, m) {
   m.impl("project", &project_cpu);

@@ -125,17 +125,15 @@ RBD_HOST_DEVICE float bits_float(uint32_t u) {
 #endif
 }
 
-// ln(x) for normal positive finite x (Cephes logf: x = m 2^e, m in [sqrt(1/2), sqrt(2))).
-// Written without branches or selects on floats so host loops over it vectorise.
-RBD_HOST_DEVICE float log_poly(float x) {
-  const uint32_t bits = float_bits(x);
-  float m = bits_float((bits & 0x007fffffu) | 0x3f000000u);  // [0.5, 1)
-  const int small = m < 0.70710678118654752f ? 1 : 0;
-  const int e = int((bits >> 23) & 0xffu) - 126 - small;
-  m = m * float(1 + small) - 1.0f;  // doubling is exact
-  const float z = m * m;
-  float y = 7.0376836292e-2f;
-  y = y * m - 1.1514610310e-1f;
+// The polynomial parts below are templates on the float type F so that the host SIMD code
+// (rbd/philox_simd.h, F = a GCC vector of floats) evaluates the very same expressions, in the
+// same order, and gets the same bits as the scalar code (F = float).
+
+// ln(1 + m) - 0.5 m^2 - ... : Cephes logf's polynomial in m = mantissa - 1 and exponent ef.
+template <typename F>
+RBD_HOST_DEVICE F log_poly_reduced(F m, F ef) {
+  const F z = m * m;
+  F y = m * 7.0376836292e-2f - 1.1514610310e-1f;
   y = y * m + 1.1676998740e-1f;
   y = y * m - 1.2420140846e-1f;
   y = y * m + 1.4249322787e-1f;
@@ -144,33 +142,51 @@ RBD_HOST_DEVICE float log_poly(float x) {
   y = y * m - 2.4999993993e-1f;
   y = y * m + 3.3333331174e-1f;
   y = y * m * z;
-  const float ef = float(e);
-  y += -2.12194440e-4f * ef;
-  y += -0.5f * z;
-  return (m + y) + 0.693359375f * ef;
+  y = y + ef * -2.12194440e-4f;
+  y = y + z * -0.5f;
+  return (m + y) + ef * 0.693359375f;
 }
 
-// sin(pi v), cos(pi v) for v in [-1, 1]: reduce to r in [-1/4, 1/4], then Taylor
-// series in t = pi r (truncation error < 2e-9). Quadrant handling uses integer bit
-// operations only, so host loops over it vectorise and round like scalar code.
-RBD_HOST_DEVICE void sincospi_poly(float v, float& s, float& c) {
-  const float q = (v * 2.0f + 12582912.0f) - 12582912.0f;  // round(2v): 1.5 * 2^23 trick
-  const float r = v - 0.5f * q;                              // exact, |r| <= 1/4
-  const float t = r * 3.14159265358979f;
-  const float t2 = t * t;
-  float ps = -2.50521084e-8f;
-  ps = ps * t2 + 2.75573192e-6f;
+// ln(x) for normal positive finite x (Cephes logf: x = m 2^e, m in [sqrt(1/2), sqrt(2))).
+// Written without branches or selects on floats so host loops over it vectorise.
+RBD_HOST_DEVICE float log_poly(float x) {
+  const uint32_t bits = float_bits(x);
+  float m = bits_float((bits & 0x007fffffu) | 0x3f000000u);  // [0.5, 1)
+  const int small = m < 0.70710678118654752f ? 1 : 0;
+  const int e = int((bits >> 23) & 0xffu) - 126 - small;
+  m = m * float(1 + small) - 1.0f;  // doubling is exact
+  return log_poly_reduced(m, float(e));
+}
+
+// For v in [-1, 1]: q = round(2v) and the Taylor series sr ~ sin(pi r), cr ~ cos(pi r) of
+// r = v - q/2 in [-1/4, 1/4] (truncation error < 2e-9).
+template <typename F>
+RBD_HOST_DEVICE void sincospi_reduced(F v, F& q, F& sr, F& cr) {
+  q = (v * 2.0f + 12582912.0f) - 12582912.0f;  // round(2v): 1.5 * 2^23 trick
+  const F r = v - q * 0.5f;                     // exact, |r| <= 1/4
+  const F t = r * 3.14159265358979f;
+  const F t2 = t * t;
+  F ps = t2 * -2.50521084e-8f + 2.75573192e-6f;
   ps = ps * t2 - 1.98412698e-4f;
   ps = ps * t2 + 8.33333333e-3f;
   ps = ps * t2 - 1.66666667e-1f;
-  const uint32_t sr = float_bits(t + t * t2 * ps);
-  float pc = 2.08767570e-9f;
-  pc = pc * t2 - 2.75573192e-7f;
+  sr = t + t * t2 * ps;
+  F pc = t2 * 2.08767570e-9f - 2.75573192e-7f;
   pc = pc * t2 + 2.48015873e-5f;
   pc = pc * t2 - 1.38888889e-3f;
   pc = pc * t2 + 4.16666667e-2f;
   pc = pc * t2 - 0.5f;
-  const uint32_t cr = float_bits(1.0f + t2 * pc);
+  cr = t2 * pc + 1.0f;
+}
+
+// sin(pi v), cos(pi v) for v in [-1, 1]: reduce to r in [-1/4, 1/4], then Taylor
+// series in t = pi r. Quadrant handling uses integer bit operations only, so host loops
+// over it vectorise and round like scalar code.
+RBD_HOST_DEVICE void sincospi_poly(float v, float& s, float& c) {
+  float q, sf, cf;
+  sincospi_reduced(v, q, sf, cf);
+  const uint32_t sr = float_bits(sf);
+  const uint32_t cr = float_bits(cf);
   // Rotate by q quarter turns (q mod 4): 1 swaps sin and cos; sin negates for 2, 3;
   // cos negates for 1, 2.
   const uint32_t qi = uint32_t(int(q)) & 3u;

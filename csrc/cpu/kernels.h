@@ -1,0 +1,54 @@
+// The CPU kernels' inner loops, one table per instruction set (baseline, AVX2, AVX-512).
+//
+// Torch-free on purpose: the AVX2 and AVX-512 tables live in translation units compiled for
+// those instruction sets, which must not instantiate torch's (or the standard library's) inline
+// functions (see rbd/philox_simd.h). ops_cpu.cpp owns threading, dtypes and argument checks and
+// picks a table per call (select_kernels in ops_cpu.cpp).
+//
+// Every table computes the same sums in the same order, so the products do not depend on the
+// instruction set: entries are bit-identical (rbd/philox_simd.h) and each sum below is spelled
+// out with its order. Columns are local: column t of a normal/uniform job is stream column
+// col_base + t; for Rademacher, t = 32 q + k is bit k of stream column group col_base + q.
+#pragma once
+
+#include <stdint.h>
+
+#include "rbd/philox.h"
+
+namespace rbd {
+namespace cpu {
+
+constexpr int kTile = 16;   // normal/uniform: columns per tile, expand's lanes per row
+constexpr int kGroup = 32;  // Rademacher: columns per Philox word
+
+struct Job {
+  Distribution dist;
+  uint32_t key0, key1, step, stream;
+  uint32_t col_base;  // stream column (normal, uniform) or column group (Rademacher) of local 0
+};
+
+struct Kernels {
+  const char* name;
+  // For each local column t in [t_lo, t_hi) (multiples of kTile; of kGroup for Rademacher) and
+  // row block rb = rb_lo .. rb_lo + n - 1 in this order:
+  //   acc[t] += ((P[4rb, t] g0 + P[4rb+1, t] g1) + P[4rb+2, t] g2) + P[4rb+3, t] g3,
+  // where g_r = gv[4 (rb - rb_lo) + r].
+  void (*project)(const Job& job, const float* gv, int64_t rb_lo, int64_t n, int64_t t_lo,
+                  int64_t t_hi, float* acc);
+  // For row block rb = rb_lo + i, i < n, and r < 4: u[4 i + r] = the pairwise sum over lanes
+  // l < L of a_l, where a_l = sum over t = l, l + L, ... < width (in this order) of
+  // P[4rb + r, t] c[t]; L = kTile (kGroup for Rademacher), width a multiple of L.
+  void (*expand)(const Job& job, const float* c, int64_t width, int64_t rb_lo, int64_t n, float* u);
+  // e[r (t_hi - t_lo) + t - t_lo] = P[4 rb + r, t] for r < 4, t in [t_lo, t_hi) (as project).
+  void (*entries)(const Job& job, int64_t rb, int64_t t_lo, int64_t t_hi, float* e);
+  // Philox4x32-rounds (7 or 10) of n counters (4 words each) under their keys (2 words each).
+  void (*philox)(const uint32_t* counter, const uint32_t* key, int rounds, int64_t n, uint32_t* out);
+};
+
+const Kernels& baseline_kernels();
+// nullptr when the compiler could not build them (then only the baseline runs).
+const Kernels* avx2_kernels();
+const Kernels* avx512_kernels();
+
+}  // namespace cpu
+}  // namespace rbd

@@ -1,0 +1,157 @@
+// The baseline kernels: plain scalar code over rbd/philox.h, compiled for the build's default
+// instruction set (the compiler may auto-vectorise the lane loops). They define the sums every
+// other table reproduces (kernels.h) and run on any CPU.
+#include "kernels.h"
+
+namespace rbd {
+namespace cpu {
+namespace {
+
+// Pairwise sum of a fixed-width lane array: the same order on every machine.
+template <int N>
+inline float lane_sum(const float* v) {
+  if constexpr (N == 1) {
+    return v[0];
+  } else {
+    return lane_sum<N / 2>(v) + lane_sum<N / 2>(v + N / 2);
+  }
+}
+
+// v, negated when bit `bit` of `word` is set. A compare against a constant bit keeps
+// loops over `bit` vectorisable without per-lane variable shifts (absent before AVX2).
+inline float flip_sign(float v, uint32_t word, int bit) {
+  const uint32_t sign = (word & (1u << bit)) != 0u ? 0x80000000u : 0u;
+  return detail::bits_float(detail::float_bits(v) ^ sign);
+}
+
+// e[r][l] = P[4 rb + r, col0 + l] for normal or uniform entries.
+inline void gen_tile(const Job& j, uint32_t rb, uint32_t col0, float (&e)[4][kTile]) {
+  uint32_t w[4][kTile];
+#pragma omp simd
+  for (int l = 0; l < kTile; ++l) {
+    const Philox4 x = stream_block(rb, col0 + uint32_t(l), j.step, j.stream, j.key0, j.key1);
+    w[0][l] = x.w[0];
+    w[1][l] = x.w[1];
+    w[2][l] = x.w[2];
+    w[3][l] = x.w[3];
+  }
+  if (j.dist == Distribution::Normal) {
+#pragma omp simd
+    for (int l = 0; l < kTile; ++l) {
+      box_muller(w[0][l], w[1][l], e[0][l], e[1][l]);
+      box_muller(w[2][l], w[3][l], e[2][l], e[3][l]);
+    }
+  } else {
+#pragma omp simd
+    for (int l = 0; l < kTile; ++l) {
+      e[0][l] = uniform_pm1(w[0][l]);
+      e[1][l] = uniform_pm1(w[1][l]);
+      e[2][l] = uniform_pm1(w[2][l]);
+      e[3][l] = uniform_pm1(w[3][l]);
+    }
+  }
+}
+
+inline Philox4 group_block(const Job& j, int64_t rb, int64_t q) {
+  return stream_block(uint32_t(rb), j.col_base + uint32_t(q), j.step, j.stream, j.key0, j.key1);
+}
+
+void project(const Job& j, const float* gv, int64_t rb_lo, int64_t n, int64_t t_lo, int64_t t_hi,
+             float* acc) {
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t rb = rb_lo + i;
+    const float* g = gv + 4 * i;
+    if (j.dist == Distribution::Rademacher) {
+      for (int64_t q = t_lo / kGroup; q < t_hi / kGroup; ++q) {
+        const Philox4 x = group_block(j, rb, q);
+        float* acc_q = acc + kGroup * q;
+#pragma omp simd
+        for (int k = 0; k < kGroup; ++k) {
+          acc_q[k] += ((flip_sign(g[0], x.w[0], k) + flip_sign(g[1], x.w[1], k)) +
+                       flip_sign(g[2], x.w[2], k)) +
+                      flip_sign(g[3], x.w[3], k);
+        }
+      }
+    } else {
+      float e[4][kTile];
+      for (int64_t t = t_lo; t < t_hi; t += kTile) {
+        gen_tile(j, uint32_t(rb), j.col_base + uint32_t(t), e);
+        float* acc_t = acc + t;
+#pragma omp simd
+        for (int l = 0; l < kTile; ++l) {
+          acc_t[l] += ((e[0][l] * g[0] + e[1][l] * g[1]) + e[2][l] * g[2]) + e[3][l] * g[3];
+        }
+      }
+    }
+  }
+}
+
+void expand(const Job& j, const float* c, int64_t width, int64_t rb_lo, int64_t n, float* u) {
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t rb = rb_lo + i;
+    if (j.dist == Distribution::Rademacher) {
+      float acc[4][kGroup] = {};
+      for (int64_t q = 0; q < width / kGroup; ++q) {
+        const Philox4 x = group_block(j, rb, q);
+        const float* cq = c + kGroup * q;
+        for (int r = 0; r < 4; ++r) {
+#pragma omp simd
+          for (int k = 0; k < kGroup; ++k) acc[r][k] += flip_sign(cq[k], x.w[r], k);
+        }
+      }
+      for (int r = 0; r < 4; ++r) u[4 * i + r] = lane_sum<kGroup>(acc[r]);
+    } else {
+      float acc[4][kTile] = {};
+      float e[4][kTile];
+      for (int64_t t = 0; t < width; t += kTile) {
+        gen_tile(j, uint32_t(rb), j.col_base + uint32_t(t), e);
+        const float* ct = c + t;
+        for (int r = 0; r < 4; ++r) {
+#pragma omp simd
+          for (int l = 0; l < kTile; ++l) acc[r][l] += e[r][l] * ct[l];
+        }
+      }
+      for (int r = 0; r < 4; ++r) u[4 * i + r] = lane_sum<kTile>(acc[r]);
+    }
+  }
+}
+
+void entries(const Job& j, int64_t rb, int64_t t_lo, int64_t t_hi, float* e) {
+  const int64_t w = t_hi - t_lo;
+  if (j.dist == Distribution::Rademacher) {
+    for (int64_t q = t_lo / kGroup; q < t_hi / kGroup; ++q) {
+      const Philox4 x = group_block(j, rb, q);
+      for (int r = 0; r < 4; ++r) {
+        for (int k = 0; k < kGroup; ++k) e[r * w + kGroup * q + k - t_lo] = rademacher(x.w[r], k);
+      }
+    }
+  } else {
+    float tile[4][kTile];
+    for (int64_t t = t_lo; t < t_hi; t += kTile) {
+      gen_tile(j, uint32_t(rb), j.col_base + uint32_t(t), tile);
+      for (int r = 0; r < 4; ++r) {
+        for (int l = 0; l < kTile; ++l) e[r * w + t + l - t_lo] = tile[r][l];
+      }
+    }
+  }
+}
+
+void philox(const uint32_t* counter, const uint32_t* key, int rounds, int64_t n, uint32_t* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t* c = counter + 4 * i;
+    const uint32_t* k = key + 2 * i;
+    const Philox4 x = rounds == 7 ? philox4x32<7>(c[0], c[1], c[2], c[3], k[0], k[1])
+                                  : philox4x32<10>(c[0], c[1], c[2], c[3], k[0], k[1]);
+    for (int w = 0; w < 4; ++w) out[4 * i + w] = x.w[w];
+  }
+}
+
+}  // namespace
+
+const Kernels& baseline_kernels() {
+  static const Kernels k{"baseline", project, expand, entries, philox};
+  return k;
+}
+
+}  // namespace cpu
+}  // namespace rbd

@@ -1,0 +1,307 @@
+// The kernels of kernels.h on SIMD vectors, for one instruction set V (rbd/philox_simd.h).
+// Included once, by the TU compiled for V, after its `#pragma GCC target`. Everything here has
+// internal linkage and uses no standard-library headers (see rbd/philox_simd.h on why).
+//
+// Lanes are columns for normal/uniform entries (one 16-column tile is 16 / V::kLanes vectors),
+// and row blocks or (row block, column group) pairs for Rademacher, whose words are 32 sign
+// bits each. The sums keep the orders kernels.h states, so results equal the baseline's.
+#pragma once
+
+#include "kernels.h"
+#include "rbd/philox_simd.h"
+
+namespace rbd {
+namespace cpu {
+namespace {
+
+using simd::box_muller;
+using simd::uniform_pm1;
+
+template <int N>
+inline float lane_sum(const float* v) {
+  if constexpr (N == 1) {
+    return v[0];
+  } else {
+    return lane_sum<N / 2>(v) + lane_sum<N / 2>(v + N / 2);
+  }
+}
+
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// On each kernel entry point: inline everything it calls. GCC otherwise keeps the polynomial
+// templates of rbd/philox.h out of line for their size, and a call per tile spills the vectors.
+#define RBD_KERNEL __attribute__((flatten))
+
+// Entries of T vectors of columns: e[r][v] lane l = P[4 rb + r, col0 + v kLanes + l].
+template <class V, Distribution D, int T>
+inline void gen_entries(const Job& j, uint32_t rb, uint32_t col0, typename V::F (&e)[4][T]) {
+  uint32_t c0[T], c1[T];
+  for (int v = 0; v < T; ++v) {
+    c0[v] = rb;
+    c1[v] = col0 + uint32_t(v * V::kLanes);
+  }
+  typename V::I w[4][T];
+  simd::stream_blocks<V, T>(c0, c1, 0, 1, j.step, j.stream, j.key0, j.key1, w);
+  if constexpr (D == Distribution::Normal) {
+    // Rows (0, 1) from words (0, 1), rows (2, 3) from words (2, 3): 2T chains side by side.
+    typename V::I a[2 * T], b[2 * T];
+    typename V::F z0[2 * T], z1[2 * T];
+    for (int v = 0; v < T; ++v) {
+      a[v] = w[0][v], b[v] = w[1][v];
+      a[T + v] = w[2][v], b[T + v] = w[3][v];
+    }
+    box_muller<V, 2 * T>(a, b, z0, z1);
+    for (int v = 0; v < T; ++v) {
+      e[0][v] = z0[v], e[1][v] = z1[v];
+      e[2][v] = z0[T + v], e[3][v] = z1[T + v];
+    }
+  } else {
+    for (int v = 0; v < T; ++v) {
+      for (int r = 0; r < 4; ++r) e[r][v] = uniform_pm1<V>(w[r][v]);
+    }
+  }
+}
+
+// project over columns [t, t + T kLanes): the accumulators stay in registers across the rows.
+template <class V, Distribution D, int T>
+inline void project_columns(const Job& j, const float* gv, int64_t rb_lo, int64_t n, int64_t t,
+                            float* acc) {
+  using F = typename V::F;
+  F a[T];
+  for (int v = 0; v < T; ++v) a[v] = V::load(acc + t + v * V::kLanes);
+  for (int64_t i = 0; i < n; ++i) {
+    F e[4][T];
+    gen_entries<V, D, T>(j, uint32_t(rb_lo + i), j.col_base + uint32_t(t), e);
+    const F g0 = V::splat(gv[4 * i]), g1 = V::splat(gv[4 * i + 1]);
+    const F g2 = V::splat(gv[4 * i + 2]), g3 = V::splat(gv[4 * i + 3]);
+    for (int v = 0; v < T; ++v) a[v] = a[v] + (((e[0][v] * g0 + e[1][v] * g1) + e[2][v] * g2) + e[3][v] * g3);
+  }
+  for (int v = 0; v < T; ++v) V::store(acc + t + v * V::kLanes, a[v]);
+}
+
+// Rademacher project for column group q: lanes are kLanes consecutive row blocks.
+template <class V>
+inline void project_group(const Job& j, const float* gv, int64_t rb_lo, int64_t n, int64_t q,
+                          float* acc) {
+  using F = typename V::F;
+  constexpr int kParts = kGroup / V::kLanes;
+  F a[kParts];
+  for (int p = 0; p < kParts; ++p) a[p] = V::load(acc + kGroup * q + p * V::kLanes);
+  for (int64_t i0 = 0; i0 < n; i0 += V::kLanes) {
+    const uint32_t c0[1] = {uint32_t(rb_lo + i0)}, c1[1] = {j.col_base + uint32_t(q)};
+    typename V::I w[4][1];
+    simd::stream_blocks<V, 1>(c0, c1, 1, 0, j.step, j.stream, j.key0, j.key1, w);
+    uint32_t words[4][V::kLanes];
+    for (int r = 0; r < 4; ++r) V::store_words(words[r], w[r][0]);
+    const int64_t m = min64(V::kLanes, n - i0);
+    for (int64_t l = 0; l < m; ++l) {
+      const float* g = gv + 4 * (i0 + l);
+      const F g0 = V::splat(g[0]), g1 = V::splat(g[1]), g2 = V::splat(g[2]), g3 = V::splat(g[3]);
+      const typename V::Signs s0 = V::signs(words[0][l]), s1 = V::signs(words[1][l]);
+      const typename V::Signs s2 = V::signs(words[2][l]), s3 = V::signs(words[3][l]);
+      for (int p = 0; p < kParts; ++p) {
+        a[p] = a[p] + (((V::flip(g0, s0, p) + V::flip(g1, s1, p)) + V::flip(g2, s2, p)) +
+                       V::flip(g3, s3, p));
+      }
+    }
+  }
+  for (int p = 0; p < kParts; ++p) V::store(acc + kGroup * q + p * V::kLanes, a[p]);
+}
+
+template <class V, Distribution D>
+RBD_KERNEL void project_dist(const Job& j, const float* gv, int64_t rb_lo, int64_t n, int64_t t_lo,
+                  int64_t t_hi, float* acc) {
+  if constexpr (D == Distribution::Rademacher) {
+    for (int64_t q = t_lo / kGroup; q < t_hi / kGroup; ++q) project_group<V>(j, gv, rb_lo, n, q, acc);
+  } else {
+    constexpr int kRegs = kTile / V::kLanes, kStep = V::kTilesPerStep * kTile;
+    int64_t t = t_lo;
+    for (; t + kStep <= t_hi; t += kStep) project_columns<V, D, V::kTilesPerStep * kRegs>(j, gv, rb_lo, n, t, acc);
+    for (; t < t_hi; t += kTile) project_columns<V, D, kRegs>(j, gv, rb_lo, n, t, acc);
+  }
+}
+
+// Adds tiles [t, t + T kLanes) of row block rb into acc[r][v % kRegs], tile by tile.
+template <class V, Distribution D, int T>
+inline void expand_columns(const Job& j, const float* c, uint32_t rb, int64_t t,
+                           typename V::F (&acc)[4][kTile / V::kLanes]) {
+  constexpr int kRegs = kTile / V::kLanes;
+  typename V::F e[4][T];
+  gen_entries<V, D, T>(j, rb, j.col_base + uint32_t(t), e);
+  for (int v = 0; v < T; ++v) {
+    const typename V::F cv = V::load(c + t + v * V::kLanes);
+    for (int r = 0; r < 4; ++r) acc[r][v % kRegs] = acc[r][v % kRegs] + e[r][v] * cv;
+  }
+}
+
+template <class V, int kLaneCount, int kRegs>
+inline float row_sum(const typename V::F (&acc)[kRegs]) {
+  float lanes[kLaneCount];
+  for (int v = 0; v < kRegs; ++v) V::store(lanes + v * V::kLanes, acc[v]);
+  return lane_sum<kLaneCount>(lanes);
+}
+
+// Rademacher expand: lanes are consecutive (row block, column group) pairs in row-major order,
+// so a short row (few groups) still fills the vectors.
+template <class V>
+void expand_rademacher(const Job& j, const float* c, int64_t width, int64_t rb_lo, int64_t n,
+                       float* u) {
+  using F = typename V::F;
+  constexpr int kParts = kGroup / V::kLanes;
+  const int64_t groups = width / kGroup;
+  F acc[4][kParts];
+  for (int r = 0; r < 4; ++r) {
+    for (int p = 0; p < kParts; ++p) acc[r][p] = V::zero();
+  }
+  int64_t fill_i = 0, fill_q = 0;  // next pair to generate
+  int64_t i = 0, q = 0;            // next pair to consume
+  const int64_t total = n * groups;
+  for (int64_t p0 = 0; p0 < total; p0 += V::kLanes) {
+    uint32_t c0[V::kLanes], c1[V::kLanes];
+    for (int l = 0; l < V::kLanes; ++l) {
+      c0[l] = uint32_t(rb_lo + fill_i);
+      c1[l] = j.col_base + uint32_t(fill_q);
+      if (++fill_q == groups) {
+        fill_q = 0;
+        ++fill_i;
+      }
+    }
+    typename V::I w[4];
+    simd::stream_blocks_at<V>(c0, c1, j.step, j.stream, j.key0, j.key1, w);
+    uint32_t words[4][V::kLanes];
+    for (int r = 0; r < 4; ++r) V::store_words(words[r], w[r]);
+    const int64_t m = min64(V::kLanes, total - p0);
+    for (int64_t l = 0; l < m; ++l) {
+      const float* cq = c + kGroup * q;
+      F cv[kParts];
+      for (int p = 0; p < kParts; ++p) cv[p] = V::load(cq + p * V::kLanes);
+      for (int r = 0; r < 4; ++r) {
+        const typename V::Signs s = V::signs(words[r][l]);
+        for (int p = 0; p < kParts; ++p) acc[r][p] = acc[r][p] + V::flip(cv[p], s, p);
+      }
+      if (++q == groups) {
+        for (int r = 0; r < 4; ++r) {
+          u[4 * i + r] = row_sum<V, kGroup, kParts>(acc[r]);
+          for (int p = 0; p < kParts; ++p) acc[r][p] = V::zero();
+        }
+        q = 0;
+        ++i;
+      }
+    }
+  }
+}
+
+template <class V, Distribution D>
+RBD_KERNEL void expand_dist(const Job& j, const float* c, int64_t width, int64_t rb_lo, int64_t n, float* u) {
+  if constexpr (D == Distribution::Rademacher) {
+    expand_rademacher<V>(j, c, width, rb_lo, n, u);
+  } else {
+    constexpr int kRegs = kTile / V::kLanes;
+    for (int64_t i = 0; i < n; ++i) {
+      const uint32_t rb = uint32_t(rb_lo + i);
+      typename V::F acc[4][kRegs];
+      for (int r = 0; r < 4; ++r) {
+        for (int v = 0; v < kRegs; ++v) acc[r][v] = V::zero();
+      }
+      constexpr int kStep = V::kTilesPerStep * kTile;
+      int64_t t = 0;
+      for (; t + kStep <= width; t += kStep) expand_columns<V, D, V::kTilesPerStep * kRegs>(j, c, rb, t, acc);
+      for (; t < width; t += kTile) expand_columns<V, D, kRegs>(j, c, rb, t, acc);
+      for (int r = 0; r < 4; ++r) u[4 * i + r] = row_sum<V, kTile, kRegs>(acc[r]);
+    }
+  }
+}
+
+template <class V, Distribution D>
+RBD_KERNEL void entries_dist(const Job& j, int64_t rb, int64_t t_lo, int64_t t_hi, float* e) {
+  const int64_t width = t_hi - t_lo;
+  if constexpr (D == Distribution::Rademacher) {
+    using F = typename V::F;
+    constexpr int kParts = kGroup / V::kLanes;
+    const F one = V::splat(1.0f);
+    const int64_t q_end = t_hi / kGroup;
+    for (int64_t q0 = t_lo / kGroup; q0 < q_end; q0 += V::kLanes) {  // lanes: column groups
+      const uint32_t c0[1] = {uint32_t(rb)}, c1[1] = {j.col_base + uint32_t(q0)};
+      typename V::I w[4][1];
+      simd::stream_blocks<V, 1>(c0, c1, 0, 1, j.step, j.stream, j.key0, j.key1, w);
+      uint32_t words[4][V::kLanes];
+      for (int r = 0; r < 4; ++r) V::store_words(words[r], w[r][0]);
+      const int64_t m = min64(V::kLanes, q_end - q0);
+      for (int64_t l = 0; l < m; ++l) {
+        for (int r = 0; r < 4; ++r) {
+          const typename V::Signs s = V::signs(words[r][l]);
+          float* dst = e + r * width + kGroup * (q0 + l) - t_lo;
+          for (int p = 0; p < kParts; ++p) V::store(dst + p * V::kLanes, V::flip(one, s, p));
+        }
+      }
+    }
+  } else {
+    constexpr int kRegs = kTile / V::kLanes;
+    for (int64_t t = t_lo; t < t_hi; t += kTile) {
+      typename V::F tile[4][kRegs];
+      gen_entries<V, D, kRegs>(j, uint32_t(rb), j.col_base + uint32_t(t), tile);
+      for (int r = 0; r < 4; ++r) {
+        for (int v = 0; v < kRegs; ++v) V::store(e + r * width + t - t_lo + v * V::kLanes, tile[r][v]);
+      }
+    }
+  }
+}
+
+template <class V>
+void project_any(const Job& j, const float* gv, int64_t rb_lo, int64_t n, int64_t t_lo, int64_t t_hi,
+                 float* acc) {
+  switch (j.dist) {
+    case Distribution::Normal: project_dist<V, Distribution::Normal>(j, gv, rb_lo, n, t_lo, t_hi, acc); break;
+    case Distribution::Uniform: project_dist<V, Distribution::Uniform>(j, gv, rb_lo, n, t_lo, t_hi, acc); break;
+    case Distribution::Rademacher: project_dist<V, Distribution::Rademacher>(j, gv, rb_lo, n, t_lo, t_hi, acc); break;
+  }
+}
+
+template <class V>
+void expand_any(const Job& j, const float* c, int64_t width, int64_t rb_lo, int64_t n, float* u) {
+  switch (j.dist) {
+    case Distribution::Normal: expand_dist<V, Distribution::Normal>(j, c, width, rb_lo, n, u); break;
+    case Distribution::Uniform: expand_dist<V, Distribution::Uniform>(j, c, width, rb_lo, n, u); break;
+    case Distribution::Rademacher: expand_dist<V, Distribution::Rademacher>(j, c, width, rb_lo, n, u); break;
+  }
+}
+
+template <class V>
+void entries_any(const Job& j, int64_t rb, int64_t t_lo, int64_t t_hi, float* e) {
+  switch (j.dist) {
+    case Distribution::Normal: entries_dist<V, Distribution::Normal>(j, rb, t_lo, t_hi, e); break;
+    case Distribution::Uniform: entries_dist<V, Distribution::Uniform>(j, rb, t_lo, t_hi, e); break;
+    case Distribution::Rademacher: entries_dist<V, Distribution::Rademacher>(j, rb, t_lo, t_hi, e); break;
+  }
+}
+
+template <class V>
+RBD_KERNEL void philox_any(const uint32_t* counter, const uint32_t* key, int rounds, int64_t n, uint32_t* out) {
+  for (int64_t i0 = 0; i0 < n; i0 += V::kLanes) {
+    const int64_t m = min64(V::kLanes, n - i0);
+    uint32_t c[4][V::kLanes] = {}, k[2][V::kLanes] = {}, words[4][V::kLanes];
+    for (int64_t l = 0; l < m; ++l) {
+      for (int w = 0; w < 4; ++w) c[w][l] = counter[4 * (i0 + l) + w];
+      for (int w = 0; w < 2; ++w) k[w][l] = key[2 * (i0 + l) + w];
+    }
+    typename V::I x[4];
+    if (rounds == 7) {
+      simd::philox_lanes<V, 7>(c, k, x);
+    } else {
+      simd::philox_lanes<V, 10>(c, k, x);
+    }
+    for (int w = 0; w < 4; ++w) V::store_words(words[w], x[w]);
+    for (int64_t l = 0; l < m; ++l) {
+      for (int w = 0; w < 4; ++w) out[4 * (i0 + l) + w] = words[w][l];
+    }
+  }
+}
+
+template <class V>
+constexpr Kernels make_kernels() {
+  return Kernels{V::kName, project_any<V>, expand_any<V>, entries_any<V>, philox_any<V>};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace rbd

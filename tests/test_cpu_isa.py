@@ -1,0 +1,157 @@
+"""The CPU kernels' instruction-set paths (baseline, AVX2, AVX-512): each one this CPU runs is
+forced with RBD_CPU_ISA and must give the baseline's results bit for bit (words, entries of all
+three distributions, products) and agree with the float64 reference. The baseline is always
+among them, so every machine tests the fallback."""
+
+import pytest
+import torch
+from conftest import (
+    DISTRIBUTIONS,
+    DTYPES,
+    KAT,
+    check_expand,
+    check_expand_,
+    check_project,
+    dtype_id,
+    random_vector,
+    ref_matrix,
+)
+
+import rbd_cuda
+from rbd_cuda import reference
+
+ISAS = rbd_cuda.cpu_isas()
+SIMD_ISAS = [isa for isa in ISAS if isa != "baseline"]
+KNOWN = ("avx512", "avx2", "baseline")
+
+
+@pytest.fixture
+def use_isa(monkeypatch):
+    """Selects a path for the calls that follow (the variable is read on every call)."""
+    def select(isa):
+        monkeypatch.setenv("RBD_CPU_ISA", isa)
+        assert rbd_cuda.cpu_isa() == isa
+    return select
+
+
+def test_isa_list():
+    assert ISAS[-1] == "baseline"
+    assert len(set(ISAS)) == len(ISAS) and set(ISAS) <= set(KNOWN)
+    assert ISAS == sorted(ISAS, key=KNOWN.index)  # best first
+
+
+def test_default_is_best(monkeypatch):
+    monkeypatch.delenv("RBD_CPU_ISA", raising=False)
+    assert rbd_cuda.cpu_isa() == ISAS[0]
+    for value in ("", "auto"):
+        monkeypatch.setenv("RBD_CPU_ISA", value)
+        assert rbd_cuda.cpu_isa() == ISAS[0]
+
+
+def test_bad_isa_names_the_variable(monkeypatch):
+    monkeypatch.setenv("RBD_CPU_ISA", "sse9")
+    with pytest.raises(ValueError, match="RBD_CPU_ISA must be .* got 'sse9'"):
+        rbd_cuda.cpu_isa()
+    with pytest.raises(ValueError, match="RBD_CPU_ISA"):
+        rbd_cuda.project(torch.ones(8), 4, seed=0)
+
+
+@pytest.mark.parametrize("isa", KNOWN)
+def test_unavailable_isa_is_refused(isa, monkeypatch):
+    if isa in ISAS:
+        pytest.skip(f"{isa} is available on this CPU")
+    monkeypatch.setenv("RBD_CPU_ISA", isa)
+    with pytest.raises(ValueError, match=f"RBD_CPU_ISA='{isa}' is not available.*baseline"):
+        rbd_cuda.expand(torch.ones(4), 8, seed=0)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("rounds", [7, 10])
+def test_philox_words(isa, rounds, use_isa):
+    # The SIMD Philox against the scalar reference: known answers, edge words, random words;
+    # 1003 counters leave a partial vector at the end.
+    use_isa(isa)
+    rows = [r for r in KAT if r[0] == rounds]
+    out = rbd_cuda.philox4x32(torch.tensor([r[1] for r in rows]), torch.tensor([r[2] for r in rows]), rounds)
+    assert out.tolist() == [r[3] for r in rows]
+    gen = torch.Generator().manual_seed(17 + rounds)
+    counter = torch.randint(0, 2**32, (1003, 4), generator=gen, dtype=torch.int64)
+    key = torch.randint(0, 2**32, (1003, 2), generator=gen, dtype=torch.int64)
+    counter[:5] = 2**32 - 1
+    key[3:9] = 2**32 - 1  # the key schedule wraps mod 2**32
+    assert torch.equal(rbd_cuda.philox4x32(counter, key, rounds), reference.philox4x32(counter, key, rounds))
+
+
+# (numel, dim, row_offset, col_offset): partial tiles and groups, a row range with many row
+# chunks, more columns than one materialize_ call (512), the stream's last rows and columns.
+SHAPES = [
+    (1, 1, 0, 0),
+    (7, 17, 3, 45),
+    (1001, 77, 2, 31),
+    (3, 600, 1, 7),
+    (70_001, 33, 6, 64),
+    (37, 300, 2**34 - 37, 2**32 - 300),
+]
+SHAPE_IDS = [f"{n}x{d}@{r},{c}" for n, d, r, c in SHAPES]
+STREAM = {"seed": 2**63 + 12345, "step": 9, "stream": 2**32 - 3}
+
+
+def _run_all(isa, use_isa, numel, dim, kw, dtype):
+    use_isa(isa)
+    g = random_vector(numel, dtype, seed=numel)
+    c = random_vector(dim, dtype, seed=dim)
+    out = random_vector(numel, dtype, seed=3)
+    rbd_cuda.expand_(out, c, -0.6, **kw)
+    results = {"project": rbd_cuda.project(g, dim, **kw), "expand": rbd_cuda.expand(c, numel, **kw),
+               "expand_": out}
+    if numel * dim <= 2_000_000:
+        results["materialize"] = rbd_cuda.materialize(numel, dim, **kw)
+    return results
+
+
+@pytest.mark.parametrize("isa", SIMD_ISAS)
+@pytest.mark.parametrize("dist", DISTRIBUTIONS)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_paths_are_bit_identical(isa, shape, dist, use_isa):
+    numel, dim, r0, c0 = shape
+    kw = {**STREAM, "distribution": dist, "row_offset": r0, "col_offset": c0}
+    for dtype in DTYPES:
+        base = _run_all("baseline", use_isa, numel, dim, kw, dtype)
+        simd = _run_all(isa, use_isa, numel, dim, kw, dtype)
+        assert simd.keys() == base.keys()
+        for name, expected in base.items():
+            assert torch.equal(simd[name], expected), f"{isa} {name} differs from baseline ({dtype_id(dtype)})"
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dist", DISTRIBUTIONS)
+def test_paths_match_reference(isa, dist, use_isa):
+    use_isa(isa)
+    numel, dim = 1030, 97
+    kw = {**STREAM, "distribution": dist, "row_offset": 3, "col_offset": 1000}
+    m = rbd_cuda.materialize(numel, dim, **kw)
+    ref = ref_matrix(numel, dim, **kw)
+    if dist == "normal":
+        assert (m.double() - ref).abs().max().item() <= 1e-6
+    else:
+        assert torch.equal(m, ref.float())
+    for dtype in DTYPES:
+        check_project(random_vector(numel, dtype, seed=1), dim, **kw)
+        check_expand(random_vector(dim, dtype, seed=2), numel, **kw)
+        check_expand_(random_vector(numel, dtype, seed=3), random_vector(dim, seed=4), 0.5, **kw)
+
+
+@pytest.mark.parametrize("isa", SIMD_ISAS)
+@pytest.mark.parametrize("dist", DISTRIBUTIONS)
+def test_paths_thread_count_invariance(isa, dist, use_isa, restore_threads):
+    use_isa(isa)
+    numel, dim = 200_003, 45
+    kw = {**STREAM, "distribution": dist, "row_offset": 1, "col_offset": 3}
+    g, c = random_vector(numel, seed=1), random_vector(dim, seed=2)
+    results = []
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        results.append((rbd_cuda.project(g, dim, **kw), rbd_cuda.expand(c, numel, **kw)))
+    for proj, u in results[1:]:
+        assert torch.equal(proj, results[0][0])
+        assert torch.equal(u, results[0][1])
