@@ -29,7 +29,7 @@ from torch.func import functional_call
 
 from . import ops
 from .optim.compartments import plan
-from .optim.rbd import ENTRY_VARIANCE, NORMALIZATIONS
+from .optim.rbd import ENTRY_VARIANCE, NORMALIZATIONS, basis_scale
 
 __all__ = ["RandomSubspace", "SubspaceCompartment"]
 
@@ -148,14 +148,8 @@ class RandomSubspace(nn.Module):
         self.module = module
 
     def _scale(self, comp: SubspaceCompartment) -> float:
-        # The same s as rbd_cuda.optim.RBD._scale, so the SGD-vs-FPD mapping is exact.
-        if self.normalize == "unbiased":
-            return 1.0 / (comp.dim * ENTRY_VARIANCE[self.distribution])
-        if self.normalize == "paper":
-            return 1.0 / self.numel
-        if self.normalize == "dim":
-            return 1.0 / comp.dim
-        return 1.0
+        # The optimizers' s, so the SGD-vs-FPD mapping is exact.
+        return basis_scale(self.normalize, self.distribution, comp.dim, self.numel)
 
     def stream_kwargs(self, k: int) -> dict:
         """The keywords addressing compartment ``k``'s basis (what ``FPD`` uses for it)."""

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data
-from .train import METHODS, PAPER_DIM, TrainConfig, resolve_device, train
+from .train import METHODS, PAPER_DIM, TrainConfig, resolve_device, save_figure, train
 
 # The paper's Table 1 (validation accuracy in % after 100 epochs, mean ± std; paper.md §7.1).
 PAPER_TABLE = {
@@ -163,32 +163,14 @@ def mean_curve(histories: list[list[dict]]) -> list[dict]:
 
 
 def plot(results: dict, path: Path) -> None:
-    """One figure per row is joined side by side into one PNG (accuracy and loss per row)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = list(results)
-    fig, axes = plt.subplots(len(rows), 2, figsize=(10, 3.6 * len(rows)), squeeze=False)
-    for (acc_ax, loss_ax), row in zip(axes, rows, strict=True):
-        for method, histories in results[row].items():
-            curve = mean_curve(histories)
-            epochs = [r["epoch"] for r in curve]
-            line, = acc_ax.plot(epochs, [r["val_acc"] for r in curve], marker="o", ms=3,
-                                label=f"{method} (n={len(histories)})")
-            loss_ax.plot(epochs, [r["val_loss"] for r in curve], marker="o", ms=3, color=line.get_color())
-            if method in PAPER_TABLE[row]:
-                acc_ax.axhline(PAPER_TABLE[row][method][0], ls="--", lw=1, color=line.get_color())
-        acc_ax.set(title=f"{row}: validation accuracy (dashed: paper, {PAPER_EPOCHS} epochs)",
-                   xlabel="epoch", ylabel="%")
-        loss_ax.set(title=f"{row}: validation loss", xlabel="epoch", yscale="log")
-        acc_ax.legend(fontsize=8)
-        acc_ax.grid(alpha=0.3)
-        loss_ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    """Per row, the seed-averaged validation curves of each method; dashed: the paper's numbers."""
+    panels = []
+    for row, by_method in results.items():
+        curves = {f"{method} (n={len(h)})": mean_curve(h) for method, h in by_method.items()}
+        references = {f"{method} (n={len(h)})": PAPER_TABLE[row][method][0]
+                      for method, h in by_method.items() if method in PAPER_TABLE[row]}
+        panels.append((curves, f"{row} (dashed: paper, {PAPER_EPOCHS} epochs)", references))
+    save_figure(panels, path)
 
 
 def main(argv: list[str] | None = None) -> int:

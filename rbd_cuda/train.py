@@ -283,8 +283,8 @@ class Run:
             writer = csv.DictWriter(fh, fieldnames=list(self.history[0]))
             writer.writeheader()
             writer.writerows(self.history)
-        plot_curves({f"{self.cfg.method}": self.history}, self.out / "curves.png",
-                    f"{self.cfg.model}-{self.cfg.dataset}")
+        save_figure([({self.cfg.method: self.history}, f"{self.cfg.model}-{self.cfg.dataset}", None)],
+                    self.out / "curves.png")
 
     def checkpoint_path(self) -> Path:
         return self.out / "checkpoint.pt"
@@ -323,19 +323,14 @@ def train(cfg: TrainConfig, splits: data.Splits | None = None) -> Run:
     return run
 
 
-def plot_curves(curves: dict[str, list[dict]], path: Path, title: str,
+def draw_curves(acc_ax, loss_ax, curves: dict[str, list[dict]], title: str,
                 references: dict[str, float] | None = None) -> None:
-    """Validation accuracy and loss against epochs, one line per label (plus dashed references)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    """Validation accuracy and loss against epochs on two axes, one line per label; a dashed line
+    at each label's reference accuracy."""
     for label, rows in curves.items():
         epochs = [r["epoch"] for r in rows]
         line, = acc_ax.plot(epochs, [r["val_acc"] for r in rows], marker="o", ms=3, label=label)
-        loss_ax.plot(epochs, [r["val_loss"] for r in rows], marker="o", ms=3, color=line.get_color(), label=label)
+        loss_ax.plot(epochs, [r["val_loss"] for r in rows], marker="o", ms=3, color=line.get_color())
         if references and label in references:
             acc_ax.axhline(references[label], ls="--", lw=1, color=line.get_color())
     acc_ax.set(xlabel="epoch", ylabel="validation accuracy (%)", title=title)
@@ -343,6 +338,18 @@ def plot_curves(curves: dict[str, list[dict]], path: Path, title: str,
     acc_ax.grid(alpha=0.3)
     loss_ax.grid(alpha=0.3)
     acc_ax.legend(fontsize=8)
+
+
+def save_figure(panels: list[tuple[dict[str, list[dict]], str, dict[str, float] | None]], path: Path) -> None:
+    """One row of (accuracy, loss) axes per panel (curves, title, references), saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(panels), 2, figsize=(10, 3.8 * len(panels)), squeeze=False)
+    for (acc_ax, loss_ax), (curves, title, references) in zip(axes, panels, strict=True):
+        draw_curves(acc_ax, loss_ax, curves, title, references)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -29,6 +29,17 @@ NORMALIZATIONS = ("unbiased", "paper", "dim", "none")
 ENTRY_VARIANCE = {"normal": 1.0, "uniform": 1.0 / 3.0, "rademacher": 1.0}
 
 
+def basis_scale(normalize: str, distribution: str, dim: int, total_numel: int) -> float:
+    """The constant s of the update −lr · s · P Pᵀ g (module docstring's table)."""
+    if normalize == "unbiased":
+        return 1.0 / (dim * ENTRY_VARIANCE[distribution])
+    if normalize == "paper":
+        return 1.0 / total_numel
+    if normalize == "dim":
+        return 1.0 / dim
+    return 1.0
+
+
 class RBD(torch.optim.Optimizer):
     """Random Bases Descent: SGD on the projection of each gradient onto re-drawn random bases.
 
@@ -94,13 +105,7 @@ class RBD(torch.optim.Optimizer):
         self._group_of = {id(p): group for group in self.param_groups for p in group["params"]}
 
     def _scale(self, comp: Compartment) -> float:
-        if self.normalize == "unbiased":
-            return 1.0 / (comp.dim * ENTRY_VARIANCE[self.distribution])
-        if self.normalize == "paper":
-            return 1.0 / self._total_numel
-        if self.normalize == "dim":
-            return 1.0 / comp.dim
-        return 1.0
+        return basis_scale(self.normalize, self.distribution, comp.dim, self._total_numel)
 
     def basis_step(self) -> int:
         """The stream ``step`` of the basis the next ``step()`` uses."""
