@@ -48,9 +48,10 @@ def test_quick_case_end_to_end(tmp_path, restore_threads, capsys):
     def peak(method, op):
         return next(r["peak_bytes"] for r in rows if r["method"] == method and r["op"] == op)
 
-    # fused project allocates only c; drawing P costs D·d·4 bytes (1.2 MiB here). Pages another
-    # allocation frees during the call lower the reading by up to a few of them, hence 0.85.
-    assert peak("fused", "project") < 256 << 10 < 0.85 * 20000 * 16 * 4 <= peak("torch", "project")
+    # fused project allocates only c; drawing P costs D·d·4 bytes (1.2 MiB here). The reading is a
+    # resident-set difference: pages the kernel frees or reclaims during the call (other
+    # allocations', library pages under memory pressure) lower it, by 24% in one clean-clone run, hence 0.5.
+    assert peak("fused", "project") < 256 << 10 < 0.5 * 20000 * 16 * 4 <= peak("torch", "project")
     assert peak("fused", "expand") < 20000 * 4 + (256 << 10)
 
     tg = data["targets"]["by_distribution"]["normal"]
