@@ -142,3 +142,19 @@ def restore_threads():
     n = torch.get_num_threads()
     yield
     torch.set_num_threads(n)
+
+
+def _devices() -> list:
+    """CPU always; CUDA when a GPU is present (then marked, so `-m cuda` selects it)."""
+    cuda = pytest.param("cuda", marks=pytest.mark.cuda)
+    return ["cpu", cuda] if torch.cuda.is_available() else ["cpu"]
+
+
+@pytest.fixture(params=_devices())
+def device(request) -> str:
+    """Every test that takes ``device`` runs on the CPU and, where a GPU is present, on CUDA.
+    On a GPU machine a build without the CUDA kernels fails instead of passing on the CPU alone."""
+    if request.param == "cuda" and not rbd_cuda.built_with_cuda():
+        pytest.fail("a CUDA GPU is present but rbd_cuda was built without its CUDA kernels "
+                    "(rebuild with RBD_CUDA=1)")
+    return request.param
