@@ -127,7 +127,7 @@ def main(argv=None) -> int:
         idx = order[first:first + args.batch_size]
         # The augmentation of this rank's share of the batch depends on (seed, epoch, batch, rank).
         gen = data.batch_generator(args.seed, epoch, index * world + rank)
-        x = data.prepare("mnist", splits.train_x[idx], augment=True, gen=gen).to(device)
+        x = data.prepare("mnist", splits.train_x[idx], augment=data.Augment.paper("mnist"), gen=gen).to(device)
         loss = F.cross_entropy(net(x), splits.train_y[idx].to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -14,18 +14,21 @@ Every file is checked against its SHA-256 (of the decompressed content, so ``.gz
 files are both accepted). The data root is ``--data-root``, else ``$RBD_DATA``, else
 ``~/.cache/rbd_cuda``.
 
-The split and augmentation follow the paper's code (paper.md §8): a contiguous validation block
-of 10,000 images cut from the training set at a random offset (seeded here: ``split_seed``), the
-rest for training; pixels ×1/255; MNIST/FMNIST training batches are padded to 34×34, randomly
-cropped back to 28×28 and shifted in brightness by U(−0.5, 0.5); CIFAR-10 training batches are
-padded to 40×40, randomly cropped to 32×32 and flipped, and every CIFAR image is standardised
-per image.
+The split and augmentation follow the paper's released code (docs/reproducing.md): a contiguous
+validation block of 10,000 images cut from the training set at a random offset (seeded here:
+``split_seed``), the rest for training; pixels ×1/255; every CIFAR image standardised per image.
+The augmentation is a parameter (``Augment``): the released code pads MNIST/FMNIST training
+batches to 34×34, crops them back to 28×28 at random and shifts their brightness by U(−0.5, 0.5)
+(``Augment.paper``: crop_pad 3, brightness 0.5), and pads CIFAR-10 to 40×40, crops to 32×32 and
+flips.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
+import math
 import os
 import pickle
 import shutil
@@ -281,20 +284,62 @@ def _random_crop(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tenso
     return padded[batch, channel, rows, cols]
 
 
-def prepare(name: str, images: torch.Tensor, *, augment: bool = False,
+@dataclass(frozen=True)
+class Augment:
+    """The training augmentation: zero-pad by ``crop_pad`` pixels and crop back at a random offset
+    (shifts of up to ±crop_pad; 0 = no crop), add U(−brightness, brightness) to every pixel of an
+    image (0 = none; no clip, as ``tf.image.random_brightness``), and flip horizontally with
+    probability ½ (``flip``)."""
+
+    crop_pad: int = 0
+    brightness: float = 0.0
+    flip: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.crop_pad, bool) or not isinstance(self.crop_pad, int) or self.crop_pad < 0:
+            raise ValueError(f"rbd_cuda: crop_pad must be a non-negative integer, got {self.crop_pad!r}")
+        if isinstance(self.brightness, bool) or not (isinstance(self.brightness, (int, float))
+                                                     and 0 <= self.brightness < math.inf):
+            raise ValueError(f"rbd_cuda: brightness must be a finite number >= 0, got {self.brightness!r}")
+        object.__setattr__(self, "brightness", float(self.brightness))  # 1 and 1.0 are one pipeline
+        if not isinstance(self.flip, bool):
+            # ValueError like every other bad argument here.
+            raise ValueError(f"rbd_cuda: flip must be True or False, got {self.flip!r}")  # noqa: TRY004
+
+    @classmethod
+    def paper(cls, name: str) -> Augment:
+        """The released code's pipeline for a dataset (pad 3 and brightness ±0.5 for MNIST and
+        Fashion-MNIST; pad 4 and flips for CIFAR-10)."""
+        return cls(4, 0.0, True) if name == "cifar10" else cls(3, 0.5, False)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def tag(self) -> str:
+        """A short name for file names and tables, e.g. ``crop3-b0.5``."""
+        return f"crop{self.crop_pad}-b{self.brightness:g}" + ("-flip" if self.flip else "")
+
+
+NO_AUGMENT = Augment()
+
+
+def prepare(name: str, images: torch.Tensor, *, augment: Augment = NO_AUGMENT,
             gen: torch.Generator | None = None) -> torch.Tensor:
-    """uint8 images -> the float network input, with the paper's training augmentation if asked."""
+    """uint8 images -> the float network input, with a training augmentation if asked."""
     x = images.float().div_(255.0)
-    if augment:
+    if augment != NO_AUGMENT:
         if gen is None:
-            raise ValueError("rbd_cuda: augment=True needs a generator (gen)")
-        if name == "cifar10":
-            x = _random_crop(x, 4, gen)
+            raise ValueError("rbd_cuda: an augmentation needs a generator (gen)")
+        # The draws come in this order (crop, flip, brightness) so that the paper's pipelines draw
+        # exactly what they drew before the augmentation became a parameter.
+        if augment.crop_pad:
+            x = _random_crop(x, augment.crop_pad, gen)
+        if augment.flip:
             flip = torch.rand(len(x), generator=gen) < 0.5
             x[flip] = x[flip].flip(-1)
-        else:
-            x = _random_crop(x, 3, gen)
-            x += torch.empty(len(x), 1, 1, 1).uniform_(-0.5, 0.5, generator=gen)
+        if augment.brightness:
+            b = float(augment.brightness)
+            x += torch.empty(len(x), 1, 1, 1).uniform_(-b, b, generator=gen)
     if name == "cifar10":
         x = _standardize(x)
     return x

@@ -117,7 +117,7 @@ class Task:
     def batch(self, index: torch.Tensor, seed: int, epoch: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.train_x is not None:
             return self.train_x[index.to(self.device)], self.train_y[index.to(self.device)]
-        x = data.prepare(self.name, self.train_raw[index], augment=True, gen=data.batch_generator(seed, epoch, k))
+        x = data.prepare(self.name, self.train_raw[index], augment=data.Augment.paper(self.name), gen=data.batch_generator(seed, epoch, k))
         return x.to(self.device), self.train_y[index.to(self.device)]
 
 

@@ -54,16 +54,37 @@ def parse_seeds(text: str) -> list[int]:
     return [int(t) for t in items]
 
 
+def parse_crop_pads(text: str) -> list[int | None]:
+    """``paper`` (the released code's pad for the row's dataset) or non-negative integers."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items or not all(t == "paper" or t.isdigit() for t in items):
+        raise ValueError(f"--crop-pads must be comma-separated non-negative integers or 'paper', got {text!r}")
+    return [None if t == "paper" else int(t) for t in items]
+
+
+def row_augment(row: str, crop_pad: int | None, brightness: float | None) -> data.Augment:
+    """The augmentation of a run of ``row``: the paper's pipeline with the crop pad and brightness
+    given (None keeps the paper's)."""
+    paper = data.Augment.paper(row.split("-")[1])
+    return data.Augment(paper.crop_pad if crop_pad is None else crop_pad,
+                        paper.brightness if brightness is None else brightness, paper.flip)
+
+
+def run_name(row: str, method: str, augment: data.Augment, seed: int) -> str:
+    return f"{row}-{method}-{augment.tag()}-s{seed}"
+
+
 def final_row(history: list[dict]) -> dict | None:
     complete = [r for r in history if r["complete_epoch"]]
     return complete[-1] if complete else (history[-1] if history else None)
 
 
-def _config(row: str, method: str, seed: int, epochs: int, out: Path, **kw) -> TrainConfig:
+def _config(row: str, method: str, augment: data.Augment, seed: int, epochs: int, out: Path,
+            **kw) -> TrainConfig:
     model, dataset = row.split("-")
-    run_dir = out / "runs" / f"{row}-{method}-s{seed}"
-    return TrainConfig(model=model, dataset=dataset, method=method, epochs=epochs, seed=seed, out=str(run_dir),
-                       resume=(run_dir / "checkpoint.pt").is_file(), **kw)
+    run_dir = out / "runs" / run_name(row, method, augment, seed)
+    return TrainConfig(model=model, dataset=dataset, method=method, epochs=epochs, seed=seed, augment=augment,
+                       out=str(run_dir), resume=(run_dir / "checkpoint.pt").is_file(), **kw)
 
 
 def _train_in_worker(cfg: TrainConfig) -> list[dict]:
@@ -71,20 +92,35 @@ def _train_in_worker(cfg: TrainConfig) -> list[dict]:
     return train(cfg).history
 
 
-def run_all(rows: list[str], methods: list[str], seeds: list[int], epochs: int, out: Path, *,
-            max_steps: int | None = None, device: str = "auto", data_root: str | None = None,
-            progress: bool = True, jobs: int = 1) -> dict:
-    """Trains every (row, method, seed) not already done (``jobs`` at a time, each in its own
-    process when jobs > 1); returns {row: {method: [history per seed]}}."""
-    keys = [(row, method, seed) for row in rows for method in methods for seed in seeds]
+RunKey = tuple[str, str, data.Augment, int]  # (row, method, augmentation, seed)
+
+
+def run_keys(rows: list[str], methods: list[str], crop_pads: list[int | None], brightness: float | None,
+             seeds: list[int]) -> list[RunKey]:
+    return [(row, method, row_augment(row, pad, brightness), seed)
+            for row in rows for pad in crop_pads for method in methods for seed in seeds]
+
+
+def group(histories: dict[RunKey, list[dict]]) -> dict:
+    """{row: {(method, augmentation): [history per seed]}} in the order of the keys."""
+    results: dict[str, dict[tuple[str, data.Augment], list[list[dict]]]] = {}
+    for (row, method, augment, _seed), history in histories.items():
+        results.setdefault(row, {}).setdefault((method, augment), []).append(history)
+    return results
+
+
+def run_all(keys: list[RunKey], epochs: int, out: Path, *, max_steps: int | None = None, device: str = "auto",
+            data_root: str | None = None, progress: bool = True, jobs: int = 1) -> dict:
+    """Trains every run not already done (``jobs`` at a time, each in its own process when
+    jobs > 1); returns the histories grouped as by ``group``."""
     common = {"max_steps": max_steps, "device": device, "data_root": data_root}
-    histories: dict[tuple, list[dict]] = {}
+    histories: dict[RunKey, list[dict]] = {}
     outer = tqdm(total=len(keys), desc="Table 1 runs", disable=not progress, dynamic_ncols=True)
     if jobs == 1:
         cache: dict[str, data.Splits] = {}
         for key in keys:
             cfg = _config(*key, epochs, out, progress=progress, **common)
-            outer.set_postfix_str(" ".join(map(str, key)))
+            outer.set_postfix_str(run_name(*key))
             if cfg.dataset not in cache:
                 cache[cfg.dataset] = data.load(cfg.dataset, data_root, split_seed=cfg.split_seed)
             histories[key] = train(cfg, cache[cfg.dataset]).history
@@ -98,42 +134,53 @@ def run_all(rows: list[str], methods: list[str], seeds: list[int], epochs: int, 
                 histories[futures[future]] = future.result()
                 outer.update()
     outer.close()
-    results: dict[str, dict[str, list[list[dict]]]] = {}
-    for row, method, seed in keys:
-        results.setdefault(row, {}).setdefault(method, []).append(histories[(row, method, seed)])
-    return results
+    return group({key: histories[key] for key in keys})
 
 
-def collect(rows: list[str], methods: list[str], seeds: list[int], out: Path) -> tuple[dict, str]:
+def read_metrics(path: Path) -> dict:
+    """A run's metrics.json, or an error that names the file."""
+    try:
+        saved = json.loads(path.read_text())
+        problem = None if isinstance(saved, dict) and {"history", "device"} <= saved.keys() else \
+            "no history or device entry"
+    except (OSError, ValueError) as err:
+        problem = f"{type(err).__name__}: {err}"
+    if problem:
+        raise ValueError(f"{path} is unreadable ({problem}); rerun the same reproduce command without --report "
+                         "to rewrite it from the run's checkpoint")
+    return saved
+
+
+def collect(keys: list[RunKey], out: Path) -> tuple[dict, str]:
     """The histories of the runs already under ``out/runs`` (no training; missing runs are left
     out) and the devices they ran on."""
-    results: dict[str, dict[str, list[list[dict]]]] = {}
+    histories: dict[RunKey, list[dict]] = {}
     devices = set()
-    for row in rows:
-        for method in methods:
-            for seed in seeds:
-                path = out / "runs" / f"{row}-{method}-s{seed}" / "metrics.json"
-                if path.is_file():
-                    saved = json.loads(path.read_text())
-                    history = saved["history"]
-                    devices.add(saved["device"])
-                    if history:
-                        results.setdefault(row, {}).setdefault(method, []).append(history)
-    if not results:
-        raise ValueError(f"--report: no finished runs under {out / 'runs'} for these rows, methods and seeds")
-    return results, ", ".join(sorted(devices))
+    for key in keys:
+        path = out / "runs" / run_name(*key) / "metrics.json"
+        if path.is_file():
+            saved = read_metrics(path)
+            if saved["history"]:
+                histories[key] = saved["history"]
+                devices.add(saved["device"])
+    if not histories:
+        raise ValueError(f"--report: no finished runs under {out / 'runs'} for these rows, methods, crop pads and "
+                         "seeds")
+    return group(histories), ", ".join(sorted(devices))
 
 
 def summarize(results: dict) -> list[dict]:
-    """One entry per (row, method): mean ± std of the final validation accuracy over seeds."""
+    """One entry per (row, method, augmentation): mean ± std of the final validation accuracy
+    over seeds."""
     table = []
-    for row, by_method in results.items():
-        for method, histories in by_method.items():
+    for row, by_series in results.items():
+        for (method, augment), histories in by_series.items():
             finals = [final_row(h) for h in histories]
             accs = [f["val_acc"] for f in finals]
             paper = PAPER_TABLE[row].get(method)
             mean = statistics.fmean(accs)
-            table.append({"row": row, "method": method, "seeds": len(accs), "epochs": min(f["epoch"] for f in finals),
+            table.append({"row": row, "method": method, "augment": augment.as_dict(), "seeds": len(accs),
+                          "epochs": min(f["epoch"] for f in finals),
                           "val_acc_mean": mean, "val_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                           "paper_mean": paper[0] if paper else None, "paper_std": paper[1] if paper else None,
                           "difference": mean - paper[0] if paper else None,
@@ -141,15 +188,26 @@ def summarize(results: dict) -> list[dict]:
     return table
 
 
+def describe(augment: dict) -> str:
+    """An augmentation in words for the tables, marking the released code's pipeline."""
+    parts = [f"crop ±{augment['crop_pad']}" if augment["crop_pad"] else "no crop"]
+    if augment["brightness"]:
+        parts.append(f"brightness ±{augment['brightness']:g}")
+    if augment["flip"]:
+        parts.append("flips")
+    return ", ".join(parts)
+
+
 def markdown(table: list[dict], device: str) -> str:
-    lines = [f"Validation accuracy (%), mean ± std over seeds; the paper's after {PAPER_EPOCHS} epochs. Device: {device}.",
+    lines = [(f"Validation accuracy (%), mean ± std over seeds; the paper's after {PAPER_EPOCHS} epochs with its "
+              f"released pipeline (crop ±3 and brightness ±0.5 for MNIST/FMNIST). Device: {device}."),
              "",
-             "| row | method | epochs | seeds | ours | paper | ours − paper | images/s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| row | method | augmentation | epochs | seeds | ours | paper | ours − paper | images/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for t in table:
         paper = f"{t['paper_mean']:g} ± {t['paper_std']:g}" if t["paper_mean"] is not None else "—"
         diff = f"{t['difference']:+.2f}" if t["difference"] is not None else "—"
-        lines.append(f"| {t['row']} | {t['method']} | {t['epochs']:.3g} | {t['seeds']} | "
+        lines.append(f"| {t['row']} | {t['method']} | {describe(t['augment'])} | {t['epochs']:.3g} | {t['seeds']} | "
                      f"{t['val_acc_mean']:.2f} ± {t['val_acc_std']:.2f} | {paper} | {diff} | {t['images_per_s']:.0f} |")
     return "\n".join(lines) + "\n"
 
@@ -163,12 +221,16 @@ def mean_curve(histories: list[list[dict]]) -> list[dict]:
 
 
 def plot(results: dict, path: Path) -> None:
-    """Per row, the seed-averaged validation curves of each method; dashed: the paper's numbers."""
+    """Per row, the seed-averaged validation curves of each method and augmentation; dashed: the
+    paper's numbers."""
     panels = []
-    for row, by_method in results.items():
-        curves = {f"{method} (n={len(h)})": mean_curve(h) for method, h in by_method.items()}
-        references = {f"{method} (n={len(h)})": PAPER_TABLE[row][method][0]
-                      for method, h in by_method.items() if method in PAPER_TABLE[row]}
+    for row, by_series in results.items():
+        curves, references = {}, {}
+        for (method, augment), histories in by_series.items():
+            label = f"{method}, {describe(augment.as_dict())} (n={len(histories)})"
+            curves[label] = mean_curve(histories)
+            if method in PAPER_TABLE[row]:
+                references[label] = PAPER_TABLE[row][method][0]
         panels.append((curves, f"{row} (dashed: paper, {PAPER_EPOCHS} epochs)", references))
     save_figure(panels, path)
 
@@ -179,6 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", default="fc-mnist", help=f"comma-separated, of {', '.join(PAPER_TABLE)}")
     p.add_argument("--methods", default="sgd,rbd", help=f"comma-separated, of {', '.join(METHODS)}")
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    p.add_argument("--crop-pads", default="paper",
+                   help="comma-separated crop pads of the augmentation, each a pipeline of its own: 'paper' (the "
+                        "released code's: 3 for MNIST/FMNIST, 4 for CIFAR-10) or K (shifts of up to ±K; 0 = no crop)")
+    p.add_argument("--brightness", type=float,
+                   help="brightness range of the augmentation (default: the paper's, 0.5 for MNIST/FMNIST)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--max-steps", type=int, help="cap each run's optimizer steps (quick checks)")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once, one process and one CPU thread each")
@@ -193,14 +260,15 @@ def main(argv: list[str] | None = None) -> int:
         rows = parse_list(args.rows, PAPER_TABLE, "rows")
         methods = parse_list(args.methods, METHODS, "methods")
         seeds = parse_seeds(args.seeds)
+        keys = run_keys(rows, methods, parse_crop_pads(args.crop_pads), args.brightness, seeds)
         if args.jobs < 1:
             raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
         device = str(resolve_device(args.device))
         out = Path(args.out)
         if args.report:
-            results, device = collect(rows, methods, seeds, out)
+            results, device = collect(keys, out)
         else:
-            results = run_all(rows, methods, seeds, args.epochs, out, max_steps=args.max_steps,
+            results = run_all(keys, args.epochs, out, max_steps=args.max_steps,
                               device=args.device, data_root=args.data_root, progress=args.progress, jobs=args.jobs)
     except (ValueError, FileNotFoundError, data.DataError) as err:
         print(f"error: {err}", file=sys.stderr)

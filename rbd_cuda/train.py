@@ -69,7 +69,7 @@ class TrainConfig:
     momentum: float = 0.0
     population: int | None = None
     sigma: float = 0.01
-    augment: bool = True
+    augment: data.Augment | None = None  # None: the paper's pipeline for the dataset
     val_size: int = data.VALIDATION_SIZE
     device: str = "auto"
     data_root: str | None = None
@@ -85,6 +85,10 @@ class TrainConfig:
             self.lr = default_lr(self.model, self.dataset, self.method)
         if self.population is None:
             self.population = self.dim
+        if self.augment is None:
+            self.augment = data.Augment.paper(self.dataset)
+        elif isinstance(self.augment, dict):
+            self.augment = data.Augment(**self.augment)
         check_config(self)
 
 
@@ -117,6 +121,25 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.compartments not in ("global", "tensor", "layer") and not cfg.compartments.isdigit():
         raise ValueError(f"--compartments must be global, tensor, layer or a number of entries, "
                          f"got {cfg.compartments!r}")
+
+
+def augment_from_args(dataset: str, crop_pad: int | None, brightness: float | None, flip: bool | None,
+                      none: bool) -> data.Augment:
+    """The paper's pipeline for ``dataset`` with the options given on the command line changed."""
+    if none:
+        if (crop_pad, brightness, flip) != (None, None, None):
+            raise ValueError("--no-augment cannot be combined with --crop-pad, --brightness or --flip")
+        return data.NO_AUGMENT
+    if dataset not in data.DATASETS:
+        raise ValueError(f"--dataset must be one of {', '.join(data.DATASETS)}, got {dataset!r}")
+    paper = data.Augment.paper(dataset)
+    try:
+        return data.Augment(paper.crop_pad if crop_pad is None else crop_pad,
+                            paper.brightness if brightness is None else brightness,
+                            paper.flip if flip is None else flip)
+    except ValueError as err:
+        raise ValueError(str(err).replace("rbd_cuda: crop_pad", "--crop-pad").replace(
+            "rbd_cuda: brightness", "--brightness")) from None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -303,9 +326,12 @@ class Run:
         if not path.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {path}")
         state = torch.load(path, map_location=self.device, weights_only=False)
-        saved = state["config"]
-        differ = [f"{k} ({saved.get(k)!r} in the checkpoint, {getattr(self.cfg, k)!r} now)"
-                  for k in RUN_IDENTITY if saved.get(k) != getattr(self.cfg, k)]
+        saved = dict(state["config"])
+        if isinstance(saved.get("augment"), bool):  # checkpoints written before Augment existed
+            saved["augment"] = (data.Augment.paper(saved["dataset"]) if saved["augment"] else data.NO_AUGMENT).as_dict()
+        now = dataclasses.asdict(self.cfg)
+        differ = [f"{k} ({saved.get(k)!r} in the checkpoint, {now[k]!r} now)"
+                  for k in RUN_IDENTITY if saved.get(k) != now[k]]
         if differ:
             raise ValueError(f"--resume: the checkpoint at {path} is from another run: " + "; ".join(differ))
         self.model.load_state_dict(state["model"])
@@ -319,6 +345,8 @@ def train(cfg: TrainConfig, splits: data.Splits | None = None) -> Run:
     run = Run(cfg, splits)
     if cfg.resume:
         run.load()
+        if run.history:
+            run.write_results()  # repairs damaged outputs even when nothing is left to train
     run.run()
     return run
 
@@ -374,7 +402,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--momentum", type=float, default=0.0)
     p.add_argument("--population", type=int, help="NES population (default: --dim)")
     p.add_argument("--sigma", type=float, default=0.01, help="NES perturbation size")
-    p.add_argument("--no-augment", dest="augment", action="store_false", help="train without augmentation")
+    p.add_argument("--crop-pad", type=int, help="training augmentation: pad by K pixels and crop back at random "
+                   "(shifts of up to ±K; 0 = no crop; default: the paper's, 3 for MNIST/FMNIST, 4 for CIFAR-10)")
+    p.add_argument("--brightness", type=float, help="training augmentation: add U(-B, B) to each image "
+                   "(0 = none; default: the paper's, 0.5 for MNIST/FMNIST, 0 for CIFAR-10)")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction,
+                   help="training augmentation: random horizontal flips (default: the paper's, CIFAR-10 only)")
+    p.add_argument("--no-augment", action="store_true", help="no training augmentation at all")
     p.add_argument("--val-size", type=int, default=data.VALIDATION_SIZE)
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--data-root", help="where datasets live (default $RBD_DATA or ~/.cache/rbd_cuda)")
@@ -385,9 +419,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = vars(parser().parse_args(argv))
     try:
-        cfg = TrainConfig(**vars(args))
+        args["augment"] = augment_from_args(args["dataset"],
+                                            args.pop("crop_pad"), args.pop("brightness"), args.pop("flip"),
+                                            args.pop("no_augment"))
+        cfg = TrainConfig(**args)
         run = train(cfg)
     except (ValueError, FileNotFoundError, data.DataError) as err:
         print(f"error: {err}", file=sys.stderr)

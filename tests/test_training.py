@@ -154,7 +154,7 @@ def test_mnist_augmentation_is_a_shifted_window_of_the_padded_image_plus_one_bri
     images = torch.randint(1, 256, (6, 1, 28, 28), dtype=torch.uint8)
     plain = data.prepare("mnist", images)
     assert torch.equal(plain, images.float() / 255)
-    out = data.prepare("mnist", images, augment=True, gen=data.batch_generator(0, 0, 0))
+    out = data.prepare("mnist", images, augment=data.Augment.paper("mnist"), gen=data.batch_generator(0, 0, 0))
     padded = torch.nn.functional.pad(plain, (3, 3, 3, 3))
     for k in range(6):
         matches = []
@@ -164,9 +164,9 @@ def test_mnist_augmentation_is_a_shifted_window_of_the_padded_image_plus_one_bri
                 if torch.allclose(shift, shift.flatten()[0].expand_as(shift), atol=1e-6):
                     matches.append(float(shift.flatten()[0]))
         assert matches and all(-0.5 <= m <= 0.5 for m in matches)
-    again = data.prepare("mnist", images, augment=True, gen=data.batch_generator(0, 0, 0))
+    again = data.prepare("mnist", images, augment=data.Augment.paper("mnist"), gen=data.batch_generator(0, 0, 0))
     assert torch.equal(out, again)
-    assert not torch.equal(out, data.prepare("mnist", images, augment=True, gen=data.batch_generator(0, 0, 1)))
+    assert not torch.equal(out, data.prepare("mnist", images, augment=data.Augment.paper("mnist"), gen=data.batch_generator(0, 0, 1)))
 
 
 def test_cifar_images_are_standardised_per_image_and_flipped_or_not():
@@ -176,13 +176,66 @@ def test_cifar_images_are_standardised_per_image_and_flipped_or_not():
     assert torch.allclose(x.flatten(1).std(1, unbiased=False), torch.ones(64), atol=1e-4)
     constant = torch.full((1, 3, 32, 32), 7, dtype=torch.uint8)
     assert torch.count_nonzero(data.prepare("cifar10", constant)) == 0  # the std floor avoids 0/0
-    augmented = data.prepare("cifar10", images, augment=True, gen=data.batch_generator(1, 2, 3))
+    augmented = data.prepare("cifar10", images, augment=data.Augment.paper("cifar10"), gen=data.batch_generator(1, 2, 3))
     assert augmented.shape == (64, 3, 32, 32)
+
+
+def shifts_and_brightness(out: torch.Tensor, plain: torch.Tensor, pad: int) -> list[list[tuple]]:
+    """Per image, every (dy, dx, brightness) with out = the window at (dy, dx) of plain padded by
+    ``pad``, plus one constant."""
+    padded = torch.nn.functional.pad(plain, (pad, pad, pad, pad))
+    found = []
+    for k in range(len(out)):
+        matches = []
+        for dy in range(2 * pad + 1):
+            for dx in range(2 * pad + 1):
+                shift = out[k] - padded[k, :, dy:dy + 28, dx:dx + 28]
+                if torch.allclose(shift, shift.flatten()[0].expand_as(shift), atol=1e-6):
+                    matches.append((dy - pad, dx - pad, float(shift.flatten()[0])))
+        found.append(matches)
+    return found
+
+
+@pytest.mark.parametrize("pad, brightness", [(0, 0.5), (1, 0.5), (2, 0.25), (5, 0.0)])
+def test_augmentation_shifts_by_at_most_the_crop_pad_and_adds_at_most_the_brightness(pad, brightness):
+    images = torch.randint(1, 256, (40, 1, 28, 28), dtype=torch.uint8)
+    plain = data.prepare("mnist", images)
+    out = data.prepare("mnist", images, augment=data.Augment(pad, brightness), gen=data.batch_generator(0, 0, 0))
+    found = shifts_and_brightness(out, plain, pad)
+    assert all(found), "an output that is no shifted window of its image plus a constant"
+    assert all(abs(b) <= brightness for matches in found for _, _, b in matches)
+    # The whole range is used: over 40 images some shift reaches the pad, and brightness varies.
+    assert max(max(abs(dy), abs(dx)) for matches in found for dy, dx, _ in matches) == pad
+    spread = max(m[0][2] for m in found) - min(m[0][2] for m in found)
+    assert (spread > brightness) if brightness else spread == 0
+
+
+def test_the_papers_pipeline_draws_what_it_drew_before_augmentation_became_a_parameter():
+    # The released pipeline: crop with pad 3 drawn first (rows, then columns), then one
+    # U(-0.5, 0.5) brightness per image. Checkpoints and committed runs depend on this order.
+    images = torch.randint(0, 256, (5, 1, 28, 28), dtype=torch.uint8)
+    gen = data.batch_generator(2, 3, 4)
+    padded = torch.nn.functional.pad(images.float() / 255, (3, 3, 3, 3))
+    dy, dx = torch.randint(0, 7, (5,), generator=gen), torch.randint(0, 7, (5,), generator=gen)
+    expected = torch.stack([padded[k, :, dy[k]:dy[k] + 28, dx[k]:dx[k] + 28] for k in range(5)])
+    expected += torch.empty(5, 1, 1, 1).uniform_(-0.5, 0.5, generator=gen)
+    out = data.prepare("fmnist", images, augment=data.Augment(3, 0.5), gen=data.batch_generator(2, 3, 4))
+    assert torch.equal(out, expected)
+    assert data.Augment.paper("fmnist") == data.Augment(3, 0.5) == data.Augment.paper("mnist")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"crop_pad": -1}, "crop_pad"), ({"crop_pad": 1.5}, "crop_pad"), ({"brightness": float("nan")}, "brightness"),
+    ({"brightness": -0.1}, "brightness"), ({"brightness": float("inf")}, "brightness"), ({"flip": 1}, "flip"),
+])
+def test_bad_augmentations_are_refused_by_name(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        data.Augment(**kwargs)
 
 
 def test_augment_without_a_generator_is_refused():
     with pytest.raises(ValueError, match="gen"):
-        data.prepare("mnist", torch.zeros(1, 1, 28, 28, dtype=torch.uint8), augment=True)
+        data.prepare("mnist", torch.zeros(1, 1, 28, 28, dtype=torch.uint8), augment=data.Augment(1))
 
 
 def test_epoch_orders_are_permutations_that_change_every_epoch():
@@ -210,7 +263,7 @@ def synthetic_splits(n_train=320, n_val=200) -> data.Splits:
 
 def config(tmp_path, method, **kw):
     defaults = {"model": "fc", "dataset": "mnist", "method": method, "epochs": 1, "out": str(tmp_path / method),
-                "device": "cpu", "progress": False, "augment": False, "population": 8, "seed": 1}
+                "device": "cpu", "progress": False, "augment": data.NO_AUGMENT, "population": 8, "seed": 1}
     # Learning rates for this small problem (the paper's are tuned for its tasks).
     defaults["lr"] = {"sgd": 0.125, "rbd": 50.0, "fpd": 50.0, "nes": 0.5}[method]
     defaults["dim"] = 32
@@ -237,11 +290,11 @@ def test_a_few_steps_reduce_the_validation_loss(tmp_path, method):
 @pytest.mark.parametrize("method", ["sgd", "rbd"])
 def test_resume_from_the_middle_of_an_epoch_continues_identically(tmp_path, method):
     splits = synthetic_splits()
-    straight = train.train(config(tmp_path / "a", method, epochs=2, augment=True), splits)
-    interrupted = config(tmp_path / "b", method, epochs=2, augment=True, max_steps=13)
+    straight = train.train(config(tmp_path / "a", method, epochs=2, augment=data.Augment.paper("mnist")), splits)
+    interrupted = config(tmp_path / "b", method, epochs=2, augment=data.Augment.paper("mnist"), max_steps=13)
     first = train.train(interrupted, splits)
     assert first.global_step == 13 and not first.history[-1]["complete_epoch"]
-    resumed = train.train(config(tmp_path / "b", method, epochs=2, augment=True, resume=True), splits)
+    resumed = train.train(config(tmp_path / "b", method, epochs=2, augment=data.Augment.paper("mnist"), resume=True), splits)
     for p, q in zip(straight.model.parameters(), resumed.model.parameters(), strict=True):
         assert torch.equal(p, q)
     timing = ("images_per_s", "train_seconds")
@@ -266,11 +319,25 @@ def test_resume_refuses_another_runs_checkpoint(tmp_path):
     (["--max-steps", "0"], "--max-steps must be at least 1"),
     (["--compartments", "weird"], "--compartments must be"),
     (["--resume", "--out", "/nonexistent/run"], "--resume: no checkpoint"),
+    (["--crop-pad", "-2"], "--crop-pad must be a non-negative integer"),
+    (["--brightness", "nan"], "--brightness must be a finite number"),
+    (["--no-augment", "--crop-pad", "1"], "--no-augment cannot be combined"),
 ])
 def test_cli_errors_name_the_argument(argv, message, capsys, monkeypatch):
     monkeypatch.setattr(data, "load", lambda *a, **k: synthetic_splits())
     assert train.main([*argv, "--device", "cpu", "--no-progress"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_cli_records_the_augmentation_in_the_configuration(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "load", lambda *a, **k: synthetic_splits())
+    common = ["--dataset", "fmnist", "--method", "sgd", "--max-steps", "1", "--device", "cpu", "--no-progress"]
+    for extra, expected in [([], (3, 0.5, False)), (["--crop-pad", "1"], (1, 0.5, False)),
+                            (["--no-augment"], (0, 0.0, False)), (["--brightness", "0", "--flip"], (3, 0.0, True))]:
+        out = tmp_path / "_".join(extra or ["paper"])
+        assert train.main([*common, *extra, "--out", str(out)]) == 0
+        saved = json.loads((out / "metrics.json").read_text())["config"]["augment"]
+        assert (saved["crop_pad"], saved["brightness"], saved["flip"]) == expected
 
 
 def test_paper_learning_rates_are_the_defaults():
@@ -290,22 +357,54 @@ def test_reproduce_writes_a_table_beside_the_papers_numbers(tmp_path, monkeypatc
     table = json.loads((out / "table.json").read_text())["rows"]
     assert [(t["row"], t["method"], t["seeds"]) for t in table] == [("fc-mnist", "sgd", 2), ("fc-mnist", "rbd", 2)]
     sgd = table[0]
-    accs = [json.loads((out / "runs" / f"fc-mnist-sgd-s{s}" / "metrics.json").read_text())["history"][-1]["val_acc"]
+    accs = [json.loads((out / "runs" / f"fc-mnist-sgd-crop3-b0.5-s{s}" / "metrics.json").read_text())["history"][-1]["val_acc"]
             for s in (0, 1)]
     assert sgd["val_acc_mean"] == pytest.approx(np.mean(accs))
     assert sgd["val_acc_std"] == pytest.approx(np.std(accs, ddof=1))
     assert sgd["paper_mean"] == 98.27 and sgd["difference"] == pytest.approx(np.mean(accs) - 98.27)
-    assert "| fc-mnist | rbd |" in (out / "table.md").read_text()
+    assert "| fc-mnist | rbd | crop ±3, brightness ±0.5 |" in (out / "table.md").read_text()
     assert (out / "curves.png").stat().st_size > 1000
     # Asking again reuses the finished runs (their checkpoints) instead of training anew.
-    before = (out / "runs" / "fc-mnist-sgd-s0" / "checkpoint.pt").stat().st_mtime_ns
+    before = (out / "runs" / "fc-mnist-sgd-crop3-b0.5-s0" / "checkpoint.pt").stat().st_mtime_ns
     assert reproduce.main(argv) == 0
-    assert (out / "runs" / "fc-mnist-sgd-s0" / "checkpoint.pt").stat().st_mtime_ns == before
+    assert (out / "runs" / "fc-mnist-sgd-crop3-b0.5-s0" / "checkpoint.pt").stat().st_mtime_ns == before
     # --report tabulates what is there without training; runs that are not there are left out.
     assert reproduce.main([*argv, "--report", "--methods", "sgd,rbd,nes"]) == 0
     assert json.loads((out / "table.json").read_text())["rows"] == table
     assert reproduce.main(["--report", "--rows", "fc-fmnist", "--out", str(out), "--no-progress"]) == 2
     assert "no finished runs" in capsys.readouterr().err
+
+
+def test_reproduce_runs_each_crop_pad_as_a_pipeline_of_its_own(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "load", lambda *a, **k: synthetic_splits())
+    out = tmp_path / "rep"
+    argv = ["--rows", "fc-fmnist", "--methods", "sgd", "--crop-pads", "paper,0,1", "--epochs", "1",
+            "--max-steps", "3", "--device", "cpu", "--out", str(out), "--no-progress"]
+    assert reproduce.main(argv) == 0
+    table = json.loads((out / "table.json").read_text())["rows"]
+    assert [t["augment"] for t in table] == [{"crop_pad": k, "brightness": 0.5, "flip": False} for k in (3, 0, 1)]
+    for k in (3, 0, 1):
+        saved = json.loads((out / "runs" / f"fc-fmnist-sgd-crop{k}-b0.5-s0" / "metrics.json").read_text())
+        assert saved["config"]["augment"] == {"crop_pad": k, "brightness": 0.5, "flip": False}
+    assert "| fc-fmnist | sgd | no crop, brightness ±0.5 |" in (out / "table.md").read_text()
+    assert reproduce.main([*argv, "--brightness", "0", "--crop-pads", "0", "--max-steps", "1"]) == 0
+    assert (out / "runs" / "fc-fmnist-sgd-crop0-b0-s0" / "metrics.json").is_file()
+    assert reproduce.main([*argv, "--crop-pads", "-1"]) == 2
+
+
+def test_a_broken_metrics_file_is_named_by_report(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(data, "load", lambda *a, **k: synthetic_splits())
+    out = tmp_path / "rep"
+    argv = ["--methods", "sgd", "--epochs", "1", "--max-steps", "2", "--device", "cpu", "--out", str(out),
+            "--no-progress"]
+    assert reproduce.main(argv) == 0
+    metrics = out / "runs" / "fc-mnist-sgd-crop3-b0.5-s0" / "metrics.json"
+    good = metrics.read_text()
+    metrics.write_text(good[:40])
+    assert reproduce.main([*argv, "--report"]) == 2
+    assert f"{metrics} is unreadable" in capsys.readouterr().err
+    assert reproduce.main(argv) == 0  # training again (nothing left to train) rewrites it
+    assert json.loads(metrics.read_text())["history"] == json.loads(good)["history"]
 
 
 def test_reproduce_rejects_unknown_rows_and_seeds(capsys):
