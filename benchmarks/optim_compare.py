@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from rbd_cuda.experiments import loop
 from rbd_cuda.optim import FPD, NES, RBD
 
 D_IN, HIDDEN, CLASSES = 64, 128, 10
@@ -47,10 +48,7 @@ def student(seed: int = 1) -> torch.nn.Module:
 
 
 def evaluate(model, data) -> tuple[float, float]:
-    x, y = data
-    with torch.no_grad():
-        logits = model(x)
-        return torch.nn.functional.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
+    return loop.evaluate(model, [data])
 
 
 def make_optimizer(method: str, model, lr: float, dim: int, seed: int):
@@ -69,24 +67,20 @@ def run(method: str, lr: float, steps: int, dim: int, train, test, seed: int, ev
     gen = torch.Generator().manual_seed(seed)
     x, y = train
 
-    def batch():
+    def batch(_index: int):  # every step (and every NES population member) draws its own minibatch
         idx = torch.randint(0, x.shape[0], (32,), generator=gen)
         return x[idx], y[idx]
 
     curve = [(0, *evaluate(model, test))]
-    for step in range(1, steps + 1):
-        if method == "nes":
-            def closure():
-                xb, yb = batch()  # every population member on its own minibatch, as in the paper
-                return torch.nn.functional.cross_entropy(model(xb), yb)
-            opt.step(closure)
-        else:
-            xb, yb = batch()
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(xb), yb).backward()
-            opt.step()
-        if step % eval_every == 0:
-            curve.append((step, *evaluate(model, test)))
+
+    def after_step(i: int, _totals) -> None:
+        if (i + 1) % eval_every == 0:
+            curve.append((i + 1, *evaluate(model, test)))
+
+    try:
+        loop.fit_epoch(model, opt, batch, range(steps), members=dim if method == "nes" else 1, on_step=after_step)
+    except loop.NonFiniteLoss:
+        return {"method": method, "lr": lr, "final_loss": None, "final_acc": None, "curve": curve}
     loss, acc = curve[-1][1:]
     finite = math.isfinite(loss)
     return {"method": method, "lr": lr, "final_loss": loss if finite else None, "final_acc": acc, "curve": curve}

@@ -20,15 +20,12 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from tqdm.auto import tqdm
 
-from rbd_cuda import data, models
 from rbd_cuda.distributed import (
     CommStats,
     DistributedRBD,
@@ -36,6 +33,8 @@ from rbd_cuda.distributed import (
     init_process_group,
     random_bases_hook,
 )
+from rbd_cuda.experiments import data, loop, models
+from rbd_cuda.experiments.train import evaluate
 from rbd_cuda.optim import Compression
 
 SCHEMES = ("shared", "independent", "hook", "ddp")
@@ -80,15 +79,6 @@ def counting_allreduce_hook(stats: CommStats, bucket: dist.GradBucket) -> torch.
     return default_hooks.allreduce_hook(None, bucket)
 
 
-@torch.no_grad()
-def evaluate(model, images, labels, device) -> tuple[float, float]:
-    model.eval()
-    x, y = data.prepare("mnist", images).to(device), labels.to(device)
-    logits = model(x)
-    model.train()
-    return float(F.cross_entropy(logits, y)), 100.0 * float((logits.argmax(1) == y).float().mean())
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = init_process_group(timeout_s=args.timeout)
@@ -118,25 +108,33 @@ def main(argv=None) -> int:
 
     n_train, global_batch = len(splits.train_x), world * args.batch_size
     steps_per_epoch = n_train // global_batch
-    losses, start = [], time.perf_counter()
-    for step in tqdm(range(args.steps), disable=rank != 0 or not args.progress, desc=f"{args.scheme} ×{world}"):
-        epoch, index = divmod(step, steps_per_epoch)
-        if index == 0:
-            order = data.epoch_order(n_train, args.seed, epoch)
-        first = index * global_batch + rank * args.batch_size
-        idx = order[first:first + args.batch_size]
-        # The augmentation of this rank's share of the batch depends on (seed, epoch, batch, rank).
-        gen = data.batch_generator(args.seed, epoch, index * world + rank)
-        x = data.prepare("mnist", splits.train_x[idx], augment=data.Augment.paper("mnist"), gen=gen).to(device)
-        loss = F.cross_entropy(net(x), splits.train_y[idx].to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    seconds = time.perf_counter() - start
+    losses = []
+    bar = tqdm(total=args.steps, disable=rank != 0 or not args.progress, desc=f"{args.scheme} ×{world}")
 
-    val_loss, val_acc = evaluate(model, splits.val_x, splits.val_y, device)
-    test_loss, test_acc = evaluate(model, splits.test_x, splits.test_y, device)
+    def after_step(_index: int, totals: loop.Totals) -> None:
+        losses.append(totals.last_loss)
+        bar.update()
+
+    totals = loop.Totals()
+    for epoch in range(-(-args.steps // steps_per_epoch)):
+        order = data.epoch_order(n_train, args.seed, epoch)
+
+        def batch_at(index: int, order=order, epoch=epoch) -> loop.Batch:
+            first = index * global_batch + rank * args.batch_size
+            idx = order[first:first + args.batch_size]
+            # The augmentation of this rank's share of the batch depends on (seed, epoch, batch, rank).
+            gen = data.batch_generator(args.seed, epoch, index * world + rank)
+            x = data.prepare("mnist", splits.train_x[idx], augment=data.Augment.paper("mnist"), gen=gen)
+            return x.to(device), splits.train_y[idx].to(device)
+
+        steps = range(min(steps_per_epoch, args.steps - epoch * steps_per_epoch))
+        loop.fit_epoch(net, opt, batch_at, steps, first_step=epoch * steps_per_epoch, totals=totals,
+                       on_step=after_step)
+    bar.close()
+    seconds = totals.seconds
+
+    val_loss, val_acc = evaluate(model, "mnist", splits.val_x, splits.val_y, device)
+    test_loss, test_acc = evaluate(model, "mnist", splits.test_x, splits.test_y, device)
     result = {
         "scheme": args.scheme, "world_size": world, "steps": args.steps, "batch_per_rank": args.batch_size,
         "lr": lr, "dim": args.dim if args.scheme in ("shared", "independent") else None,

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from rbd_cuda import data, intrinsic_dim
+from rbd_cuda.experiments import data, intrinsic_dim
 
 
 def test_d_int_is_the_smallest_dim_reaching_the_target():
@@ -39,8 +39,9 @@ def tiny_mnist(name, root=None, **kwargs):
 def test_the_command_writes_json_and_a_plot(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(intrinsic_dim.data, "load", tiny_mnist)
     out = tmp_path / "run"
-    result = intrinsic_dim.main(["--model", "fc", "--dataset", "mnist", "--dims", "40", "5", "--epochs", "2",
-                                 "--batch-size", "60", "--lr", "0.01", "--out", str(out), "--threads", "1"])
+    argv = ["--model", "fc", "--dataset", "mnist", "--dims", "40", "5", "--epochs", "2", "--batch-size", "60",
+            "--lr", "0.01", "--out", str(out), "--threads", "1"]
+    result = intrinsic_dim.run(intrinsic_dim.parse_args(argv))
     saved = json.loads((out / "intrinsic_dim.json").read_text())
     assert saved == json.loads(json.dumps(result))
     assert (out / "intrinsic_dim.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -64,9 +65,9 @@ def test_the_command_writes_json_and_a_plot(tmp_path, monkeypatch, capsys):
 
 def test_said_and_a_given_baseline(tmp_path, monkeypatch):
     monkeypatch.setattr(intrinsic_dim.data, "load", tiny_mnist)
-    result = intrinsic_dim.main(["--dims", "8", "--epochs", "0.5", "--batch-size", "100", "--said",
-                                 "--compartments", "layer", "--no-baseline", "--baseline-accuracy", "0.5",
-                                 "--out", str(tmp_path), "--threads", "1"])
+    result = intrinsic_dim.run(intrinsic_dim.parse_args([
+        "--dims", "8", "--epochs", "0.5", "--batch-size", "100", "--said", "--compartments", "layer",
+        "--no-baseline", "--baseline-accuracy", "0.5", "--out", str(tmp_path), "--threads", "1"]))
     (run,) = result["subspace"]
     assert run["trainable"] == 2 * 8 + 2  # two layers, 8 directions and one λ each
     assert run["steps"] == 6  # half an epoch of 12 steps
@@ -74,9 +75,16 @@ def test_said_and_a_given_baseline(tmp_path, monkeypatch):
     assert (tmp_path / "intrinsic_dim.png").is_file()
 
 
-@pytest.mark.parametrize("argv", [["--dims", "0"], ["--dims", "10", "--threshold", "1.5"], ["--epochs", "0"],
-                                  ["--no-baseline"], ["--compartments", "rows"], ["--model", "vgg"]])
-def test_bad_arguments_exit_with_a_message(argv, capsys):
-    with pytest.raises(SystemExit):
-        intrinsic_dim.parse_args(argv)
-    assert "error:" in capsys.readouterr().err
+@pytest.mark.parametrize("argv, message", [
+    (["--dims", "0"], "--dims"), (["--dims", "10", "--threshold", "1.5"], "--threshold"), (["--epochs", "0"], "--epochs"),
+    (["--no-baseline"], "--baseline-accuracy"), (["--compartments", "rows"], "--compartments"), (["--model", "vgg"], "--model"),
+    (["--threads", "0"], "--threads must be at least 1"), (["--seed", str(2**64)], "--seed must be in"),
+    (["--no-baseline", "--baseline-accuracy", "1.5"], "--baseline-accuracy must be"),
+    (["--no-baseline", "--baseline-accuracy", "nan"], "--baseline-accuracy must be"),
+])
+def test_bad_arguments_exit_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        intrinsic_dim.main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and message in err and "Traceback" not in err

