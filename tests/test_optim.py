@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rbd_cuda.optim import FPD, NES, RBD, Compression, Fixed, Proportional, replay
-from rbd_cuda.optim.compartments import plan
+from rbd_cuda.layout import plan
 
 
 def mlp(seed: int = 0) -> torch.nn.Module:
