@@ -71,7 +71,9 @@ class RandomBasesOptimizer(torch.optim.Optimizer):
                              "compartments and their bases are planned over all parameters at construction; "
                              "build a new optimizer with every param group instead")
         super().add_param_group(param_group)
-        self._check_group(len(self.param_groups) - 1, self.param_groups[-1])
+        group = self.param_groups[-1]
+        # Plain floats (not numpy scalars), so state dicts load with weights_only=True.
+        group.update(zip(self.HYPERPARAMETERS, self._check_group(len(self.param_groups) - 1, group), strict=True))
 
     def _check_group(self, index: int, group: dict) -> tuple[float, ...]:
         return tuple(check_finite(f"{name} (param group {index})", group[name], low=low, high=high, open_high=open_)
