@@ -132,7 +132,7 @@ def check_consistency(tensors: Iterable[torch.Tensor], group=None, what: str = "
     ``group`` (one all-gather of a 64-bit hash per rank)."""
     tensors = list(tensors)
     device = tensors[0].device if tensors else torch.device("cpu")
-    _agree({what: fingerprint(tensors)}, group, "the consistency check", device, RuntimeError)
+    _agree({what: fingerprint(tensors)}, group, "the consistency check", device, RuntimeError, DIVERGED)
 
 
 def _hash(value) -> int:
@@ -140,7 +140,11 @@ def _hash(value) -> int:
     return int.from_bytes(hashlib.blake2b(repr(value).encode(), digest_size=8).digest(), "little", signed=True)
 
 
-def _agree(fields: dict[str, object], group, what: str, device: torch.device, error: type = ValueError) -> int:
+DIVERGED = "the ranks have diverged"
+
+
+def _agree(fields: dict[str, object], group, what: str, device: torch.device, error: type = ValueError,
+           hint: str = "every rank must build it with the same arguments and parameters") -> int:
     """Raise on every rank, naming the first field whose value differs across the ranks of
     ``group``. One all-gather of a 64-bit hash per field; every rank sees every hash, so all ranks
     raise the same error (none is left waiting in a later collective). Returns the bytes sent."""
@@ -152,8 +156,7 @@ def _agree(fields: dict[str, object], group, what: str, device: torch.device, er
         differ = [r for r, row in enumerate(rows) if row[k] != rows[0][k]]
         if differ:
             raise error(f"rbd_cuda: {what}: ranks disagree on {name}: rank(s) {differ} differ from rank 0 "
-                             f"(this is rank {dist.get_rank(group)}, with {fields[name]!r}); every rank must "
-                             "build it with the same arguments and parameters")
+                        f"(this is rank {dist.get_rank(group)}, with {fields[name]!r}); {hint}")
     return mine.numel() * 8
 
 
@@ -255,9 +258,11 @@ class Collective(Exchange):
         """Raise on every rank if the parameters, the groups' lr and momentum or the step count
         differ across ranks (one all-gather of three hashes)."""
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        fields = {"parameters": fingerprint(params), "param groups (lr, momentum)": optimizer.hyperparameters(),
-                  "steps_taken": optimizer.steps_taken}
-        self.comm.setup_bytes += _agree(fields, self.group, "the consistency check", self.device, RuntimeError)
+        # The causes first: a differing lr is named as such, not as the parameters it moved.
+        fields = {"param groups (lr, momentum)": optimizer.hyperparameters(), "steps_taken": optimizer.steps_taken,
+                  "parameters": fingerprint(params)}
+        self.comm.setup_bytes += _agree(fields, self.group, "the consistency check", self.device, RuntimeError,
+                                        DIVERGED)
 
 
 class DistributedRBD(RBD):
