@@ -9,10 +9,19 @@ the trajectory and is checked on load.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 
-from ..basis import Basis, check_distribution, check_finite, check_normalize, check_seed, expand_compartment_, scale
+from ..basis import (
+    Basis,
+    check_distribution,
+    check_finite,
+    check_normalize,
+    check_seed,
+    expand_compartment_,
+    scale,
+)
 from ..layout import Compartment, describe, plan
 
 # Version of the "rbd" entry of state_dict(). Entries without "format" were written by a02b069
@@ -29,7 +38,7 @@ class RandomBasesOptimizer(torch.optim.Optimizer):
     """
 
     # name -> (low, high, high excluded) of each param-group hyperparameter
-    HYPERPARAMETERS: dict[str, tuple[float, float, bool]] = {"lr": (0.0, float("inf"), False)}
+    HYPERPARAMETERS: ClassVar[dict[str, tuple[float, float, bool]]] = {"lr": (0.0, float("inf"), False)}
     redraw = True
 
     def __init__(self, params, defaults: dict, dim, *, compartments, distribution: str, normalize: str, seed):

@@ -21,6 +21,7 @@ for the whole run (FPD, Li et al. 2018: ``step`` stays 0). ``s`` is set by ``nor
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import ClassVar
 
 import torch
 
@@ -93,7 +94,8 @@ class RBD(RandomBasesOptimizer):
     parameter changes.
     """
 
-    HYPERPARAMETERS = {"lr": (0.0, float("inf"), False), "momentum": (0.0, 1.0, True)}
+    HYPERPARAMETERS: ClassVar[dict[str, tuple[float, float, bool]]] = {
+        "lr": (0.0, float("inf"), False), "momentum": (0.0, 1.0, True)}
 
     def __init__(self, params, lr: float, dim, *, compartments="global", distribution: str = "normal",
                  normalize: str = "unbiased", momentum: float = 0.0, seed: int = 0,
