@@ -107,7 +107,7 @@ def project(
     ``c[j] = sum_i P[row_offset + i, col_offset + j] * g[i]``. P is generated on the fly.
     """
     kw = _stream_kwargs(g.numel(), dim, seed, step, stream, distribution, row_offset, col_offset)
-    return _differentiable(_Project, torch.ops.rbd_cuda.project, g, _integer("dim", dim), kw)
+    return _differentiable("project", g, _integer("dim", dim), kw)
 
 
 def expand(
@@ -127,7 +127,7 @@ def expand(
     returned in ``c``'s dtype on ``c``'s device.
     """
     kw = _stream_kwargs(numel, _coefficient_count(c), seed, step, stream, distribution, row_offset, col_offset)
-    return _differentiable(_Expand, torch.ops.rbd_cuda.expand, c, _integer("numel", numel), kw)
+    return _differentiable("expand", c, _integer("numel", numel), kw)
 
 
 def expand_(
@@ -274,59 +274,44 @@ def _expand_backward(ctx, grad_u):
 torch.library.register_autograd("rbd_cuda::project", _project_backward, setup_context=_save_stream)
 torch.library.register_autograd("rbd_cuda::expand", _expand_backward, setup_context=_save_stream)
 
-# The wrappers ``project``/``expand`` go through these autograd.Functions, which also give forward
+# The wrappers ``project``/``expand`` go through this autograd.Function, which also gives forward
 # mode (jvp, forward_ad: the tangent of a linear map is the map of the tangent) and torch.func
 # (grad, jacrev, vmap), which register_autograd does not. The raw ops keep the registration above.
 _KEYS = ("seed", "step", "stream", "distribution", "row_offset", "col_offset")
 
 
-def _differentiable(function, op, x: torch.Tensor, size: int, kw: dict) -> torch.Tensor:
+def _differentiable(name: str, x: torch.Tensor, size: int, kw: dict) -> torch.Tensor:
     # Called directly (with the registered backward) under torch.compile, which cannot trace a
     # custom jvp, and without autograd, forward AD or a torch.func transform in sight: an
     # autograd.Function costs about 0.1 ms a call, much of a small optimizer step.
     if torch.compiler.is_compiling() or (
             not (x.requires_grad and torch.is_grad_enabled()) and _forward_ad._current_level < 0
             and torch._C._functorch.maybe_current_level() is None):
-        return op(x, size, **kw)
-    return function.apply(x, size, *(kw[k] for k in _KEYS))
+        return getattr(torch.ops.rbd_cuda, name)(x, size, **kw)
+    return _Linear.apply(x, name, size, *(kw[k] for k in _KEYS))
 
 
-def _setup(ctx, inputs, output):
-    ctx.size, ctx.keys = inputs[1], inputs[2:]
-    ctx.shape, ctx.dtype = inputs[0].shape, inputs[0].dtype
+class _Linear(torch.autograd.Function):
+    """``op(x, size, **keys)`` for op = project or expand: the derivative is the adjoint op (the
+    other one) of the incoming gradient, the tangent the op itself of the incoming tangent."""
 
-
-class _Project(torch.autograd.Function):
     generate_vmap_rule = True
-    setup_context = staticmethod(_setup)
 
     @staticmethod
-    def forward(g, dim, *keys):
-        return torch.ops.rbd_cuda.project(g, dim, **dict(zip(_KEYS, keys, strict=True)))
+    def forward(x, name, size, *keys):
+        return getattr(torch.ops.rbd_cuda, name)(x, size, **dict(zip(_KEYS, keys, strict=True)))
 
     @staticmethod
-    def backward(ctx, grad_c):
-        grad_g = _Expand.apply(grad_c.contiguous(), math.prod(ctx.shape), *ctx.keys)
-        return (grad_g.reshape(ctx.shape).to(ctx.dtype), None, *(None for _ in _KEYS))
+    def setup_context(ctx, inputs, output):
+        x, ctx.name, ctx.size, *ctx.keys = inputs
+        ctx.shape, ctx.dtype = x.shape, x.dtype
 
     @staticmethod
-    def jvp(ctx, tangent_g, *_):
-        return _Project.apply(tangent_g.contiguous(), ctx.size, *ctx.keys)
-
-
-class _Expand(torch.autograd.Function):
-    generate_vmap_rule = True
-    setup_context = staticmethod(_setup)
+    def backward(ctx, grad):
+        adjoint = "expand" if ctx.name == "project" else "project"
+        grad_x = _Linear.apply(grad.contiguous(), adjoint, math.prod(ctx.shape), *ctx.keys)
+        return (grad_x.reshape(ctx.shape).to(ctx.dtype), None, None, *(None for _ in _KEYS))
 
     @staticmethod
-    def forward(c, numel, *keys):
-        return torch.ops.rbd_cuda.expand(c, numel, **dict(zip(_KEYS, keys, strict=True)))
-
-    @staticmethod
-    def backward(ctx, grad_u):
-        grad_c = _Project.apply(grad_u.contiguous(), ctx.shape[0], *ctx.keys)
-        return (grad_c.to(ctx.dtype), None, *(None for _ in _KEYS))
-
-    @staticmethod
-    def jvp(ctx, tangent_c, *_):
-        return _Expand.apply(tangent_c.contiguous(), ctx.size, *ctx.keys)
+    def jvp(ctx, tangent, *_):
+        return _Linear.apply(tangent.contiguous(), ctx.name, ctx.size, *ctx.keys)
