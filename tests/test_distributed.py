@@ -9,6 +9,7 @@ kills what is still running at its deadline and fails the test.
 from __future__ import annotations
 
 import datetime
+import io
 import multiprocessing
 import os
 import time
@@ -554,3 +555,17 @@ def test_fingerprint_sees_every_bit():
     b.view(torch.int32)[57] ^= 1  # the lowest mantissa bit of one entry
     assert fingerprint([a]) != fingerprint([b])
     assert fingerprint([a.to(torch.bfloat16)]) != fingerprint([a.to(torch.float16)])
+
+
+def test_hook_state_dict_round_trip_and_refusal():
+    state = RandomBasesHook(30, seed=3, distribution="rademacher", error_feedback=True)
+    state.step = 7
+    buffer = io.BytesIO()
+    torch.save(state.state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed = RandomBasesHook(30, seed=3, distribution="rademacher", error_feedback=True)
+    resumed.load_state_dict(saved)
+    assert resumed.step == 7
+    with pytest.raises(ValueError, match="other arguments: seed: 3 saved, 4 here"):
+        RandomBasesHook(30, seed=4, distribution="rademacher", error_feedback=True).load_state_dict(saved)
