@@ -281,12 +281,11 @@ _KEYS = ("seed", "step", "stream", "distribution", "row_offset", "col_offset")
 
 
 def _differentiable(name: str, x: torch.Tensor, size: int, kw: dict) -> torch.Tensor:
-    # Called directly (with the registered backward) under torch.compile, which cannot trace a
-    # custom jvp, and without autograd, forward AD or a torch.func transform in sight: an
-    # autograd.Function costs about 0.1 ms a call, much of a small optimizer step.
-    if torch.compiler.is_compiling() or (
-            not (x.requires_grad and torch.is_grad_enabled()) and _forward_ad._current_level < 0
-            and torch._C._functorch.maybe_current_level() is None):
+    # The op is called directly, reverse mode then using its registered backward, unless forward
+    # AD or a torch.func transform is active: an autograd.Function costs about 0.1 ms a call (much
+    # of a small optimizer step), and torch.compile cannot trace a custom jvp.
+    if torch.compiler.is_compiling() or (_forward_ad._current_level < 0
+                                         and torch._C._functorch.maybe_current_level() is None):
         return getattr(torch.ops.rbd_cuda, name)(x, size, **kw)
     return _Linear.apply(x, name, size, *(kw[k] for k in _KEYS))
 
