@@ -255,28 +255,10 @@ def _philox_fake(counter, key, rounds=10):
 # The same stream keywords address the same P, so the backward regenerates it (never stored).
 
 
-def _save_stream(ctx, inputs, keyword_only_inputs, output):
-    ctx.stream = dict(keyword_only_inputs)
-    ctx.shape, ctx.dtype = inputs[0].shape, inputs[0].dtype
-
-
-def _project_backward(ctx, grad_c):
-    numel = math.prod(ctx.shape)
-    grad_g = torch.ops.rbd_cuda.expand(grad_c.contiguous(), numel, **ctx.stream)
-    return grad_g.reshape(ctx.shape).to(ctx.dtype), None
-
-
-def _expand_backward(ctx, grad_u):
-    grad_c = torch.ops.rbd_cuda.project(grad_u.contiguous(), ctx.shape[0], **ctx.stream)
-    return grad_c.to(ctx.dtype), None
-
-
-torch.library.register_autograd("rbd_cuda::project", _project_backward, setup_context=_save_stream)
-torch.library.register_autograd("rbd_cuda::expand", _expand_backward, setup_context=_save_stream)
-
-# The wrappers ``project``/``expand`` go through this autograd.Function, which also gives forward
-# mode (jvp, forward_ad: the tangent of a linear map is the map of the tangent) and torch.func
-# (grad, jacrev, vmap), which register_autograd does not. The raw ops keep the registration above.
+# Forward mode (jvp, forward_ad: the tangent of a linear map is the map of the tangent) and
+# torch.func (grad, jacrev, vmap) need an autograd.Function, which register_autograd (below, for
+# reverse mode and for callers of torch.ops.rbd_cuda) does not give: the wrappers ``project`` and
+# ``expand`` use this one when such a transform is active.
 _KEYS = ("seed", "step", "stream", "distribution", "row_offset", "col_offset")
 
 
@@ -314,3 +296,23 @@ class _Linear(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, tangent, *_):
         return _Linear.apply(tangent.contiguous(), ctx.name, ctx.size, *ctx.keys)
+
+
+def _save_stream(ctx, inputs, keyword_only_inputs, output):
+    ctx.stream = dict(keyword_only_inputs)
+    ctx.shape, ctx.dtype = inputs[0].shape, inputs[0].dtype
+
+
+def _project_backward(ctx, grad_c):
+    numel = math.prod(ctx.shape)
+    grad_g = torch.ops.rbd_cuda.expand(grad_c.contiguous(), numel, **ctx.stream)
+    return grad_g.reshape(ctx.shape).to(ctx.dtype), None
+
+
+def _expand_backward(ctx, grad_u):
+    grad_c = torch.ops.rbd_cuda.project(grad_u.contiguous(), ctx.shape[0], **ctx.stream)
+    return grad_c.to(ctx.dtype), None
+
+
+torch.library.register_autograd("rbd_cuda::project", _project_backward, setup_context=_save_stream)
+torch.library.register_autograd("rbd_cuda::expand", _expand_backward, setup_context=_save_stream)
