@@ -24,14 +24,12 @@ ENTRY_VARIANCE = {"normal": 1.0, "uniform": 1.0 / 3.0, "rademacher": 1.0}
 
 # s of the update −lr·s·P Pᵀ g (equivalently: every basis vector multiplied by √s), for a
 # compartment of d directions and n entries in a model of D entries, entries of variance σ²:
+#   "unbiased"    1/(d σ²): E[s P Pᵀ] = I
+#   "paper"       1/D: every basis vector divided by √D, the paper's auto_norm (Table 1)
+#   "dim"         1/d: the paper's normalized=False
+#   "none"        1
+#   "projection"  1/(n σ²): s P Pᵀ close to the orthogonal projection on the d directions
 NORMALIZATIONS = ("unbiased", "paper", "dim", "none", "projection")
-NORMALIZATION_FORMULAS = {
-    "unbiased": "1/(d σ²): E[s P Pᵀ] = I",
-    "paper": "1/D: every basis vector divided by √D, the paper's auto_norm (Table 1)",
-    "dim": "1/d: the paper's normalized=False",
-    "none": "1",
-    "projection": "1/(n σ²): s P Pᵀ close to the orthogonal projection on the d directions",
-}
 STREAM_STEPS = 2**32
 
 
@@ -78,7 +76,7 @@ def check_finite(name: str, value, *, low: float = 0.0, high: float = math.inf, 
 
 def scale(normalize: str, distribution: str, dim: int, numel: int, total_numel: int, *, root: bool = False) -> float:
     """The constant s of the update −lr·s·P Pᵀ g for a compartment of ``dim`` directions and
-    ``numel`` entries in a model of ``total_numel`` entries (``NORMALIZATION_FORMULAS``); with
+    ``numel`` entries in a model of ``total_numel`` entries (the table above ``NORMALIZATIONS``); with
     ``root``, √s, the factor of each basis vector (NES's update, the subspace wrapper)."""
     if normalize == "unbiased":
         denominator = dim * ENTRY_VARIANCE[distribution]
