@@ -4,7 +4,7 @@ Each op regenerates the needed entries of a D×d random matrix P from a
 counter-based RNG inside the product, so P never exists in memory.
 """
 
-from . import nn, optim
+from . import basis, layout, nn, optim
 from .ops import (
     DISTRIBUTIONS,
     built_with_cuda,
@@ -20,11 +20,13 @@ from .ops import (
 
 __all__ = [
     "DISTRIBUTIONS",
+    "basis",
     "built_with_cuda",
     "cpu_isa",
     "cpu_isas",
     "expand",
     "expand_",
+    "layout",
     "materialize",
     "nn",
     "optim",

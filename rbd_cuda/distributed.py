@@ -33,10 +33,17 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
-from . import ops
-from .optim import FPD, RBD
-from .optim.compartments import Compression, Fixed, as_dim_rule
-from .optim.rbd import ENTRY_VARIANCE, NORMALIZATIONS
+from .basis import (
+    Basis,
+    check_distribution,
+    check_normalize,
+    check_seed,
+    expand_compartment_,
+    project_compartment,
+    scale,
+)
+from .layout import Compression, Fixed, as_dim_rule
+from .optim import FPD, RBD, Exchange
 
 SCHEMES = ("shared", "independent")
 REDUCTIONS = ("mean", "sum")
@@ -121,127 +128,106 @@ def fingerprint(tensors: Iterable[torch.Tensor]) -> int:
 
 
 def check_consistency(tensors: Iterable[torch.Tensor], group=None, what: str = "parameters") -> None:
-    """Raise on every rank when ``tensors`` are not bit-identical on all ranks of ``group``.
-
-    One all-gather of a 64-bit hash per rank; every rank sees every hash, so all ranks raise the
-    same ``RuntimeError`` (none is left waiting in a later collective).
-    """
+    """Raise ``ValueError`` on every rank when ``tensors`` are not bit-identical on all ranks of
+    ``group`` (one all-gather of a 64-bit hash per rank)."""
     tensors = list(tensors)
     device = tensors[0].device if tensors else torch.device("cpu")
-    mine = torch.tensor([fingerprint(tensors)], dtype=torch.int64, device=device)
-    world = dist.get_world_size(group)
-    hashes = [torch.empty_like(mine) for _ in range(world)]
-    _run(f"the consistency check of the {what}", group, lambda: dist.all_gather(hashes, mine, group=group))
-    values = [int(h) for h in hashes]
-    differ = [r for r, v in enumerate(values) if v != values[0]]
-    if differ:
-        raise RuntimeError(f"rbd_cuda: the {what} differ across ranks: rank(s) {differ} differ from "
-                           f"rank 0 (hashes {[f'{v & (2**64 - 1):016x}' for v in values]})")
+    _agree({what: fingerprint(tensors)}, group, "the consistency check", device, RuntimeError, DIVERGED)
 
 
-class _Distributed:
-    """The distributed step shared by DistributedRBD and DistributedFPD (see the module docstring)."""
+def _hash(value) -> int:
+    """A 64-bit hash of a plain value (ints, floats, strings and lists of them) by its repr."""
+    return int.from_bytes(hashlib.blake2b(repr(value).encode(), digest_size=8).digest(), "little", signed=True)
 
-    def __init__(self, params, lr: float, dim, *, scheme: str = "shared", reduction: str = "mean",
-                 group=None, check_every: int = 0, broadcast: bool = True, **kwargs):
+
+DIVERGED = "the ranks have diverged"
+
+
+def _agree(fields: dict[str, object], group, what: str, device: torch.device, error: type = ValueError,
+           hint: str = "every rank must build it with the same arguments and parameters") -> int:
+    """Raise on every rank, naming the first field whose value differs across the ranks of
+    ``group``. One all-gather of a 64-bit hash per field; every rank sees every hash, so all ranks
+    raise the same error (none is left waiting in a later collective). Returns the bytes sent."""
+    mine = torch.tensor([_hash(v) for v in fields.values()], dtype=torch.int64, device=device)
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    _run(what, group, lambda: dist.all_gather(gathered, mine, group=group))
+    rows = [row.tolist() for row in gathered]
+    for k, name in enumerate(fields):
+        differ = [r for r, row in enumerate(rows) if row[k] != rows[0][k]]
+        if differ:
+            raise error(f"rbd_cuda: {what}: ranks disagree on {name}: rank(s) {differ} differ from rank 0 "
+                        f"(this is rank {dist.get_rank(group)}, with {fields[name]!r}); {hint}")
+    return mine.numel() * 8
+
+
+class Collective(Exchange):
+    """The coefficient exchange of ``DistributedRBD``/``DistributedFPD`` (module docstring):
+    ``scheme="shared"`` all-reduces every compartment's coefficients, ``"independent"``
+    all-gathers them and applies every rank's update on that rank's basis."""
+
+    def __init__(self, scheme: str = "shared", reduction: str = "mean", group=None, check_every: int = 100,
+                 broadcast: bool = True):
         if scheme not in SCHEMES:
             raise ValueError(f"rbd_cuda: scheme must be one of {SCHEMES}, got {scheme!r}")
         if reduction not in REDUCTIONS:
             raise ValueError(f"rbd_cuda: reduction must be one of {REDUCTIONS}, got {reduction!r}")
         if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 0:
             raise ValueError(f"rbd_cuda: check_every must be an int >= 0 (0: never), got {check_every!r}")
-        for option in ("record", "diagnostics"):
-            if kwargs.get(option):
-                raise ValueError(f"rbd_cuda: {option}=True is not supported by the distributed optimizers")
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("rbd_cuda: the distributed optimizers need an initialised process group "
                                "(torch.distributed.init_process_group or rbd_cuda.distributed.init_process_group)")
-        super().__init__(params, lr, dim, **kwargs)
         self.scheme, self.reduction, self.group, self.check_every = scheme, reduction, group, check_every
+        self.broadcast = broadcast
         self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.comm = CommStats()
-        n_comp = len(self.compartments)
-        if scheme == "independent" and self.world_size * n_comp > 2**32:
-            raise ValueError(f"rbd_cuda: {self.world_size} ranks × {n_comp} compartments exceed the 2**32 "
-                             "stream ids")
-        params_in_order = self._params()
-        self._device = params_in_order[0].device
-        self._grad_bytes = sum(p.numel() * p.element_size() for p in params_in_order)
+
+    def bind(self, optimizer) -> None:
+        self.n_compartments = len(optimizer.compartments)
+        if self.scheme == "independent" and self.world_size * self.n_compartments > 2**32:
+            raise ValueError(f"rbd_cuda: {self.world_size} ranks × {self.n_compartments} compartments exceed "
+                             "the 2**32 stream ids")
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.device = params[0].device
+        self._grad_bytes = sum(p.numel() * p.element_size() for p in params)
         # Buffer layout: every compartment's coefficients, then one flag per segment (1 where this
         # rank has the gradient). The flags let ranks whose set of gradients differ agree on
         # which segments each update touches.
         self._coeff_slices, offset = [], 0
-        for comp in self.compartments:
+        for comp in optimizer.compartments:
             self._coeff_slices.append(slice(offset, offset + comp.dim))
             offset += comp.dim
         self._flag_slices = []
-        for comp in self.compartments:
+        for comp in optimizer.compartments:
             self._flag_slices.append(slice(offset, offset + len(comp.segments)))
             offset += len(comp.segments)
         self._buffer_numel = offset
-        self._check_configuration()
-        if broadcast:
-            for p in params_in_order:
-                _run("the broadcast of the initial parameters", group,
-                     lambda p=p: dist.broadcast(p.data, src=dist.get_global_rank(group, 0) if group else 0,
-                                                group=group))
+        fields = {**optimizer.config(), "steps_taken": optimizer.steps_taken,
+                  "param groups (lr, momentum)": optimizer.hyperparameters()}
+        self.comm.setup_bytes += _agree(fields, self.group, "the configuration check", self.device)
+        if self.broadcast:
+            src = dist.get_global_rank(self.group, 0) if self.group else 0
+            for p in params:
+                _run("the broadcast of the initial parameters", self.group,
+                     lambda p=p: dist.broadcast(p.data, src=src, group=self.group))
                 self.comm.setup_bytes += p.numel() * p.element_size()
 
-    def _params(self) -> list[torch.Tensor]:
-        return [p for group in self.param_groups for p in group["params"]]
-
-    def _check_configuration(self) -> None:
-        """All ranks must agree on everything that defines the bases and the buffer layout."""
-        fields = {
-            "seed": ops._seed_to_int64(self.seed),
-            "scheme": SCHEMES.index(self.scheme),
-            "reduction": REDUCTIONS.index(self.reduction),
-            "distribution": tuple(ENTRY_VARIANCE).index(self.distribution),
-            "normalize": NORMALIZATIONS.index(self.normalize),
-            "optimizer (RBD or FPD)": int(self._redraw),
-            "compartments": len(self.compartments),
-            "directions": sum(c.dim for c in self.compartments),
-            "parameters": self._total_numel,
-            "steps_taken": self.steps_taken,
-        }
-        mine = torch.tensor(list(fields.values()), dtype=torch.int64, device=self._device)
-        gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
-        _run("the configuration check", self.group, lambda: dist.all_gather(gathered, mine, group=self.group))
-        self.comm.setup_bytes += mine.numel() * 8
-        for r, theirs in enumerate(gathered):
-            for name, a, b in zip(fields, mine.tolist(), theirs.tolist(), strict=True):
-                if a != b:
-                    raise ValueError(f"rbd_cuda: ranks disagree on {name}: {b} on rank {r}, {a} on rank "
-                                     f"{self.rank}; every rank must build the optimizer with the same "
-                                     "arguments and parameters")
-
-    def check_consistency(self) -> None:
-        """Raise on every rank if the parameters are not bit-identical across ranks."""
-        check_consistency(self._params(), self.group)
-        self.comm.setup_bytes += 8
+    def stream(self, comp) -> int:
+        """The stream of ``comp``'s basis on this rank (module docstring: r·K + k when independent)."""
+        return self._stream(comp, self.rank)
 
     def _stream(self, comp, rank: int) -> int:
-        """The stream of ``comp``'s basis on ``rank`` (module docstring: r·K + k when independent)."""
-        return comp.stream if self.scheme == "shared" else rank * len(self.compartments) + comp.stream
+        return comp.stream if self.scheme == "shared" else rank * self.n_compartments + comp.stream
 
-    def _local_buffer(self) -> torch.Tensor:
-        buf = torch.zeros(self._buffer_numel, dtype=torch.float32, device=self._device)
-        for comp, cs, fs in zip(self.compartments, self._coeff_slices, self._flag_slices, strict=True):
-            c = self.coefficients(comp, self._stream(comp, self.rank))
+    def combine(self, compartments, coeffs, present, step):
+        local = torch.zeros(self._buffer_numel, dtype=torch.float32, device=self.device)
+        for c, segments, cs, fs in zip(coeffs, present, self._coeff_slices, self._flag_slices, strict=True):
             if c is not None:
-                buf[cs] = c.to(self._device)
-            buf[fs] = torch.tensor([float(seg.param.grad is not None) for seg in comp.segments])
-        return buf
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        local = self._local_buffer()
+                local[cs] = c.to(self.device)
+            flags = torch.zeros(fs.stop - fs.start)
+            flags[segments] = 1.0
+            local[fs] = flags
         nbytes = local.numel() * local.element_size()
-        what = f"the {{}} of step {self.steps_taken}'s coefficients"
+        what = f"the {{}} of step {step}'s coefficients"
         if self.scheme == "shared":
             _run(what.format("all-reduce"), self.group,
                  lambda: dist.all_reduce(local, op=dist.ReduceOp.SUM, group=self.group))
@@ -252,53 +238,82 @@ class _Distributed:
             _run(what.format("all-gather"), self.group, lambda: dist.all_gather(rows, local, group=self.group))
             self.comm.add("all_gather", nbytes, self.world_size)
         weight = 1.0 / self.world_size if self.reduction == "mean" else 1.0
-        for comp, cs, fs in zip(self.compartments, self._coeff_slices, self._flag_slices, strict=True):
-            terms = []
+        terms = []
+        for comp, cs, fs in zip(compartments, self._coeff_slices, self._flag_slices, strict=True):
+            comp_terms = []
             for r, row in enumerate(rows):
                 segments = [k for k, flag in enumerate(row[fs].tolist()) if flag > 0]
                 if segments:  # rows are identical on every rank, so every rank builds the same terms
-                    terms.append((row[cs] * weight, self._stream(comp, r), segments))
-            if terms:
-                self.apply_sum(comp, terms)
-        self.steps_taken += 1
+                    comp_terms.append((row[cs] * weight, self._stream(comp, r), segments))
+            terms.append(comp_terms)
+        return terms
+
+    def after_step(self, optimizer) -> None:
         self.comm.steps += 1
         self.comm.dense_bytes += self._grad_bytes
-        if self.check_every and self.steps_taken % self.check_every == 0:
-            self.check_consistency()
-        return loss
+        if self.check_every and optimizer.steps_taken % self.check_every == 0:
+            self.check_consistency(optimizer)
+
+    def check_consistency(self, optimizer) -> None:
+        """Raise on every rank if the parameters, the groups' lr and momentum or the step count
+        differ across ranks (one all-gather of three hashes)."""
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        # The causes first: a differing lr is named as such, not as the parameters it moved.
+        fields = {"param groups (lr, momentum)": optimizer.hyperparameters(), "steps_taken": optimizer.steps_taken,
+                  "parameters": fingerprint(params)}
+        self.comm.setup_bytes += _agree(fields, self.group, "the consistency check", self.device, RuntimeError,
+                                        DIVERGED)
 
 
-class DistributedRBD(_Distributed, RBD):
+class DistributedRBD(RBD):
     """``RBD`` on every rank of a process group; only coefficients are communicated.
 
-    Args (beyond ``RBD``'s; ``record`` and ``diagnostics`` are not supported):
+    Args (beyond ``RBD``'s; ``record``, ``diagnostics`` and ``exchange`` are not taken):
         scheme: ``"shared"`` (one basis for all ranks, coefficients all-reduced) or
             ``"independent"`` (a basis per rank, coefficients all-gathered, W updates applied;
             rank r's compartment k uses stream r·K + k).
         reduction: ``"mean"`` (the ranks' updates are averaged: with ``normalize="unbiased"``
             E[Δθ] = −lr·ḡ, the mean gradient) or ``"sum"`` (summed, as in the paper's code).
         group: the process group (default: the world).
-        check_every: every that many steps, check (one all-gather of a hash) that the parameters
-            are bit-identical across ranks and raise on every rank if not; 0 never checks.
+        check_every: every that many steps, check (one all-gather of three hashes) that the
+            parameters, every group's lr and momentum and the step count are identical across
+            ranks, and raise on every rank if not; 0 never checks.
         broadcast: copy the parameters of the group's rank 0 to all ranks at construction (as
             DDP does), so the ranks start identical.
 
-    At construction the ranks also check that they agree on seed, scheme, distribution,
-    normalisation, compartments and sizes, and raise ``ValueError`` naming what differs.
-    ``opt.comm`` (``CommStats``) counts the bytes communicated.
+    At construction the ranks also check that they agree on everything in ``config()`` (seed,
+    distribution, normalisation, layout, scheme, reduction), on every group's lr and momentum
+    and on the step count, and raise ``ValueError`` naming what differs. ``opt.comm``
+    (``CommStats``) counts the bytes communicated; ``opt.exchange`` is the ``Collective``.
     """
 
+    def __init__(self, params, lr: float, dim, *, scheme: str = "shared", reduction: str = "mean", group=None,
+                 check_every: int = 100, broadcast: bool = True, **kwargs):
+        for option in ("record", "diagnostics", "exchange"):
+            if kwargs.get(option):
+                raise ValueError(f"rbd_cuda: {option} is not supported by the distributed optimizers")
+        super().__init__(params, lr, dim, exchange=Collective(scheme, reduction, group, check_every, broadcast),
+                         **kwargs)
 
-class DistributedFPD(_Distributed, FPD):
+    @property
+    def comm(self) -> CommStats:
+        return self.exchange.comm
+
+    def config(self) -> dict:
+        return {**super().config(), "scheme": self.exchange.scheme, "reduction": self.exchange.reduction}
+
+    def check_consistency(self) -> None:
+        """Raise on every rank if the parameters (or lr, momentum, step count) differ across ranks."""
+        self.exchange.check_consistency(self)
+
+
+class DistributedFPD(DistributedRBD, FPD):
     """``FPD`` (one basis for the whole run) on every rank; arguments as ``DistributedRBD``. With
     ``scheme="independent"`` each rank keeps its own fixed basis: the model moves in a fixed
     W·d-dimensional subspace."""
 
 
 # ---- DDP communication hook -----------------------------------------------------------------
-
-
-HOOK_NORMALIZATIONS = ("unbiased", "projection")
 
 
 class RandomBasesHook:
@@ -315,16 +330,22 @@ class RandomBasesHook:
         seed: seed of the bases; must be the same on every rank (use another one than an RBD
             optimizer's, so the hook's bases are not the optimizer's).
         distribution: ``"normal"``, ``"uniform"`` or ``"rademacher"``.
-        normalize: ``"unbiased"`` (s = 1/(dσ²): E[s P Pᵀ g] = g, the variance grows with D/d) or
-            ``"projection"`` (s = 1/(Dσ²): s P Pᵀ is close to the orthogonal projection on the d
-            directions, a contraction, which error feedback needs). Default: ``"projection"``
-            with error feedback, ``"unbiased"`` without.
+        normalize: one of ``rbd_cuda.basis.NORMALIZATIONS``, with the bucket as the compartment
+            and the model (D = n = the bucket's entries): ``"unbiased"`` (s = 1/(dσ²):
+            E[s P Pᵀ g] = g, the variance grows with D/d) or ``"projection"`` (s = 1/(Dσ²): s P Pᵀ
+            is close to the orthogonal projection on the d directions, a contraction, which
+            error feedback needs) are the useful ones. Default: ``"projection"`` with error
+            feedback, ``"unbiased"`` without.
         error_feedback: keep per bucket the residual e ← (g + e) − ĝ of what the compressed
             all-reduce did not carry (ĝ: the averaged result), and add it to the next step's
             gradient (as PowerSGD does).
         group: the process group (default: the world).
 
-    ``stats`` (``CommStats``) counts the coefficients' bytes and those of the dense all-reduce.
+    At its first bucket the hook checks (one all-gather of hashes) that the ranks agree on
+    ``config()`` and raises on every rank, naming what differs. ``state_dict()`` holds the
+    configuration and the step count (``load_state_dict`` checks the one, restores the other);
+    error-feedback residuals are not saved and restart at zero. ``stats`` (``CommStats``)
+    counts the coefficients' bytes and those of the dense all-reduce.
     """
 
     def __init__(self, dim=None, *, seed: int = 0, distribution: str = "normal",
@@ -332,16 +353,12 @@ class RandomBasesHook:
         rule = as_dim_rule(Compression(100, minimum=10) if dim is None else dim)
         if not isinstance(rule, (Fixed, Compression)):
             raise TypeError(f"rbd_cuda: the hook's dim must be an int, Fixed or Compression, got {dim!r}")
-        if distribution not in ENTRY_VARIANCE:
-            raise ValueError(f"rbd_cuda: distribution must be one of {tuple(ENTRY_VARIANCE)}, got {distribution!r}")
         if normalize is None:
             normalize = "projection" if error_feedback else "unbiased"
-        if normalize not in HOOK_NORMALIZATIONS:
-            raise ValueError(f"rbd_cuda: normalize must be one of {HOOK_NORMALIZATIONS}, got {normalize!r}")
-        ops._seed_to_int64(seed)
-        self.rule, self.seed, self.distribution = rule, seed, distribution
-        self.normalize, self.error_feedback, self.group = normalize, error_feedback, group
+        self.rule, self.seed, self.distribution = rule, check_seed(seed), check_distribution(distribution)
+        self.normalize, self.error_feedback, self.group = check_normalize(normalize), bool(error_feedback), group
         self.step = 0
+        self.checked = False
         # bucket index -> (the bucket's parameters, by identity and in order; the residual)
         self.residuals: dict[int, tuple[tuple[int, ...], torch.Tensor]] = {}
         self.stats = CommStats()
@@ -350,8 +367,23 @@ class RandomBasesHook:
         return self.rule.allocate([numel])[0]
 
     def scale(self, numel: int, dim: int) -> float:
-        var = ENTRY_VARIANCE[self.distribution]
-        return 1.0 / (dim * var) if self.normalize == "unbiased" else 1.0 / (numel * var)
+        return scale(self.normalize, self.distribution, dim, numel, numel)
+
+    def config(self) -> dict:
+        """Everything besides the step count that decides the hook's bases and update."""
+        return {"seed": self.seed, "distribution": self.distribution, "normalize": self.normalize,
+                "error_feedback": self.error_feedback, "dim": repr(self.rule)}
+
+    def state_dict(self) -> dict:
+        return {"format": 1, **self.config(), "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        differ = [f"{key}: {state.get(key)!r} saved, {value!r} here" for key, value in
+                  {"format": 1, **self.config()}.items() if state.get(key) != value]
+        if differ:
+            raise ValueError("rbd_cuda: this RandomBasesHook state was saved by a hook built with other "
+                             "arguments: " + "; ".join(differ))
+        self.step = int(state["step"])
 
 
 def random_bases_hook(state: RandomBasesHook, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -366,6 +398,10 @@ def random_bases_hook(state: RandomBasesHook, bucket: dist.GradBucket) -> torch.
         raise RuntimeError("rbd_cuda: the hook's random stream has 2**32 steps; this run has used them all")
     group = state.group if state.group is not None else dist.group.WORLD
     world = dist.get_world_size(group)
+    if not state.checked:  # every rank's first call is for the same bucket, so all of them gather here
+        state.stats.setup_bytes += _agree({**state.config(), "step": step}, group, "the hook's configuration check",
+                                         grad.device)
+        state.checked = True
     state.stats.dense_bytes += numel * grad.element_size()
     dim = state.dim_for(numel)
     if dim >= numel:  # coefficients would be no smaller than the bucket: all-reduce it as it is
@@ -381,8 +417,8 @@ def random_bases_hook(state: RandomBasesHook, bucket: dist.GradBucket) -> torch.
         # DDP rebuilds its buckets after the first step (other parameters, or another order, under
         # the same index): a residual is only added back to the layout it was computed for.
         x = grad + kept[1] if kept is not None and kept[0] == layout else grad.clone()
-    kw = {"seed": state.seed, "step": step, "stream": index, "distribution": state.distribution}
-    c = ops.project(x, dim, **kw).float().div_(world)
+    basis = Basis(state.seed, step, index, state.distribution)
+    c = project_compartment(basis, dim, [x], [0]).div_(world)
     state.stats.add("all_reduce", c.numel() * c.element_size(), world)
     fut = dist.all_reduce(c, group=group, async_op=True).get_future()
     scale = state.scale(numel, dim)
@@ -394,7 +430,7 @@ def random_bases_hook(state: RandomBasesHook, bucket: dist.GradBucket) -> torch.
             raise RuntimeError(f"rbd_cuda: the all-reduce of bucket {index}'s coefficients at hook step "
                                f"{step} failed: another rank raised, exited or timed out ({error})") from error
         grad.zero_()
-        ops.expand_(grad, mean_c, scale, **kw)
+        expand_compartment_(basis, [grad], [0], mean_c, scale)
         if state.error_feedback:
             state.residuals[index] = (layout, x.sub_(grad))
         return grad
@@ -402,5 +438,5 @@ def random_bases_hook(state: RandomBasesHook, bucket: dist.GradBucket) -> torch.
     return fut.then(expand_back)
 
 
-__all__ = ["CommStats", "DistributedFPD", "DistributedRBD", "RandomBasesHook", "check_consistency",
+__all__ = ["Collective", "CommStats", "DistributedFPD", "DistributedRBD", "RandomBasesHook", "check_consistency",
            "fingerprint", "init_process_group", "random_bases_hook"]

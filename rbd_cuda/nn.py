@@ -7,8 +7,9 @@ way. P is never stored: the forward pass computes P c with ``rbd_cuda.expand`` a
 pass Pᵀ ∂L/∂θ with ``rbd_cuda.project`` (the derivative registered for ``expand`` in ``ops.py``),
 both regenerating P's entries from Philox.
 
-Compartments and normalisation follow ``rbd_cuda.optim.FPD`` exactly (the same planner, stream
-ids, row offsets and scale s), with each basis vector multiplied by √s:
+Compartments and normalisation follow ``rbd_cuda.optim.FPD`` exactly (the same planner,
+``rbd_cuda.layout``, the same stream ids, row offsets and scale s, ``rbd_cuda.basis``), with each
+basis vector multiplied by √s:
 
     θ_k = θ₀_k + √s_k · P_k c_k      (compartment k, its own stream id k, step 0)
 
@@ -19,7 +20,6 @@ so that plain SGD with learning rate lr on c moves θ exactly as ``FPD(lr, norma
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -27,9 +27,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from . import ops
-from .optim.compartments import plan
-from .optim.rbd import ENTRY_VARIANCE, NORMALIZATIONS, basis_scale
+from .basis import Basis, check_distribution, check_normalize, check_seed, expand_compartment, scale
+from .layout import layer_of, plan, split_name
 
 __all__ = ["RandomSubspace", "SubspaceCompartment"]
 
@@ -46,15 +45,6 @@ class SubspaceCompartment:
     numel: int
     offset: int
     segments: tuple[tuple[str, int, int, int], ...]
-
-
-def _split(name: str) -> tuple[str, str]:
-    """``"layers.0.weight"`` -> ``("layers.0", "weight")``."""
-    return tuple(name.rsplit(".", 1)) if "." in name else ("", name)
-
-
-def _layer_of(name: str) -> str:
-    return _split(name)[0]
 
 
 class RandomSubspace(nn.Module):
@@ -74,17 +64,20 @@ class RandomSubspace(nn.Module):
         compartments: ``"global"`` (one basis for all parameters, Li et al.), ``"tensor"``,
             ``"layer"``, an int (blocks of at most that many entries) or a list of lists of the
             module's parameters: one basis (and one slice of c) per compartment.
-        normalize: basis vectors are multiplied by √s, s as in ``rbd_cuda.optim.RBD``:
-            ``"unbiased"`` s = 1/(d σ²) (E[P Pᵀ]·s = I: SGD on c is SGD on θ in expectation),
-            ``"paper"`` s = 1/D (columns of about unit length, Li et al.'s normalised P),
-            ``"dim"`` s = 1/d, ``"none"`` s = 1.
+        normalize: basis vectors are multiplied by √s, s as in ``rbd_cuda.optim.RBD``
+            (``rbd_cuda.basis.NORMALIZATIONS``): ``"unbiased"`` s = 1/(d σ²) (E[P Pᵀ]·s = I: SGD
+            on c is SGD on θ in expectation), ``"paper"`` s = 1/D (columns of about unit length,
+            Li et al.'s normalised P), ``"dim"`` s = 1/d, ``"none"`` s = 1, ``"projection"``
+            s = 1/(n σ²) (n: the compartment's entries).
         said: Aghajanyan et al.'s structure-aware variant (SAID): one extra trainable scalar λ_l
             per layer l (parameters sharing a module), θ_l = θ₀_l + λ_l √s P c restricted to the
             layer's rows; λ starts at 1. The layers are those of ``compartments="layer"``.
 
     ``forward(*args, **kwargs)`` runs ``module`` with θ₀ + P c through
     ``torch.func.functional_call``; ``export()`` returns a plain copy of the module with those
-    weights as ordinary parameters.
+    weights as ordinary parameters. The seed, distribution, normalisation, SAID flag and layout
+    travel in ``state_dict()`` (as extra state) and ``load_state_dict`` refuses a state saved by
+    a wrapper built with other values, naming them.
     """
 
     def __init__(self, module: nn.Module, dim, *, seed: int = 0, distribution: str = "normal",
@@ -92,11 +85,9 @@ class RandomSubspace(nn.Module):
         super().__init__()
         if not isinstance(module, nn.Module):
             raise TypeError(f"rbd_cuda: module must be a torch.nn.Module, got {type(module).__name__}")
-        if distribution not in ENTRY_VARIANCE:
-            raise ValueError(f"rbd_cuda: distribution must be one of {tuple(ENTRY_VARIANCE)}, got {distribution!r}")
-        if normalize not in NORMALIZATIONS:
-            raise ValueError(f"rbd_cuda: normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
-        ops._seed_to_int64(seed)  # validates the seed now rather than at the first forward
+        seed = check_seed(seed)
+        check_distribution(distribution)
+        check_normalize(normalize)
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("rbd_cuda: module has no trainable parameters (none with requires_grad=True) "
@@ -106,13 +97,12 @@ class RandomSubspace(nn.Module):
                 raise ValueError(f"rbd_cuda: parameter {name} has dtype {p.dtype}; the subspace ops take "
                                  "float32, float16 or bfloat16")
 
-        name_of = {id(p): name for name, p in named}
         # The planner's layout, with each segment naming its parameter instead of holding it (the
         # parameters are about to leave the module; θ₀ buffers may later move with .to()).
         self.compartments: list[SubspaceCompartment] = []
         offset = 0
         for comp in plan(named, compartments, dim):
-            segments = tuple((name_of[id(s.param)], s.start, s.numel, s.row_offset) for s in comp.segments)
+            segments = tuple((s.name, s.start, s.numel, s.row_offset) for s in comp.segments)
             self.compartments.append(SubspaceCompartment(comp.name, comp.stream, comp.dim, comp.numel, offset,
                                                          segments))
             offset += comp.dim
@@ -127,11 +117,13 @@ class RandomSubspace(nn.Module):
         self._names = [name for name, _ in named]
         self._aliases = {name: paths[id(p)] for name, p in named}
         self._shapes = {name: p.shape for name, p in named}
-        self._sqrt_scale = [math.sqrt(self._scale(comp)) for comp in self.compartments]
+        # The optimizers' s, so the SGD-vs-FPD mapping is exact.
+        self._sqrt_scale = [scale(normalize, distribution, comp.dim, comp.numel, self.numel, root=True)
+                            for comp in self.compartments]
 
         self.said = said
-        self._layers = list(dict.fromkeys(_layer_of(n) for n in self._names))
-        self._layer_index = {n: self._layers.index(_layer_of(n)) for n in self._names}
+        self._layers = list(dict.fromkeys(layer_of(n) for n in self._names))
+        self._layer_index = {n: self._layers.index(layer_of(n)) for n in self._names}
 
         self.c = nn.Parameter(torch.zeros(self.dim, dtype=torch.float32, device=named[0][1].device))
         self.lambdas = (nn.Parameter(torch.ones(len(self._layers), dtype=torch.float32, device=self.c.device))
@@ -140,32 +132,49 @@ class RandomSubspace(nn.Module):
         for name, p in named:
             theta0 = p.detach()  # the parameter's storage, not a copy
             for alias in self._aliases[name]:
-                owner, attr = _split(alias)
+                owner, attr = split_name(alias)
                 owner = module.get_submodule(owner)
                 delattr(owner, attr)
                 # One tensor object under every alias: functional_call ties the aliases by identity.
                 owner.register_buffer(attr, theta0)
         self.module = module
 
-    def _scale(self, comp: SubspaceCompartment) -> float:
-        # The optimizers' s, so the SGD-vs-FPD mapping is exact.
-        return basis_scale(self.normalize, self.distribution, comp.dim, self.numel)
+    def basis(self, k: int) -> Basis:
+        """Compartment ``k``'s basis (the one ``FPD`` uses for it)."""
+        return Basis(self.seed, 0, self.compartments[k].stream, self.distribution)
 
     def stream_kwargs(self, k: int) -> dict:
-        """The keywords addressing compartment ``k``'s basis (what ``FPD`` uses for it)."""
-        return {"seed": self.seed, "step": 0, "stream": self.compartments[k].stream,
-                "distribution": self.distribution}
+        """The ops' keywords addressing compartment ``k``'s basis."""
+        return self.basis(k).kwargs
+
+    def config(self) -> dict:
+        """Everything besides c, λ and θ₀ that decides the weights, as plain values."""
+        return {"format": 1, "seed": self.seed, "distribution": self.distribution, "normalize": self.normalize,
+                "said": self.said,
+                "compartments": [[c.stream, c.dim, c.numel, [list(seg) for seg in c.segments]] for c in self.compartments]}
+
+    def get_extra_state(self) -> dict:
+        return self.config()
+
+    def set_extra_state(self, state: dict) -> None:
+        differ = [f"{key}: {state.get(key)!r} saved, {value!r} here" for key, value in self.config().items()
+                  if state.get(key) != value]
+        if differ:
+            raise ValueError("rbd_cuda: this RandomSubspace state was saved by a wrapper built with other "
+                             "arguments, whose weights differ: " + "; ".join(differ))
 
     def weights(self) -> dict[str, torch.Tensor]:
         """θ₀ + P c for every reparametrised parameter, by name (differentiable in c and λ)."""
         pieces: dict[str, list[tuple[int, torch.Tensor]]] = {name: [] for name in self._names}
         for k, comp in enumerate(self.compartments):
             c_k = self.c[comp.offset: comp.offset + comp.dim] * self._sqrt_scale[k]
-            kw = self.stream_kwargs(k)
-            for name, start, numel, row_offset in comp.segments:
-                # Scaling the d coefficients, not the numel-long result: P (λ c) = λ P c.
-                coeffs = c_k * self.lambdas[self._layer_index[name]] if self.said else c_k
-                pieces[name].append((start, ops.expand(coeffs, numel, row_offset=row_offset, **kw)))
+            # Scaling the d coefficients, not the numel-long result: P (λ c) = λ P c.
+            coeffs = [c_k * self.lambdas[self._layer_index[name]] if self.said else c_k
+                      for name, _, _, _ in comp.segments]
+            updates = expand_compartment(self.basis(k), coeffs, [numel for _, _, numel, _ in comp.segments],
+                                         [row_offset for _, _, _, row_offset in comp.segments])
+            for (name, start, _, _), u in zip(comp.segments, updates, strict=True):
+                pieces[name].append((start, u))
         out = {}
         for name in self._names:
             theta0 = self.get_buffer(f"module.{name}")
@@ -186,7 +195,7 @@ class RandomSubspace(nn.Module):
         for name, value in self.weights().items():
             param = nn.Parameter(value.detach().clone())
             for alias in self._aliases[name]:
-                owner, attr = _split(alias)
+                owner, attr = split_name(alias)
                 owner = plain.get_submodule(owner)
                 delattr(owner, attr)
                 owner.register_parameter(attr, param)

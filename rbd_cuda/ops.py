@@ -13,6 +13,7 @@ import operator
 from typing import Literal
 
 import torch
+from torch.autograd import forward_ad as _forward_ad
 
 from . import _C  # noqa: F401  (loading the extension registers torch.ops.rbd_cuda)
 
@@ -105,9 +106,8 @@ def project(
     of length ``dim`` with ``g``'s dtype and device, accumulated in fp32:
     ``c[j] = sum_i P[row_offset + i, col_offset + j] * g[i]``. P is generated on the fly.
     """
-    return torch.ops.rbd_cuda.project(
-        g, _integer("dim", dim), **_stream_kwargs(g.numel(), dim, seed, step, stream, distribution, row_offset, col_offset)
-    )
+    kw = _stream_kwargs(g.numel(), dim, seed, step, stream, distribution, row_offset, col_offset)
+    return _differentiable("project", g, _integer("dim", dim), kw)
 
 
 def expand(
@@ -126,11 +126,8 @@ def expand(
     ``u[i] = sum_j P[row_offset + i, col_offset + j] * c[j]``, accumulated in fp32 and
     returned in ``c``'s dtype on ``c``'s device.
     """
-    return torch.ops.rbd_cuda.expand(
-        c,
-        _integer("numel", numel),
-        **_stream_kwargs(numel, _coefficient_count(c), seed, step, stream, distribution, row_offset, col_offset),
-    )
+    kw = _stream_kwargs(numel, _coefficient_count(c), seed, step, stream, distribution, row_offset, col_offset)
+    return _differentiable("expand", c, _integer("numel", numel), kw)
 
 
 def expand_(
@@ -256,6 +253,49 @@ def _philox_fake(counter, key, rounds=10):
 #   c = Pᵀ g  =>  ∂L/∂g = P ∂L/∂c = expand(∂L/∂c)
 #   u = P c   =>  ∂L/∂c = Pᵀ ∂L/∂u = project(∂L/∂u)
 # The same stream keywords address the same P, so the backward regenerates it (never stored).
+
+
+# Forward mode (jvp, forward_ad: the tangent of a linear map is the map of the tangent) and
+# torch.func (grad, jacrev, vmap) need an autograd.Function, which register_autograd (below, for
+# reverse mode and for callers of torch.ops.rbd_cuda) does not give: the wrappers ``project`` and
+# ``expand`` use this one when such a transform is active.
+_KEYS = ("seed", "step", "stream", "distribution", "row_offset", "col_offset")
+
+
+def _differentiable(name: str, x: torch.Tensor, size: int, kw: dict) -> torch.Tensor:
+    # The op is called directly, reverse mode then using its registered backward, unless forward
+    # AD or a torch.func transform is active: an autograd.Function costs about 0.1 ms a call (much
+    # of a small optimizer step), and torch.compile cannot trace a custom jvp.
+    if torch.compiler.is_compiling() or (_forward_ad._current_level < 0
+                                         and torch._C._functorch.maybe_current_level() is None):
+        return getattr(torch.ops.rbd_cuda, name)(x, size, **kw)
+    return _Linear.apply(x, name, size, *(kw[k] for k in _KEYS))
+
+
+class _Linear(torch.autograd.Function):
+    """``op(x, size, **keys)`` for op = project or expand: the derivative is the adjoint op (the
+    other one) of the incoming gradient, the tangent the op itself of the incoming tangent."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, name, size, *keys):
+        return getattr(torch.ops.rbd_cuda, name)(x, size, **dict(zip(_KEYS, keys, strict=True)))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, ctx.name, ctx.size, *ctx.keys = inputs
+        ctx.shape, ctx.dtype = x.shape, x.dtype
+
+    @staticmethod
+    def backward(ctx, grad):
+        adjoint = "expand" if ctx.name == "project" else "project"
+        grad_x = _Linear.apply(grad.contiguous(), adjoint, math.prod(ctx.shape), *ctx.keys)
+        return (grad_x.reshape(ctx.shape).to(ctx.dtype), None, None, *(None for _ in _KEYS))
+
+    @staticmethod
+    def jvp(ctx, tangent, *_):
+        return _Linear.apply(tangent.contiguous(), ctx.name, ctx.size, *ctx.keys)
 
 
 def _save_stream(ctx, inputs, keyword_only_inputs, output):

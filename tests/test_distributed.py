@@ -9,6 +9,7 @@ kills what is still running at its deadline and fails the test.
 from __future__ import annotations
 
 import datetime
+import io
 import multiprocessing
 import os
 import time
@@ -223,6 +224,62 @@ def hook_one_step(rank, world):
             "uncompressed_grads": [p.grad.clone() for p in uncompressed.parameters()]}
 
 
+NORMALIZATIONS = ("unbiased", "paper", "dim", "none", "projection")
+
+
+def hook_each_normalisation(rank, world):
+    """Per normalisation, every bucket's input and output of one hooked step (d = 20, uniform)."""
+    out = {}
+    for normalize in NORMALIZATIONS:
+        model = torch.nn.parallel.DistributedDataParallel(mlp())
+        seen = []
+
+        def recording_hook(state, bucket, seen=seen):
+            given = bucket.buffer().clone()
+            return random_bases_hook(state, bucket).then(
+                lambda f: seen.append({"index": bucket.index(), "in": given, "out": f.value().clone()}) or f.value())
+
+        model.register_comm_hook(RandomBasesHook(dim=20, seed=5, distribution="uniform", normalize=normalize),
+                                 recording_hook)
+        x, y = local(1, rank, world)
+        F.cross_entropy(model(x), y).backward()
+        out[normalize] = seen
+    return out
+
+
+def mismatched_lr_is_refused(rank, world):
+    try:
+        DistributedRBD(mlp().parameters(), lr=0.1 + 0.1 * (rank == 2), dim=4, seed=1)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def lr_changed_on_one_rank_is_found(rank, world):
+    model = mlp()
+    opt = DistributedRBD(model.parameters(), lr=0.1, dim=4, seed=1, check_every=2)
+    train_steps(model, opt, 1, rank, world)
+    if rank == 1:
+        opt.param_groups[0]["lr"] = 0.05  # e.g. a scheduler stepped on one rank only
+    try:
+        train_steps(model, opt, 1, rank, world)  # the check of step 2
+    except RuntimeError as error:
+        return str(error)
+    return None
+
+
+def hook_seeds_differ(rank, world):
+    """Last scenario: each rank's hook has its own seed; the first bucket's check must refuse it."""
+    model = torch.nn.parallel.DistributedDataParallel(mlp())
+    model.register_comm_hook(RandomBasesHook(dim=20, seed=rank), random_bases_hook)
+    x, y = local(0, rank, world)
+    try:
+        F.cross_entropy(model(x), y).backward()
+    except Exception as error:  # noqa: BLE001 (DDP may wrap the hook's ValueError)
+        return str(error)
+    return None
+
+
 def hook_error_feedback(rank, world):
     """Three steps with error feedback: per step and bucket, the input, output, layout and residual."""
     model = torch.nn.parallel.DistributedDataParallel(mlp())
@@ -280,6 +337,10 @@ def scenarios(rank, world):
         "hook-ef": hook_error_feedback(rank, world),
         "hook-trains": hook_trains(rank, world, False),
         "hook-trains-ef": hook_trains(rank, world, True),
+        "hook-normalize": hook_each_normalisation(rank, world),
+        "lr": mismatched_lr_is_refused(rank, world),
+        "lr-later": lr_changed_on_one_rank_is_found(rank, world),
+        "hook-seeds": hook_seeds_differ(rank, world),
     }
 
 
@@ -372,6 +433,36 @@ def test_hook_all_reduces_coefficients_and_expands_them(results):
     assert stats["dense_bytes"] == 4 * sum(p.numel() for p in mlp().parameters())
 
 
+@pytest.mark.parametrize("normalize", NORMALIZATIONS)
+def test_hook_output_equals_the_float64_formula_for_each_normalisation(results, normalize):
+    """out = s·P·mean_r(Pᵀ in_r), with the bucket (n entries) as compartment and model."""
+    by_rank = [{b["index"]: b for b in res["hook-normalize"][normalize]} for res in results]
+    assert by_rank[0]
+    for index, bucket in by_rank[0].items():
+        n = bucket["in"].numel()
+        P = rbd_cuda.materialize(n, 20, seed=5, step=0, stream=index, distribution="uniform", dtype=torch.float64)
+        s = {"unbiased": 3 / 20, "paper": 1 / n, "dim": 1 / 20, "none": 1.0, "projection": 3 / n}[normalize]
+        mean_c = sum(P.T @ ranks[index]["in"].double() for ranks in by_rank) / WORLD
+        torch.testing.assert_close(bucket["out"].double(), s * (P @ mean_c), rtol=1e-5, atol=1e-6)
+
+
+def test_ranks_with_different_learning_rates_are_refused(results):
+    for res in results:
+        assert res["lr"] is not None and "ranks disagree on param groups (lr, momentum)" in res["lr"]
+
+
+def test_a_learning_rate_changed_on_one_rank_is_found_by_the_periodic_check(results):
+    for r, res in enumerate(results):
+        assert res["lr-later"] is not None, f"rank {r} did not see the difference"
+        assert "ranks disagree on param groups (lr, momentum): rank(s) [1]" in res["lr-later"]
+
+
+def test_hooks_with_different_seeds_are_refused_on_every_rank(results):
+    for r, res in enumerate(results):
+        assert res["hook-seeds"] is not None, f"rank {r} trained with mismatched hooks"
+        assert "the hook's configuration check: ranks disagree on seed" in res["hook-seeds"]
+
+
 def test_hook_all_reduces_a_bucket_no_larger_than_d_as_it_is(results):
     runs = [res["hook-step"] for res in results]
     for k, got in enumerate(runs[0]["uncompressed_grads"]):
@@ -429,7 +520,7 @@ def test_a_rank_that_raises_makes_the_others_fail_fast(tmp_path):
     ({"scheme": "ring"}, ValueError, "scheme must be one of"),
     ({"reduction": "max"}, ValueError, "reduction must be one of"),
     ({"check_every": -1}, ValueError, "check_every must be an int >= 0"),
-    ({"record": True}, ValueError, "record=True is not supported"),
+    ({"record": True}, ValueError, "record is not supported"),
     ({}, RuntimeError, "need an initialised process group"),
 ])
 def test_optimizer_arguments_are_checked(kw, error, match):
@@ -440,7 +531,7 @@ def test_optimizer_arguments_are_checked(kw, error, match):
 @pytest.mark.parametrize(("kw", "error", "match"), [
     ({"dim": rbd_cuda.optim.Proportional(10)}, TypeError, "hook's dim must be"),
     ({"dim": 0}, ValueError, "dim must be positive"),
-    ({"normalize": "paper"}, ValueError, "normalize must be one of"),
+    ({"normalize": "sqrt"}, ValueError, "normalize must be one of"),
     ({"distribution": "bernoulli"}, ValueError, "distribution must be one of"),
     ({"seed": 2**64}, ValueError, "seed must fit in 64 bits"),
 ])
@@ -464,3 +555,17 @@ def test_fingerprint_sees_every_bit():
     b.view(torch.int32)[57] ^= 1  # the lowest mantissa bit of one entry
     assert fingerprint([a]) != fingerprint([b])
     assert fingerprint([a.to(torch.bfloat16)]) != fingerprint([a.to(torch.float16)])
+
+
+def test_hook_state_dict_round_trip_and_refusal():
+    state = RandomBasesHook(30, seed=3, distribution="rademacher", error_feedback=True)
+    state.step = 7
+    buffer = io.BytesIO()
+    torch.save(state.state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed = RandomBasesHook(30, seed=3, distribution="rademacher", error_feedback=True)
+    resumed.load_state_dict(saved)
+    assert resumed.step == 7
+    with pytest.raises(ValueError, match="other arguments: seed: 3 saved, 4 here"):
+        RandomBasesHook(30, seed=4, distribution="rademacher", error_feedback=True).load_state_dict(saved)

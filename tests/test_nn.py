@@ -1,6 +1,7 @@
 """rbd_cuda.nn.RandomSubspace: θ = θ₀ + P c with P regenerated in forward and backward."""
 
 import copy
+import io
 import math
 
 import pytest
@@ -13,6 +14,7 @@ from rbd_cuda.nn import RandomSubspace
 from rbd_cuda.optim import FPD, Proportional
 
 VARIANCE = {"normal": 1.0, "uniform": 1.0 / 3.0, "rademacher": 1.0}
+NORMALIZATIONS = ("unbiased", "paper", "dim", "none", "projection")
 
 
 def mlp(seed: int = 0, act=nn.Tanh) -> nn.Module:
@@ -64,7 +66,8 @@ def reference_theta(named, mode, dims, c, lambdas=None, *, seed, distribution="n
     for k, (pieces, d) in enumerate(zip(reference_compartments(named, mode), dims, strict=True)):
         rows = sum(stop - start for _, start, stop in pieces)
         P = rbd_cuda.materialize(rows, d, seed=seed, stream=k, distribution=distribution).double()
-        s = {"unbiased": 1 / (d * VARIANCE[distribution]), "paper": 1 / total, "dim": 1 / d, "none": 1.0}[normalize]
+        s = {"unbiased": 1 / (d * VARIANCE[distribution]), "paper": 1 / total, "dim": 1 / d, "none": 1.0,
+             "projection": 1 / (rows * VARIANCE[distribution])}[normalize]
         u = math.sqrt(s) * (P @ c[offset: offset + d])
         row = 0
         for n, start, stop in pieces:
@@ -90,7 +93,8 @@ MODES = ["global", "tensor", "layer", 13]
 
 @pytest.mark.parametrize("mode", MODES, ids=str)
 @pytest.mark.parametrize("normalize,distribution", [("unbiased", "normal"), ("paper", "uniform"),
-                                                    ("dim", "rademacher"), ("none", "normal")])
+                                                    ("dim", "rademacher"), ("none", "normal"),
+                                                    ("projection", "uniform")])
 def test_gradients_equal_autograd_through_the_materialised_matrix(mode, normalize, distribution):
     original = mlp(seed=2)
     named = [(n, p.detach().clone()) for n, p in original.named_parameters()]
@@ -302,13 +306,29 @@ def test_state_dict_round_trip():
     wrapper = RandomSubspace(mlp(seed=1), 6, seed=9, compartments="tensor")
     with torch.no_grad():
         wrapper.c.normal_()
-    state = wrapper.state_dict()
-    assert set(state) == {"c"} | {f"module.{n}" for n in ("0.weight", "0.bias", "2.weight", "2.bias",
-                                                           "4.weight", "4.bias")}
+    buffer = io.BytesIO()
+    torch.save(wrapper.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    assert set(state) == {"c", "_extra_state"} | {f"module.{n}" for n in ("0.weight", "0.bias", "2.weight",
+                                                                           "2.bias", "4.weight", "4.bias")}
+    assert state["_extra_state"]["seed"] == 9
     restored = RandomSubspace(mlp(seed=2), 6, seed=9, compartments="tensor")
     restored.load_state_dict(state)
     x, _ = data()
     assert torch.equal(restored(x), wrapper(x))
+
+
+@pytest.mark.parametrize(("changed", "name"), [
+    ({"seed": 10}, "seed"), ({"distribution": "uniform"}, "distribution"), ({"normalize": "paper"}, "normalize"),
+    ({"compartments": "global"}, "compartments"), ({"dim": 5}, "compartments"), ({"said": True}, "said"),
+], ids=repr)
+def test_a_state_from_another_wrapper_is_refused_naming_the_difference(changed, name):
+    kw = {"dim": 6, "seed": 9, "compartments": "tensor"}
+    state = RandomSubspace(mlp(seed=1), **kw).state_dict()
+    other = RandomSubspace(mlp(seed=1), **{**kw, **changed})
+    with pytest.raises(ValueError, match=f"other arguments, whose weights differ: .*{name}: "):
+        other.load_state_dict(state, strict=False)  # strict=False: SAID adds a parameter
 
 
 def test_frozen_parameters_stay_outside_the_subspace():
@@ -376,6 +396,7 @@ def test_bfloat16_module():
     (mlp, {"dim": 4, "normalize": "l2"}, ValueError, "normalize must be one of"),
     (mlp, {"dim": 4, "distribution": "cauchy"}, ValueError, "distribution must be one of"),
     (mlp, {"dim": 4, "seed": 2**64}, ValueError, "seed must fit in 64 bits"),
+    (mlp, {"dim": 4, "seed": 1.5}, TypeError, "seed must be an int"),
     (mlp, {"dim": 4, "compartments": "row"}, ValueError, "compartments must be"),
     (lambda: "not a module", {"dim": 4}, TypeError, "module must be a torch.nn.Module"),
 ])

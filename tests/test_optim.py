@@ -1,25 +1,33 @@
-"""The RBD and FPD optimizers and their compartments."""
+"""The RBD, FPD and NES optimizers and their compartments."""
 
+import ast
 import io
 import itertools
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from rbd_cuda import reference
+from rbd_cuda.basis import NORMALIZATIONS
+from rbd_cuda.layout import plan
 from rbd_cuda.optim import FPD, NES, RBD, Compression, Fixed, Proportional, replay
-from rbd_cuda.optim.compartments import plan
+
+DATA = Path(__file__).parent / "data"
+VARIANCE = {"normal": 1.0, "uniform": 1.0 / 3.0, "rademacher": 1.0}
 
 
-def mlp(seed: int = 0) -> torch.nn.Module:
+def mlp(seed: int = 0, device="cpu") -> torch.nn.Module:
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(20, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    return torch.nn.Sequential(torch.nn.Linear(20, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)).to(device)
 
 
-def classification_data(seed: int = 1):
+def classification_data(seed: int = 1, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(256, 20, generator=gen)
     teacher = torch.randn(20, 3, generator=gen)
-    return x, (x @ teacher).argmax(1)
+    return x.to(device), (x @ teacher).argmax(1).to(device)
 
 
 def train(model, opt, steps: int, data=None) -> list[float]:
@@ -223,7 +231,8 @@ def test_nes_step_moves_along_the_better_direction():
 @pytest.mark.parametrize(
     "kw,match",
     [({"population": 1}, "population"), ({"population": 5, "antithetic": True}, "even"),
-     ({"sigma": 0.0}, "sigma"), ({"normalize": "unbiased"}, "normalize")],
+     ({"sigma": 0.0}, "sigma"), ({"sigma": float("inf")}, "sigma"), ({"lr": float("inf")}, "lr"),
+     ({"normalize": "sqrt"}, "normalize")],
     ids=repr,
 )
 def test_nes_bad_arguments(kw, match):
@@ -259,8 +268,8 @@ def test_replay_rebuilds_the_trained_parameters_exactly(momentum):
     train(model, opt, 4)
     opt.param_groups[0]["lr"] = 0.1  # a schedule
     train(model, opt, 4)
-    assert len(opt.record) == 8
-    assert all(c.numel() == comp.dim for entry in opt.record
+    assert len(opt.record["steps"]) == 8
+    assert all(c.numel() == comp.dim for entry in opt.record["steps"]
                for (c, _), comp in zip(entry["coefficients"].values(), opt.compartments, strict=False))
 
     rebuilt = mlp(seed=42)
@@ -299,18 +308,25 @@ def test_resume_from_state_dict_is_bit_identical(cls, momentum):
     saved = torch.load(buffer)
     resumed_model = mlp(seed=99)
     resumed_model.load_state_dict(saved["model"])
-    resumed = cls(resumed_model.named_parameters(), **{**kw, "seed": 0})
+    resumed = cls(resumed_model.named_parameters(), **kw)
     resumed.load_state_dict(saved["opt"])
-    assert resumed.seed == 11 and resumed.steps_taken == 5
+    assert resumed.steps_taken == 5
     train(resumed_model, resumed, 5)
     assert all(torch.equal(a, b) for a, b in zip(uninterrupted, resumed_model.parameters(), strict=True))
 
 
-def test_state_dict_from_another_layout_is_refused():
+@pytest.mark.parametrize(("changed", "name"), [
+    ({"dim": 9}, "compartments"), ({"compartments": "tensor"}, "compartments"), ({"seed": 4}, "seed"),
+    ({"distribution": "uniform"}, "distribution"), ({"normalize": "paper"}, "normalize"),
+], ids=repr)
+def test_state_dict_from_another_configuration_is_refused_naming_it(changed, name):
     model = mlp()
-    sd = RBD(model.parameters(), lr=0.1, dim=8).state_dict()
-    with pytest.raises(ValueError, match="compartments"):
-        RBD(model.parameters(), lr=0.1, dim=9).load_state_dict(sd)
+    kw = {"lr": 0.1, "dim": 8, "seed": 3}
+    sd = RBD(model.parameters(), **kw).state_dict()
+    with pytest.raises(ValueError, match=f"other arguments.*{name}: "):
+        RBD(model.parameters(), **{**kw, **changed}).load_state_dict(sd)
+    with pytest.raises(ValueError, match="optimizer: 'RBD' saved, 'FPD' here"):
+        FPD(model.parameters(), **kw).load_state_dict(sd)
 
 
 def test_summary():
@@ -330,7 +346,10 @@ def test_summary():
         ({"dim": -3}, "dim"),
         ({"dim": 2.5}, "dim"),
         ({"lr": -0.1}, "lr"),
+        ({"lr": float("inf")}, "lr"),
+        ({"lr": float("nan")}, "lr"),
         ({"momentum": 1.0}, "momentum"),
+        ({"momentum": float("nan")}, "momentum"),
         ({"compartments": "rows"}, "compartments"),
         ({"compartments": 0}, "size"),
         ({"distribution": "gauss"}, "distribution"),
@@ -354,3 +373,313 @@ def test_a_parameter_in_two_groups_is_refused():
     model = mlp()
     with pytest.raises(ValueError, match="more than one"):
         RBD([{"params": model.parameters()}, {"params": [model[0].weight]}], lr=0.1, dim=4)
+
+
+# ---- param groups are read at step time (schedulers, resumed runs) -----------------------------
+
+
+def run_with_scheduler(model, opt, sched, steps: int, data) -> None:
+    for _ in range(steps):
+        train(model, opt, 1, data)
+        sched.step()
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.5])
+def test_steplr_checkpoint_resume_is_bit_identical_and_replays(device, momentum):
+    data = classification_data(device=device)
+    kw = {"lr": 0.4, "dim": Proportional(24), "compartments": 100, "momentum": momentum, "seed": 21}
+
+    def build(model, record=False):
+        opt = RBD(model.named_parameters(), record=record, **kw)
+        return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+
+    model = mlp(device=device)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    opt, sched = build(model, record=True)
+    run_with_scheduler(model, opt, sched, 6, data)
+    assert opt.param_groups[0]["lr"] == 0.4 * 0.5**3
+    assert [entry["lr"] for entry in opt.record["steps"]] == [[0.4], [0.4], [0.2], [0.2], [0.1], [0.1]]
+
+    interrupted = mlp(device=device)
+    first, first_sched = build(interrupted)
+    run_with_scheduler(interrupted, first, first_sched, 3, data)
+    buffer = io.BytesIO()
+    torch.save({"model": interrupted.state_dict(), "optimizer": first.state_dict(),
+                "scheduler": first_sched.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed = mlp(seed=5, device=device)
+    resumed.load_state_dict(saved["model"])
+    opt2, sched2 = build(resumed)
+    opt2.load_state_dict(saved["optimizer"])
+    sched2.load_state_dict(saved["scheduler"])
+    run_with_scheduler(resumed, opt2, sched2, 3, data)
+    for (name, a), b in zip(model.named_parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+    rebuilt = mlp(seed=6, device=device)
+    rebuilt.load_state_dict(initial)
+    replay(RBD(rebuilt.named_parameters(), **kw), opt.record)
+    for a, b in zip(model.parameters(), rebuilt.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_loaded_and_changed_learning_rates_are_the_ones_used():
+    model = mlp()
+    frozen = RBD(model.parameters(), lr=0.0, dim=8, seed=2)
+    opt = RBD(model.parameters(), lr=0.5, dim=8, seed=2)
+    opt.load_state_dict(frozen.state_dict())  # lr 0 from now on
+    before = [p.detach().clone() for p in model.parameters()]
+    train(model, opt, 2)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    opt.param_groups[0]["lr"] = 0.5
+    train(model, opt, 1)
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_add_param_group_is_refused():
+    model = mlp()
+    opt = RBD(model[0].parameters(), lr=0.1, dim=4)
+    with pytest.raises(ValueError, match="add_param_group is not supported"):
+        opt.add_param_group({"params": model[2].parameters()})
+    assert len(opt.param_groups) == 1
+
+
+# ---- all-or-nothing steps and clear errors ------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex64, torch.int32])
+def test_parameters_the_ops_cannot_update_are_refused_at_construction(dtype):
+    ok = torch.nn.Parameter(torch.zeros(5))
+    bad = torch.zeros(3, dtype=dtype)
+    with pytest.raises(ValueError, match=f"parameter param1 has dtype {dtype}"):
+        RBD([ok, bad], lr=0.1, dim=2, compartments="tensor")
+
+
+def grads_everywhere(model):
+    model.zero_grad()
+    x, y = classification_data()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+
+
+@pytest.mark.parametrize("problem", ["inf lr", "nan momentum", "sparse grad"])
+def test_a_refused_step_changes_nothing(problem):
+    model = mlp()
+    opt = RBD([{"params": model[0].parameters()}, {"params": model[2].parameters()}], lr=0.1, dim=4,
+              compartments="tensor", momentum=0.5)
+    grads_everywhere(model)
+    if problem == "inf lr":
+        opt.param_groups[1]["lr"] = float("inf")
+        match = r"lr \(param group 1\) must be finite"
+    elif problem == "nan momentum":
+        opt.param_groups[1]["momentum"] = float("nan")
+        match = r"momentum \(param group 1\) must be finite"
+    else:
+        model[2].bias.grad = model[2].bias.grad.to_sparse()
+        match = "parameter param3 has a torch.sparse_coo gradient"
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=match):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert opt.steps_taken == 0 and not opt.state
+
+
+def test_numpy_integers_are_taken_and_the_state_dict_loads_with_weights_only():
+    model = mlp()
+    opt = RBD(model.parameters(), lr=np.float32(0.1), dim=np.int64(5), seed=np.uint64(2**63 + 5))
+    assert opt.compartments[0].dim == 5 and type(opt.seed) is int
+    train(model, opt, 1)
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    RBD(model.parameters(), lr=0.1, dim=5, seed=2**63 + 5).load_state_dict(torch.load(buffer, weights_only=True))
+
+
+# ---- checkpoints written by a02b069 -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["RBD", "FPD", "NES"])
+def test_state_dicts_written_by_a02b069_resume_bit_identically(name):
+    """tests/data/a02b069_states.pt: per optimizer, the model and ``state_dict()`` after 3 steps
+    and the model after 3 more, written by the optimizers of a02b069 on this test's task (RBD:
+    blocks of 100, Proportional(30), momentum 0.9, seed 11; FPD: tensors, d 8, "paper", seed 12;
+    NES: population 6 antithetic, sigma 0.05, lr 0.05, seed 13)."""
+    saved = torch.load(DATA / "a02b069_states.pt", weights_only=True)[name]
+    assert "format" not in saved["optimizer"]["rbd"]
+    model = mlp(seed=3)
+    model.load_state_dict(saved["model"])
+    x, y = classification_data()
+    if name == "NES":
+        opt = NES(model.parameters(), lr=0.05, population=6, sigma=0.05, antithetic=True, seed=13)
+        opt.load_state_dict(saved["optimizer"])
+        for _ in range(3):
+            opt.step(lambda: torch.nn.functional.cross_entropy(model(x), y))
+    else:
+        opt = (RBD(model.named_parameters(), lr=0.3, dim=Proportional(30), compartments=100, momentum=0.9, seed=11)
+               if name == "RBD" else
+               FPD(model.named_parameters(), lr=0.3, dim=8, compartments="tensor", normalize="paper", seed=12))
+        opt.load_state_dict(saved["optimizer"])
+        train(model, opt, 3)
+    assert opt.steps_taken == 6
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, saved["after"][key]), key
+    wrong = RBD(model.parameters(), lr=0.3, dim=31, compartments=100)
+    with pytest.raises(ValueError, match="saved compartments"):
+        wrong.load_state_dict(torch.load(DATA / "a02b069_states.pt", weights_only=True)["RBD"]["optimizer"])
+
+
+# ---- replay refuses another optimizer -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("changed", "name"), [
+    ({"seed": 6}, "seed"), ({"dim": 5}, "compartments"), ({"distribution": "rademacher"}, "distribution"),
+    ({"compartments": "tensor"}, "compartments"), ({"normalize": "dim"}, "normalize"),
+], ids=repr)
+def test_replay_refuses_an_optimizer_built_otherwise(changed, name):
+    kw = {"lr": 0.2, "dim": 4, "seed": 5}
+    model = mlp()
+    opt = RBD(model.parameters(), record=True, **kw)
+    train(model, opt, 2)
+    fresh = mlp()
+    with pytest.raises(ValueError, match=f"not built as the recorded one was: .*{name}: "):
+        replay(RBD(fresh.parameters(), **{**kw, **changed}), opt.record)
+    assert all(torch.equal(a, b) for a, b in zip(mlp().parameters(), fresh.parameters(), strict=True))
+
+
+# ---- NES: parameters restored whatever the closure does ----------------------------------------
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("data loader died"), KeyboardInterrupt(), float("nan"),
+                                     float("inf")], ids=repr)
+def test_nes_restores_the_parameters_whatever_the_closure_does(failure):
+    model = mlp()
+    x, y = classification_data()
+    opt = NES(model.parameters(), lr=0.1, population=4, sigma=0.1, seed=2)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) == 3:
+            if isinstance(failure, BaseException):
+                raise failure
+            return torch.tensor(failure)
+        return torch.nn.functional.cross_entropy(model(x), y)
+
+    before = [p.detach().clone() for p in model.parameters()]
+    expected = type(failure) if isinstance(failure, BaseException) else ValueError
+    with pytest.raises(expected, match=None if isinstance(failure, BaseException) else "non-finite loss"):
+        opt.step(closure)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert opt.steps_taken == 0
+
+
+# ---- exact one-step oracles (float64, from the reference matrices) ------------------------------
+
+
+def oracle_scale(normalize, distribution, d, n, total):
+    return {"unbiased": 1 / (d * VARIANCE[distribution]), "paper": 1 / total, "dim": 1 / d, "none": 1.0,
+            "projection": 1 / (n * VARIANCE[distribution])}[normalize]
+
+
+def compartment_rows(opt, comp, tensors):
+    """The compartment's rows of per-parameter tensors (in the optimizer's order), float64."""
+    index = {id(p): k for k, p in enumerate(p for g in opt.param_groups for p in g["params"])}
+    return torch.cat([tensors[index[id(s.param)]].detach().double().cpu().reshape(-1)[s.start: s.start + s.numel]
+                      for s in comp.segments])
+
+
+@pytest.mark.parametrize("normalize", NORMALIZATIONS)
+@pytest.mark.parametrize("cls", [RBD, FPD])
+def test_two_steps_equal_the_float64_formula(device, cls, normalize):
+    """θ_{t+1} = θ_t − lr·s·P_t P_tᵀ g_t per compartment; RBD draws step t's basis, FPD step 0's."""
+    distribution = {"unbiased": "uniform", "projection": "rademacher"}.get(normalize, "normal")
+    model = mlp(device=device)
+    opt = cls(model.parameters(), lr=0.3, dim=Proportional(12), compartments=150, distribution=distribution,
+              normalize=normalize, seed=9)
+    assert len(opt.compartments) == 3  # blocks that split tensors: row offsets matter
+    x, y = classification_data(device=device)
+    for t in range(2):
+        theta = [p.detach().clone() for p in model.parameters()]
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        opt.step()
+        for comp in opt.compartments:
+            P = reference.materialize(comp.numel, comp.dim, seed=9, step=t if cls is RBD else 0,
+                                      stream=comp.stream, distribution=distribution)
+            s = oracle_scale(normalize, distribution, comp.dim, comp.numel, 387)
+            expected = compartment_rows(opt, comp, theta) - 0.3 * s * (P @ (P.T @ compartment_rows(opt, comp, grads)))
+            got = compartment_rows(opt, comp, list(model.parameters()))
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("normalize", NORMALIZATIONS)
+@pytest.mark.parametrize("antithetic", [False, True])
+def test_nes_step_equals_its_documented_update(device, antithetic, normalize):
+    """θ₁ = θ₀ + lr·√s·Σ_i a_i ε_i / (σ n), ε_i = ±column j_i of P (step 0, stream 0), a_i the
+    centred rank of member i's loss (lowest +0.5, highest −0.5), s of d = the directions."""
+    model = mlp(device=device)
+    x, y = classification_data(device=device)
+    lr, sigma, population = 0.2, 0.05, 6
+    opt = NES(model.parameters(), lr=lr, population=population, sigma=sigma, antithetic=antithetic,
+              normalize=normalize, seed=4)
+    theta0 = torch.cat([p.detach().double().cpu().reshape(-1) for p in model.parameters()])
+    seen, losses = [], []
+
+    def closure():
+        seen.append(torch.cat([p.detach().double().cpu().reshape(-1) for p in model.parameters()]))
+        losses.append(float(torch.nn.functional.cross_entropy(model(x), y)))
+        return losses[-1]
+
+    opt.step(closure)
+    d = population // 2 if antithetic else population
+    P = reference.materialize(387, d, seed=4)
+    members = [(j, sign) for j in range(d) for sign in ((1.0, -1.0) if antithetic else (1.0,))]
+    for (j, sign), at in zip(members, seen, strict=True):
+        torch.testing.assert_close(at, theta0 + sign * sigma * P[:, j], rtol=1e-5, atol=1e-6)
+    order = sorted(range(population), key=lambda i: losses[i])  # ascending loss
+    a = [0.0] * population
+    for rank, i in enumerate(order):
+        a[i] = 0.5 - rank / (population - 1)
+    step = sum(a[i] * sign * P[:, j] for i, (j, sign) in enumerate(members)) / (sigma * population)
+    expected = theta0 + lr * oracle_scale(normalize, "normal", d, 387, 387) ** 0.5 * step
+    got = torch.cat([p.detach().double().cpu().reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+# ---- layering -----------------------------------------------------------------------------------
+
+
+def imported_modules(path: Path) -> set[str]:
+    """The rbd_cuda modules a source file imports (relative imports resolved)."""
+    package = "rbd_cuda." + ".".join(path.relative_to(Path(__file__).parent.parent / "rbd_cuda").parts[:-1])
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = package.rstrip(".").split(".")
+            if node.level:
+                base = base[: len(base) - node.level + 1]
+                name = ".".join(base + ([node.module] if node.module else []))
+            else:
+                name = node.module or ""
+            found.update({name} | {f"{name}.{a.name}" for a in node.names})
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+    return {m for m in found if m.startswith("rbd_cuda")}
+
+
+def test_layers_import_downwards_only():
+    root = Path(__file__).parent.parent / "rbd_cuda"
+    uses = {path: imported_modules(path) for path in [root / "basis.py", root / "layout.py", root / "nn.py",
+                                                      root / "distributed.py", *sorted((root / "optim").glob("*.py"))]}
+    for path, modules in uses.items():
+        top = {".".join(m.split(".")[:2]) for m in modules}
+        if path.name in ("basis.py", "layout.py"):
+            assert top <= {"rbd_cuda", "rbd_cuda.ops"}, (path, top)  # "from . import ops"
+        elif path.parent.name == "optim":
+            assert top <= {"rbd_cuda.basis", "rbd_cuda.layout", "rbd_cuda.optim"}, (path, top)
+        elif path.name == "nn.py":
+            assert top <= {"rbd_cuda.basis", "rbd_cuda.layout"}, (path, top)
+        else:  # distributed: the optimizers and their Exchange interface, nothing private
+            assert top <= {"rbd_cuda.basis", "rbd_cuda.layout", "rbd_cuda.optim"}, (path, top)
+            assert not any(m.split(".")[-1].startswith("_") for m in modules), modules

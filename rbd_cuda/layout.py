@@ -1,6 +1,6 @@
 """Compartments: which parameters share one random basis, and how many directions each gets.
 
-A compartment is a list of segments (contiguous pieces of flattened parameters). Its basis
+The one layout module of the optimizers, ``RandomSubspace`` and distributed training. A compartment is a list of segments (contiguous pieces of flattened parameters). Its basis
 vectors span all of its segments: segment s addresses rows ``[row_offset_s, row_offset_s + n_s)``
 of the compartment's matrix, and every compartment has its own ``stream`` id, so compartments
 draw independent bases from one seed.
@@ -9,6 +9,7 @@ draw independent bases from one seed.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -17,12 +18,14 @@ import torch
 
 @dataclass(frozen=True)
 class Segment:
-    """``param.view(-1)[start : start + numel]`` at rows ``row_offset ...`` of its compartment."""
+    """``param.view(-1)[start : start + numel]`` at rows ``row_offset ...`` of its compartment;
+    ``name`` is the parameter's name."""
 
     param: torch.Tensor
     start: int
     numel: int
     row_offset: int
+    name: str = ""
 
     def view(self, tensor: torch.Tensor) -> torch.Tensor:
         """The same piece of ``tensor`` (the parameter itself, its grad or a state buffer)."""
@@ -85,12 +88,17 @@ class Compression:
 
 
 def as_dim_rule(dim) -> Fixed | Proportional | Compression:
+    """``dim`` as a rule; an integer (numpy's too, as the ops take them) means ``Fixed``."""
     if isinstance(dim, (Fixed, Proportional, Compression)):
         rule = dim
-    elif isinstance(dim, int) and not isinstance(dim, bool):
-        rule = Fixed(dim)
     else:
-        raise TypeError(f"rbd_cuda: dim must be an int, Fixed, Proportional or Compression, got {dim!r}")
+        try:
+            if isinstance(dim, bool):
+                raise TypeError
+            rule = Fixed(operator.index(dim))
+        except TypeError:
+            raise TypeError(f"rbd_cuda: dim must be an int, Fixed, Proportional or Compression, "
+                            f"got {dim!r}") from None
     value = getattr(rule, "dim", getattr(rule, "total", None))
     if value is not None and value <= 0:
         raise ValueError(f"rbd_cuda: dim must be positive, got {value}")
@@ -102,8 +110,15 @@ def as_dim_rule(dim) -> Fixed | Proportional | Compression:
 # ---- layouts ------------------------------------------------------------------------------
 
 
-def _module_of(name: str) -> str:
-    return name.rsplit(".", 1)[0] if "." in name else ""
+def split_name(name: str) -> tuple[str, str]:
+    """``"layers.0.weight"`` -> ``("layers.0", "weight")``: the owning module and the attribute."""
+    module, _, attr = name.rpartition(".")
+    return module, attr
+
+
+def layer_of(name: str) -> str:
+    """The layer of a parameter name: its module's path (``compartments="layer"`` groups by it)."""
+    return split_name(name)[0]
 
 
 def plan(named_params: Sequence[tuple[str, torch.Tensor]], mode, dim) -> list[Compartment]:
@@ -118,10 +133,11 @@ def plan(named_params: Sequence[tuple[str, torch.Tensor]], mode, dim) -> list[Co
     """
     rule = as_dim_rule(dim)
     params = [p for _, p in named_params]
+    name_of = {id(p): name for name, p in named_params}
     groups: list[tuple[str, list[Segment]]] = []
 
     def whole(p: torch.Tensor, offset: int) -> Segment:
-        return Segment(p, 0, p.numel(), offset)
+        return Segment(p, 0, p.numel(), offset, name_of[id(p)])
 
     if mode == "global":
         segs, offset = [], 0
@@ -135,7 +151,7 @@ def plan(named_params: Sequence[tuple[str, torch.Tensor]], mode, dim) -> list[Co
         by_module: dict[str, list[Segment]] = {}
         offsets: dict[str, int] = {}
         for name, p in named_params:
-            module = _module_of(name)
+            module = layer_of(name)
             by_module.setdefault(module, []).append(whole(p, offsets.get(module, 0)))
             offsets[module] = offsets.get(module, 0) + p.numel()
         groups = list(by_module.items())
@@ -147,7 +163,7 @@ def plan(named_params: Sequence[tuple[str, torch.Tensor]], mode, dim) -> list[Co
             start = 0
             while start < p.numel():
                 take = min(p.numel() - start, mode - filled)
-                segs.append(Segment(p, start, take, filled))
+                segs.append(Segment(p, start, take, filled, name_of[id(p)]))
                 start += take
                 filled += take
                 if filled == mode:
@@ -184,3 +200,12 @@ def plan(named_params: Sequence[tuple[str, torch.Tensor]], mode, dim) -> list[Co
     for c, d in zip(compartments, rule.allocate([c.numel for c in compartments]), strict=True):
         c.dim = d
     return compartments
+
+
+def describe(compartments: Sequence[Compartment], params: Sequence[torch.Tensor]) -> list[list]:
+    """A plain description of a layout, for state dicts and records: per compartment
+    ``[stream, dim, numel, [[parameter index, start, numel, row_offset], ...]]``, parameters
+    numbered in ``params``'s order."""
+    index = {id(p): k for k, p in enumerate(params)}
+    return [[c.stream, c.dim, c.numel, [[index[id(s.param)], s.start, s.numel, s.row_offset] for s in c.segments]]
+            for c in compartments]

@@ -1,0 +1,149 @@
+"""The random basis: which matrix P an update uses, how it is scaled, and the products over a
+compartment.
+
+One basis is one ``(seed, step, stream, distribution)``: entry ``P[i, j]`` of it is a pure
+function of ``(i, j)`` (docs/random_stream.md). Optimizers, ``RandomSubspace`` and the DDP hook
+all describe their bases with ``Basis`` and scale them with ``scale``, and every product over a
+compartment's segments goes through ``project_compartment``, ``expand_compartment_`` (in place,
+the optimizers' update) or ``expand_compartment`` (differentiable, the subspace wrapper).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from . import ops
+
+DISTRIBUTIONS = ops.DISTRIBUTIONS
+ENTRY_VARIANCE = {"normal": 1.0, "uniform": 1.0 / 3.0, "rademacher": 1.0}
+
+# s of the update −lr·s·P Pᵀ g (equivalently: every basis vector multiplied by √s), for a
+# compartment of d directions and n entries in a model of D entries, entries of variance σ²:
+#   "unbiased"    1/(d σ²): E[s P Pᵀ] = I
+#   "paper"       1/D: every basis vector divided by √D, the paper's auto_norm (Table 1)
+#   "dim"         1/d: the paper's normalized=False
+#   "none"        1
+#   "projection"  1/(n σ²): s P Pᵀ close to the orthogonal projection on the d directions
+NORMALIZATIONS = ("unbiased", "paper", "dim", "none", "projection")
+STREAM_STEPS = 2**32
+
+
+def check_seed(seed) -> int:
+    """``seed`` as a plain Python int (numpy integers accepted), or an error naming it: a seed is
+    any 64-bit value, signed or unsigned."""
+    if isinstance(seed, bool):
+        raise TypeError("rbd_cuda: seed must be an int, got bool")
+    try:
+        seed = operator.index(seed)
+    except TypeError:
+        raise TypeError(f"rbd_cuda: seed must be an int, got {type(seed).__name__}") from None
+    if not -(2**63) <= seed < 2**64:
+        raise ValueError(f"rbd_cuda: seed must fit in 64 bits, i.e. in [-2**63, 2**64), got {seed}")
+    return seed
+
+
+def check_distribution(distribution) -> str:
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"rbd_cuda: distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+    return distribution
+
+
+def check_normalize(normalize, allowed: Sequence[str] = NORMALIZATIONS) -> str:
+    if normalize not in allowed:
+        raise ValueError(f"rbd_cuda: normalize must be one of {tuple(allowed)}, got {normalize!r}")
+    return normalize
+
+
+def check_finite(name: str, value, *, low: float = 0.0, high: float = math.inf, open_high: bool = False) -> float:
+    """A finite real ``value`` in [low, high] (or [low, high) with ``open_high``) as a float."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"rbd_cuda: {name} must be a real number, got {type(value).__name__}") from None
+    inside = low <= value and (value < high if open_high else value <= high)
+    if not (math.isfinite(value) and inside):
+        bracket = ")" if open_high else "]"
+        raise ValueError(f"rbd_cuda: {name} must be finite and in [{low}, {high}{bracket}, got {value}")
+    return value
+
+
+def scale(normalize: str, distribution: str, dim: int, numel: int, total_numel: int, *, root: bool = False) -> float:
+    """The constant s of the update −lr·s·P Pᵀ g for a compartment of ``dim`` directions and
+    ``numel`` entries in a model of ``total_numel`` entries (the table above ``NORMALIZATIONS``); with
+    ``root``, √s, the factor of each basis vector (NES's update, the subspace wrapper)."""
+    if normalize == "unbiased":
+        denominator = dim * ENTRY_VARIANCE[distribution]
+    elif normalize == "paper":
+        denominator = total_numel
+    elif normalize == "dim":
+        denominator = dim
+    elif normalize == "projection":
+        denominator = numel * ENTRY_VARIANCE[distribution]
+    else:
+        return 1.0
+    # 1/x and x**-0.5 round as the optimizers of a02b069 did, so resumed runs stay bit-identical.
+    return denominator ** -0.5 if root else 1.0 / denominator
+
+
+@dataclass(frozen=True)
+class Basis:
+    """One random matrix of the stream: ``(seed, step, stream, distribution)``.
+
+    ``kwargs`` are the keywords the ops take for it; a compartment's segments add their
+    ``row_offset``. Build it with ``check_seed``-valid values (the optimizers validate once at
+    construction, so a step does not re-validate).
+    """
+
+    seed: int
+    step: int = 0
+    stream: int = 0
+    distribution: str = "normal"
+
+    @property
+    def kwargs(self) -> dict:
+        if not 0 <= self.step < STREAM_STEPS:
+            raise RuntimeError(f"rbd_cuda: the random stream has 2**32 steps; step {self.step} is beyond them")
+        return {"seed": self.seed, "step": self.step, "stream": self.stream, "distribution": self.distribution}
+
+
+# ---- the products over one compartment ------------------------------------------------------
+# A compartment's segments are pieces of flattened tensors at rows ``row_offset ...`` of its
+# matrix; these functions are the only places that loop over them.
+
+
+def project_compartment(basis: Basis, dim: int, pieces: Sequence[torch.Tensor], row_offsets: Sequence[int],
+                        device: torch.device | None = None) -> torch.Tensor:
+    """``c = Σ_s P_sᵀ g_s`` over the 1-D ``pieces`` g_s at rows ``row_offsets`` of ``basis``'s matrix,
+    in fp32 on ``device`` (default: the first piece's)."""
+    kw = basis.kwargs
+    c = None
+    for piece, row_offset in zip(pieces, row_offsets, strict=True):
+        part = ops.project(piece, dim, row_offset=row_offset, **kw).float()
+        c = part if c is None else c + part.to(c.device)
+    return c if device is None else c.to(device)
+
+
+def expand_compartment_(basis: Basis, outs: Sequence[torch.Tensor], row_offsets: Sequence[int],
+                        coeffs: torch.Tensor, alpha: float, *, col_offset: int = 0) -> None:
+    """In place ``out_s += alpha · P_s c`` for the 1-D views ``outs`` at rows ``row_offsets``
+    (``c`` addressing columns ``col_offset ...``: NES perturbs along one column)."""
+    kw = basis.kwargs
+    for out, row_offset in zip(outs, row_offsets, strict=True):
+        ops.expand_(out, coeffs if coeffs.device == out.device else coeffs.to(out.device), alpha,
+                    row_offset=row_offset, col_offset=col_offset, **kw)
+
+
+def expand_compartment(basis: Basis, coeffs: Sequence[torch.Tensor], numels: Sequence[int],
+                       row_offsets: Sequence[int]) -> list[torch.Tensor]:
+    """``[P_s c_s]`` (differentiable in each ``c_s``; one coefficient vector per segment, so a
+    caller can scale a segment's coefficients): the subspace wrapper's forward."""
+    kw = basis.kwargs
+    return [ops.expand(c, numel, row_offset=row_offset, **kw)
+            for c, numel, row_offset in zip(coeffs, numels, row_offsets, strict=True)]

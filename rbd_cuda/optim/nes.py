@@ -1,0 +1,99 @@
+"""The natural-evolution-strategies baseline of the paper (Salimans et al. 2017 style)."""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable
+
+import torch
+
+from ..basis import check_finite
+from .base import RandomBasesOptimizer
+
+
+class NES(RandomBasesOptimizer):
+    """Evolution strategies on the random-bases kernels; ``step(closure)`` only, no gradients.
+
+    Each step evaluates the loss at θ + σ ε_i for ``population`` directions ε_i (the columns of
+    one random basis over all parameters, re-drawn every step; never materialised: each
+    perturbation is one expand of a single column), shapes the fitness by rank (the lowest loss
+    gets +0.5, the highest −0.5), and moves
+
+        θ ← θ + lr · √s · Σ_i a_i ε_i / (σ n)
+
+    with ``s`` the scale of ``normalize`` for d = the number of directions (``rbd_cuda.basis``):
+    ``"paper"`` (default) divides by √D as the paper's code does, ``"none"`` uses 1. With
+    ``antithetic`` the population is n/2 directions evaluated at θ ± σ ε.
+
+    ``step(closure)`` needs a closure that returns the loss at the current parameters (no
+    backward needed; it runs under ``torch.no_grad``) and returns the population's mean loss.
+    The paper gives each population member its own minibatch: a closure that draws a new batch
+    per call does that. Whatever the closure does (raises, is interrupted), the parameters are
+    restored exactly before ``step`` returns or raises; a non-finite loss is refused (the step
+    then changes nothing).
+    """
+
+    def __init__(self, params, lr: float, population: int, sigma: float = 0.01, *, antithetic: bool = False,
+                 distribution: str = "normal", normalize: str = "paper", seed: int = 0):
+        try:
+            if isinstance(population, bool):
+                raise TypeError
+            population = operator.index(population)
+        except TypeError:
+            raise ValueError(f"rbd_cuda: population must be an int >= 2, got {population!r}") from None
+        if population < 2:
+            raise ValueError(f"rbd_cuda: population must be an int >= 2, got {population!r}")
+        if antithetic and population % 2:
+            raise ValueError(f"rbd_cuda: an antithetic population must be even, got {population}")
+        sigma = check_finite("sigma", sigma)
+        if sigma == 0:
+            raise ValueError("rbd_cuda: sigma must be positive, got 0.0")
+        directions = population // 2 if antithetic else population
+        super().__init__(params, {"lr": lr}, directions, compartments="global", distribution=distribution,
+                         normalize=normalize, seed=seed)
+        self.population, self.sigma, self.antithetic = population, sigma, bool(antithetic)
+
+    def config(self) -> dict:
+        return {**super().config(), "population": self.population, "sigma": self.sigma,
+                "antithetic": self.antithetic}
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None):
+        if closure is None:
+            raise ValueError("rbd_cuda: NES.step needs a closure that returns the loss")
+        hyper = self.hyperparameters()
+        comp = self.compartments[0]
+        basis = self.basis(comp)
+        views = [seg.view(seg.param) for seg in comp.segments]
+        saved = [v.clone() for v in views]
+        members = [(j, sign) for j in range(comp.dim) for sign in ((1.0, -1.0) if self.antithetic else (1.0,))]
+        losses = []
+        for j, sign in members:
+            coeff = torch.full((1,), sign * self.sigma, device=views[0].device)
+            self._expand(basis, coeff, [(view, seg.row_offset, 1.0) for view, seg in zip(views, comp.segments,
+                                                                                          strict=True)],
+                         col_offset=j)
+            try:
+                losses.append(float(closure()))
+            finally:  # exact restore (no drift from adding and subtracting), whatever the closure did
+                for view, original in zip(views, saved, strict=True):
+                    view.copy_(original)
+        bad = [i for i, value in enumerate(losses) if not math.isfinite(value)]
+        if bad:
+            raise ValueError(f"rbd_cuda: NES step {self.steps_taken}: the closure returned a non-finite loss "
+                             f"({losses[bad[0]]}) for population member {bad[0]}; the parameters are unchanged")
+        n = len(members)
+        order = sorted(range(n), key=lambda i: -losses[i])  # rank 0 = highest loss
+        shaped = [0.0] * n
+        for rank, i in enumerate(order):
+            shaped[i] = rank / (n - 1) - 0.5
+        c = torch.zeros(comp.dim)
+        for (j, sign), a in zip(members, shaped, strict=True):
+            c[j] += sign * a / (self.sigma * n)
+        root_s = self.scale(comp, root=True)
+        groups = self._segment_groups[0]
+        self._expand(basis, c, [(view, seg.row_offset, hyper[groups[k]][0] * root_s)
+                                for k, (view, seg) in enumerate(zip(views, comp.segments, strict=True))])
+        self.steps_taken += 1
+        return sum(losses) / n
