@@ -24,9 +24,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..basis import DISTRIBUTIONS, NORMALIZATIONS
 from ..nn import RandomSubspace
-from ..ops import DISTRIBUTIONS
-from ..optim import NORMALIZATIONS
 from . import data, loop, models
 from .reporting import cpu_name
 

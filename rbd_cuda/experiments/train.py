@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..ops import DISTRIBUTIONS
-from ..optim import FPD, NES, NORMALIZATIONS, RBD
+from ..basis import DISTRIBUTIONS, NORMALIZATIONS
+from ..optim import FPD, NES, RBD
 from . import data, loop, models
 from .reporting import save_figure
 
