@@ -81,4 +81,9 @@ inline int64_t pow2_floor(int64_t v) {
   return p;
 }
 
+// The v2 single ops (kernels_v2.cu), taken when RBD_CUDA_KERNELS=v2: c = P^T g in g's dtype, and
+// out += alpha P c32 (c32: fp32, contiguous, not aliasing out).
+at::Tensor project_v2(const at::Tensor& g, const StreamArgs& a, int64_t dim);
+void expand_inplace_v2(at::Tensor& out, const at::Tensor& c32, float alpha, const StreamArgs& a);
+
 }  // namespace rbd

@@ -130,10 +130,12 @@ at::Tensor project_cuda(const at::Tensor& g, int64_t dim, int64_t seed, int64_t 
                                         std::string(distribution), row_offset, col_offset);
   const c10::cuda::CUDAGuard guard(g.device());
   if (g.numel() == 0) return at::zeros({dim}, g.options());
+  if (cuda_kernels() == CudaKernels::V2) return project_v2(g, a, dim);
   const at::Tensor gc = g.contiguous();
   at::Tensor c = at::empty({dim}, g.options());
   const int64_t numel = gc.numel();
-  const int64_t rb_first = row_offset >> 2, rb_end = (row_offset + numel + 3) >> 2;
+  const Geometry geo = make_geometry(a, numel, dim);
+  const int64_t rb_first = geo.rb_first, rb_end = geo.rb_end;
   const auto opts = g.options().dtype(at::kFloat);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   // Row blocks line up with g's 4-element vectors only when the offset is a multiple of 4.
@@ -146,15 +148,13 @@ at::Tensor project_cuda(const at::Tensor& g, int64_t dim, int64_t seed, int64_t 
     with_distribution(a.dist, [&](auto tag) {
       constexpr Distribution D = decltype(tag)::value;
       if constexpr (D == Distribution::Rademacher) {
-        const int64_t shift = col_offset & 31;
-        const int64_t groups = ceil_div(shift + dim, 32);
-        const int64_t n_rb = rb_end - rb_first;
-        n_chunks = std::clamp<int64_t>(ceil_div(kTargetBlocks, groups), 1, ceil_div(n_rb, kThreads));
-        const Launch L{rb_first, rb_end, n_chunks, ceil_div(n_rb, n_chunks)};
+        const int64_t groups = geo.n_cols;
+        n_chunks = std::clamp<int64_t>(ceil_div(kTargetBlocks, groups), 1, ceil_div(geo.n_rb(), kThreads));
+        const Launch L{rb_first, rb_end, n_chunks, ceil_div(geo.n_rb(), n_chunks)};
         partial = at::empty({n_chunks, dim}, opts);
         const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>(n_chunks));
         project_rademacher_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
-            gp, numel, dim, a, L, vec_ok, col_offset >> 5, shift, partial.data_ptr<float>());
+            gp, numel, dim, a, L, vec_ok, geo.first_col, geo.shift, partial.data_ptr<float>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       } else if (dim <= 2) {
         launch_project_dense<D, scalar_t, 2>(gp, numel, dim, a, rb_first, rb_end, vec_ok, partial,
