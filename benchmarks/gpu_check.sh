@@ -71,7 +71,8 @@ nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,temperature.gpu,power.draw
   --format=csv -lms 500 >"$out/clocks.csv" 2>&1 &
 sampler=$!
 
-arch=$("$py" -c "import torch; c = torch.cuda.get_device_capability(); print(f'{c[0]}.{c[1]}')")
+arch=$("$py" -c "import torch; c = torch.cuda.get_device_capability(); print(f'{c[0]}.{c[1]}')" 2>/dev/null)
+[ -n "$arch" ] || { note "| gpu | torch sees no GPU: nothing run | 0 s |"; kill "$sampler" 2>/dev/null; exit 1; }
 if stage build 300 env TORCH_CUDA_ARCH_LIST="$arch" RBD_CUDA=1 RBD_NVCC_VERBOSE=1 MAX_JOBS="${MAX_JOBS:-16}" \
     "$py" setup.py build_ext --inplace; then
   # ptxas resource usage per kernel (registers, shared memory, spills), for the record.

@@ -80,59 +80,39 @@ extern "C" __global__ void __launch_bounds__(256) probe_{name}(unsigned long lon
 #undef INIT
 """
 
-# Philox and the two Box–Muller forms: 4 independent calls per step, outputs folded into a sink.
-RNG_KERNELS = r"""
+# Philox and the two Box–Muller forms: 4 independent calls per step (x: the call's words), folded
+# into the accumulators.
+RNG_KERNEL = r"""
 #define INIT 0
-extern "C" __global__ void __launch_bounds__(256) probe_philox10(unsigned long long* sink, int iters,
-                                                                 unsigned long long* clk) {
-  PROBE_PROLOGUE(unsigned)
-  for (int i = 0; i < iters; ++i) {
+extern "C" __global__ void __launch_bounds__(256) probe_{name}(unsigned long long* sink, int iters,
+                                                              unsigned long long* clk) {{
+  PROBE_PROLOGUE({T})
+  for (int i = 0; i < iters; ++i) {{
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const rbd::Philox4 x = rbd::stream_block(a + 256u * k, unsigned(i), 7u, acc[k], 0x1234u, b);
-      acc[k] ^= x.w[0] ^ x.w[1] ^ x.w[2] ^ x.w[3];
-    }
-  }
-  PROBE_EPILOGUE(unsigned)
-}
-extern "C" __global__ void __launch_bounds__(256) probe_normal_v1(unsigned long long* sink, int iters,
-                                                                  unsigned long long* clk) {
-  PROBE_PROLOGUE(float)
-  for (int i = 0; i < iters; ++i) {
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      float e[4];
-      rbd::normal4(rbd::stream_block(a + 256u * k, unsigned(i), 7u, 3u, 0x1234u, b), e);
-      acc[k] += (e[0] + e[1]) + (e[2] + e[3]);
-    }
-  }
-  PROBE_EPILOGUE(float)
-}
-extern "C" __global__ void __launch_bounds__(256) probe_normal_v2(unsigned long long* sink, int iters,
-                                                                  unsigned long long* clk) {
-  PROBE_PROLOGUE(float)
-  for (int i = 0; i < iters; ++i) {
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const rbd::Philox4 x = rbd::stream_block(a + 256u * k, unsigned(i), 7u, 3u, 0x1234u, b);
-      float r0, s0, c0, r1, s1, c1;
-      rbd::box_muller_polar(x.w[0], x.w[1], r0, s0, c0);
-      rbd::box_muller_polar(x.w[2], x.w[3], r1, s1, c1);
-      acc[k] += r0 * (c0 + s0) + r1 * (c1 + s1);
-    }
-  }
-  PROBE_EPILOGUE(float)
-}
+    for (int k = 0; k < 4; ++k) {{
+      const rbd::Philox4 x = rbd::stream_block(a + 256u * k, unsigned(i), 7u, 3u + k, 0x1234u, b);
+      {body}
+    }}
+  }}
+  PROBE_EPILOGUE({T})
+}}
 #undef INIT
 """
-RNG_PROBES = {"philox10": 4, "normal_v1": 4, "normal_v2": 4}  # Philox calls per step
+RNG_BODIES = {
+    "philox10": ("unsigned", "acc[k] ^= x.w[0] ^ x.w[1] ^ x.w[2] ^ x.w[3];"),
+    "normal_v1": ("float", "float e[4]; rbd::normal4(x, e); acc[k] += (e[0] + e[1]) + (e[2] + e[3]);"),
+    "normal_v2": ("float", ("float r0, s0, c0, r1, s1, c1; rbd::box_muller_polar(x.w[0], x.w[1], r0, s0, c0); "
+                            "rbd::box_muller_polar(x.w[2], x.w[3], r1, s1, c1); acc[k] += r0 * (c0 + s0) + r1 * (c1 + s1);")),
+}
+RNG_CALLS_PER_STEP = 4
 
 
 def source() -> str:
     parts = [SOURCE_HEAD]
     for name, (T, init, step, _) in PROBES.items():
         parts.append(KERNEL.format(name=name, T=T, init=init, step=step))
-    parts.append(RNG_KERNELS)
+    for name, (T, body) in RNG_BODIES.items():
+        parts.append(RNG_KERNEL.format(name=name, T=T, body=body))
     return "\n".join(parts)
 
 
@@ -149,9 +129,9 @@ def run(iters: int, reps: int) -> dict:
     sink = cp.zeros(blocks * THREADS, dtype=cp.uint64)
     clk = cp.zeros(2 * blocks, dtype=cp.uint64)
     results = {}
-    for name in [*PROBES, *RNG_PROBES]:
+    for name in [*PROBES, *RNG_BODIES]:
         kernel = mod.get_function(f"probe_{name}")
-        per_step = CHAINS * PROBES[name][3] if name in PROBES else RNG_PROBES[name]
+        per_step = CHAINS * PROBES[name][3] if name in PROBES else RNG_CALLS_PER_STEP
         n = iters if name in PROBES else max(1, iters // 16)
         kernel((blocks,), (THREADS,), (sink, cp.int32(n // 8), clk))  # warm-up
         best = None

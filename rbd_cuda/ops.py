@@ -322,17 +322,8 @@ def _segment_table(tensors, name, row_offsets, compartments, dims, streams, seed
             "seed": kw["seed"], "step": kw["step"], "distribution": distribution}
 
 
-def project_grouped(
-    g,
-    row_offsets,
-    compartments,
-    dims,
-    streams,
-    *,
-    seed: int,
-    step: int = 0,
-    distribution: Distribution = "normal",
-) -> torch.Tensor:
+def project_grouped(g, row_offsets, compartments, dims, streams, *, seed: int, step: int = 0,
+                    distribution: Distribution = "normal") -> torch.Tensor:
     """Coefficients of every compartment in one fp32 vector of length ``sum(dims)``.
 
     ``g``: the segments (tensors of one dtype on one device, any shape, flattened). Compartment
@@ -344,19 +335,8 @@ def project_grouped(
     return torch.ops.rbd_cuda.project_grouped(list(g), **table)
 
 
-def expand_grouped_(
-    out,
-    c: torch.Tensor,
-    alphas,
-    row_offsets,
-    compartments,
-    dims,
-    streams,
-    *,
-    seed: int,
-    step: int = 0,
-    distribution: Distribution = "normal",
-):
+def expand_grouped_(out, c: torch.Tensor, alphas, row_offsets, compartments, dims, streams, *, seed: int,
+                    step: int = 0, distribution: Distribution = "normal"):
     """In place ``out[s] += alphas[s] * P_k c_k`` for every segment s (k = compartments[s]); returns ``out``.
 
     Each segment gets exactly what ``expand_(out[s], c_k, alphas[s], row_offset=row_offsets[s],

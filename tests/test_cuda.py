@@ -300,26 +300,6 @@ def test_bad_input_cuda():
                             torch.zeros(1, 2, dtype=torch.int64, device=CUDA), 8)
 
 
-# ---- torch.library ---------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("dist", DISTRIBUTIONS)
-def test_opcheck_cuda(dist):
-    ops = torch.ops.rbd_cuda
-    # the raw ops take the seed as the int64 holding its bits
-    kw = dict(STREAM, seed=STREAM["seed"] - 2**64, distribution=dist, row_offset=3, col_offset=33)
-    g = random_vector(5001, seed=1).to(CUDA)
-    c = random_vector(40, torch.bfloat16, seed=2).to(CUDA)
-    torch.library.opcheck(ops.project, (g, 40), kw)
-    torch.library.opcheck(ops.project, (g.to(torch.float16), 7), kw)
-    torch.library.opcheck(ops.expand, (c, 5001), kw)
-    torch.library.opcheck(ops.expand_, (g.clone(), c, 0.5), kw)
-    torch.library.opcheck(ops.materialize_, (torch.empty(77, 40, device=CUDA),), kw)
-    counter = torch.randint(0, 2**32, (16, 4), dtype=torch.int64, device=CUDA)
-    key = torch.randint(0, 2**32, (16, 2), dtype=torch.int64, device=CUDA)
-    torch.library.opcheck(ops.philox4x32, (counter, key, 10))
-
-
 # ---- the v2 kernels and the one-launch grouped ops (RBD_CUDA_KERNELS) -------------------------
 
 

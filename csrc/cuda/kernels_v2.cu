@@ -115,46 +115,45 @@ __device__ __forceinline__ void entries4_v2(const Philox4& x, float (&e)[4]) {
   }
 }
 
-// Calls body(rb, gv) for row blocks rb = lo + lane, lo + lane + lanes, ... < hi: the edge blocks
-// (outside [interior_first, interior_end)) with guarded loads, the interior with load4.
+// Calls body(rb, gv) for row blocks rb = lo + lane, lo + lane + lanes, ... < hi: first the edge
+// blocks (outside [interior_first, interior_end), at most one at each end of the segment) with
+// guarded loads, then the interior with load4, where only the pointer and a 32-bit count live.
 template <typename T, typename Body>
 __device__ __forceinline__ void walk_rows(const ProjectSeg& s, int64_t lo, int64_t hi, uint32_t lane,
                                           uint32_t lanes, Body&& body) {
   const T* g = static_cast<const T*>(s.g);
   const int64_t a = min(max(s.interior_first, lo), hi), b = max(min(s.interior_end, hi), a);
-  for (int64_t rb = lo + lane; rb < a; rb += lanes) {
-    float gv[4];
-    load_rows(g, 4 * rb - s.row_offset, s.numel, false, gv);
-    body(uint32_t(rb), gv);
-  }
-  const uint32_t n = uint32_t(b - a);
+  const auto edge = [&](int64_t from, int64_t to) {
+    for (int64_t rb = from + lane; rb < to; rb += lanes) {
+      float gv[4];
+      load_rows(g, 4 * rb - s.row_offset, s.numel, false, gv);
+      body(uint32_t(rb), gv);
+    }
+  };
+  edge(lo, a);
+  edge(b, hi);
+  const uint32_t n = uint32_t(b - a), first = uint32_t(a);
   const T* p = g + (4 * (a + lane) - s.row_offset);
-  const int64_t stride = 4 * int64_t(lanes);
   const auto interior = [&](auto vec) {
 #pragma unroll 2
-    for (uint32_t t = lane; t < n; t += lanes, p += stride) {
+    for (uint32_t t = lane; t < n; t += lanes, p += 4 * lanes) {
       float gv[4];
       load4<T, decltype(vec)::value>(p, gv);
-      body(uint32_t(a) + t, gv);
+      body(first + t, gv);
     }
   };
   if (s.vec) interior(std::true_type{}); else interior(std::false_type{});
-  for (int64_t rb = b + lane; rb < hi; rb += lanes) {
-    float gv[4];
-    load_rows(g, 4 * rb - s.row_offset, s.numel, false, gv);
-    body(uint32_t(rb), gv);
-  }
 }
 
 // ---- project -----------------------------------------------------------------------------
 
 // Item (tile, chunk) of a segment: kTile columns (fewer in the last tile) x one row chunk.
 template <Distribution D, typename T>
-__global__ void __launch_bounds__(kThreads) project_dense_kernel(const ProjectSeg* __restrict__ table, int n_segs,
+__global__ void __launch_bounds__(kThreads, 4) project_dense_kernel(const ProjectSeg* __restrict__ table, int n_segs,
                                                                  uint32_t items, Keys k, float* __restrict__ partial) {
   __shared__ float red[kThreads];
   for (uint32_t item = blockIdx.x; item < items; item += gridDim.x) {
-    const ProjectSeg s = table[find_segment(table, n_segs, item)];
+    const ProjectSeg& s = table[find_segment(table, n_segs, item)];  // fields read where used: fewer registers
     const uint32_t local = item - s.item_begin;
     const uint32_t tile = local / s.n_chunks, ch = local % s.n_chunks;
     const uint32_t cols = min(uint32_t(kTile), s.dim - kTile * tile);
@@ -187,10 +186,10 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) project_rademacher_kernel(const ProjectSeg* __restrict__ table,
                                                                       int n_segs, uint32_t items, Keys k,
                                                                       float* __restrict__ partial) {
-  __shared__ float red[kThreads * 33];  // +1 pad: lanes reading one column hit distinct banks
+  __shared__ float red[kThreads * 33];
   __shared__ float red2[kThreads / 32][32];
   for (uint32_t item = blockIdx.x; item < items; item += gridDim.x) {
-    const ProjectSeg s = table[find_segment(table, n_segs, item)];
+    const ProjectSeg& s = table[find_segment(table, n_segs, item)];  // fields read where used: fewer registers
     const uint32_t local = item - s.item_begin;
     const uint32_t q = local / s.n_chunks, ch = local % s.n_chunks;
     const int64_t lo = s.rb_first + int64_t(ch) * s.chunk;
@@ -200,29 +199,13 @@ __global__ void __launch_bounds__(kThreads) project_rademacher_kernel(const Proj
 #pragma unroll
     for (int b = 0; b < 32; ++b) acc[b] = 0.0f;
     walk_rows<T>(s, lo, hi, threadIdx.x, kThreads, [&](uint32_t rb, const float (&gv)[4]) {
-      const Philox4 x = stream_block(rb, group, k.step, s.stream, k.key0, k.key1);
-#pragma unroll
-      for (int b = 0; b < 32; ++b) {
-        acc[b] += (flip_sign(gv[0], x.w[0], b) + flip_sign(gv[1], x.w[1], b)) +
-                  (flip_sign(gv[2], x.w[2], b) + flip_sign(gv[3], x.w[3], b));
-      }
+      add_signed_rows(acc, stream_block(rb, group, k.step, s.stream, k.key0, k.key1), gv);
     });
-#pragma unroll
-    for (int b = 0; b < 32; ++b) red[threadIdx.x * 33 + b] = acc[b];
-    __syncthreads();
-    const int b = threadIdx.x % 32, w = threadIdx.x / 32;
-    float t = 0.0f;
-    for (int m = 0; m < 32; ++m) t += red[(32 * w + m) * 33 + b];
-    red2[w][b] = t;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-      float total = 0.0f;
-#pragma unroll
-      for (int v = 0; v < kThreads / 32; ++v) total += red2[v][b];
+    group_column_sums(acc, red, red2, [&](int b, float total) {
       const int64_t j = 32 * int64_t(q) + b - s.shift;
       if (j >= 0 && j < s.dim) partial[s.partial + int64_t(ch) * s.dim + j] = total;
-    }
-    __syncthreads();
+    });
+    __syncthreads();  // red, red2 are reused by the next item
   }
 }
 
@@ -263,15 +246,18 @@ __global__ void __launch_bounds__(kThreads) reduce_kernel(const ProjectSeg* __re
 
 // ---- expand_ -------------------------------------------------------------------------------
 
+// Blocks per SM the register budget is set for: the most without spills (ptxas -v, sm_80/sm_90).
+constexpr int kExpandMinBlocks[3] = {5, 4, 5};  // normal, uniform, rademacher
+
 // Item: kThreads / js row blocks x js column lanes of one segment.
 template <Distribution D, typename T>
-__global__ void __launch_bounds__(kThreads) expand_kernel(const ExpandSeg* __restrict__ table, int n_segs,
+__global__ void __launch_bounds__(kThreads, kExpandMinBlocks[int(D)]) expand_kernel(const ExpandSeg* __restrict__ table, int n_segs,
                                                           uint32_t items, Keys k) {
   static_assert(kThreads == 256, "row lanes are kThreads >> log_js");
   __shared__ __align__(16) float stage[kCTile];  // coefficients, or the Rademacher sum table
   __shared__ float red[kThreads * 4];
   for (uint32_t item = blockIdx.x; item < items; item += gridDim.x) {
-    const ExpandSeg s = table[find_segment(table, n_segs, item)];
+    const ExpandSeg& s = table[find_segment(table, n_segs, item)];  // fields read where used: fewer registers
     const uint32_t log_rbl = 8 - s.log_js, rbl = 1u << log_rbl;
     const uint32_t rl = threadIdx.x & (rbl - 1), js = threadIdx.x >> log_rbl;
     const int64_t rb = s.rb_first + int64_t(item - s.item_begin) * rbl + rl;
@@ -410,6 +396,8 @@ at::Tensor project(at::TensorList g, const GroupedArgs& ga, at::IntArrayRef comp
   for (const int64_t s : order) {
     const StreamArgs& a = ga.seg[s];
     const int64_t k = compartments[s], dim = ga.offset[k + 1] - ga.offset[k];
+    TORCH_CHECK_VALUE(dim < (int64_t(1) << 31), "rbd_cuda: dim must be below 2**31 with the v2 CUDA kernels, got ",
+                      decimal(dim));
     gc.push_back(g[s].contiguous());
     const at::Tensor& t = gc.back();
     const Geometry geo = make_geometry(a, t.numel(), dim);
@@ -498,6 +486,8 @@ void expand_(at::TensorList out, const at::Tensor& c32, at::ArrayRef<double> alp
     if (o.numel() == 0) continue;
     const StreamArgs& a = ga.seg[s];
     const int64_t k = compartments[s], dim = ga.offset[k + 1] - ga.offset[k];
+    TORCH_CHECK_VALUE(dim < (int64_t(1) << 31), "rbd_cuda: dim must be below 2**31 with the v2 CUDA kernels, got ",
+                      decimal(dim));
     const Geometry geo = make_geometry(a, o.numel(), dim);
     ExpandSeg e{};
     e.out = o.data_ptr();

@@ -54,7 +54,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) project_rademacher_kernel(
     const T* __restrict__ g, int64_t numel, int64_t dim, StreamArgs a, Launch L, bool vec_ok,
     int64_t first_group, int64_t shift, float* __restrict__ partial) {
-  __shared__ float s[kThreads * 33];  // +1 pad: lanes reading one column hit distinct banks
+  __shared__ float s[kThreads * 33];
   __shared__ float s2[kThreads / 32][32];
   const int64_t q = blockIdx.x;
   const uint32_t group = uint32_t(first_group + q);
@@ -67,28 +67,12 @@ __global__ void __launch_bounds__(kThreads) project_rademacher_kernel(
     float gv[4];
     load_rows(g, 4 * rb - a.row_offset, numel, vec_ok, gv);
     const Philox4 x = stream_block(uint32_t(rb), group, a.step, a.stream, a.key0, a.key1);
-#pragma unroll
-    for (int k = 0; k < 32; ++k) {
-      acc[k] += (flip_sign(gv[0], x.w[0], k) + flip_sign(gv[1], x.w[1], k)) +
-                (flip_sign(gv[2], x.w[2], k) + flip_sign(gv[3], x.w[3], k));
-    }
+    add_signed_rows(acc, x, gv);
   }
-#pragma unroll
-  for (int k = 0; k < 32; ++k) s[threadIdx.x * 33 + k] = acc[k];
-  __syncthreads();
-  // Thread (w, k) sums rows 32w..32w+31 of column k; then 32 threads sum the 8 results.
-  const int k = threadIdx.x % 32, w = threadIdx.x / 32;
-  float t = 0.0f;
-  for (int m = 0; m < 32; ++m) t += s[(32 * w + m) * 33 + k];
-  s2[w][k] = t;
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    float total = 0.0f;
-#pragma unroll
-    for (int v = 0; v < kThreads / 32; ++v) total += s2[v][k];
+  group_column_sums(acc, s, s2, [&](int k, float total) {
     const int64_t j = 32 * q + k - shift;
     if (j >= 0 && j < dim) partial[int64_t(blockIdx.y) * dim + j] = total;
-  }
+  });
 }
 
 // c[j] = sum over chunks of partial[chunk, j], one warp per column, fixed order.
