@@ -376,6 +376,19 @@ def test_expand_keeps_the_integer_stream(kernels, dist):
         assert torch.equal(u, m[:, col]), (kernels, col)
 
 
+def test_grouped_mixed_devices_rejected(kernels):
+    table = {"row_offsets": [0, 0], "compartments": [0, 0], "dims": [4], "streams": [0], "seed": 0}
+    g = [torch.ones(5, device=CUDA), torch.ones(3)]
+    with pytest.raises(ValueError, match=r"g\[1\]"):
+        rbd_cuda.project_grouped(g, **table)
+    with pytest.raises((ValueError, RuntimeError), match=r"g\[1\]"):
+        torch.ops.rbd_cuda.project_grouped(g, **table)
+    out = [torch.zeros(5, device=CUDA), torch.zeros(3, device=CUDA)]
+    with pytest.raises(RuntimeError, match=r"out.*c|c.*out"):
+        rbd_cuda.expand_grouped_(out, torch.ones(4), [1.0, 1.0], **table)
+    assert all(torch.equal(o, torch.zeros_like(o)) for o in out)
+
+
 # ---- optimizers on CUDA parameters ----------------------------------------------------------
 
 
