@@ -11,6 +11,7 @@ median over blocks):
   imad_wide  mad.wide.u32 (IMAD.WIDE: Philox's 32x32->64 multiply)   imad  mad.lo.u32   imad_hi  mad.hi.u32
   ffma       fma.rn.f32      lop3  3-input XOR      i2f  cvt.rn.f32.u32 (which pipe: compare with mufu)
   mufu_rsq / mufu_lg2 / mufu_sin   the special-function unit (sin.approx includes its FMUL.RZ)
+  i2f_mufu   I2F and MUFU rsqrt chains side by side: whether the conversion runs on the MUFU pipe
   philox10   rbd::stream_block calls (csrc/include/rbd/philox.h), 4 independent per step
   normal_v1 / normal_v2   Philox calls turned into 4 normal entries by box_muller (v1 kernels)
                           or box_muller_polar (v2 kernels)
@@ -44,6 +45,11 @@ PROBES = {
     "mufu_rsq": ("float", "k + 2.0f", 'asm volatile("rsqrt.approx.ftz.f32 %0, %0;" : "+f"(acc[k]));', 1),
     "mufu_lg2": ("float", "k + 1e30f", 'asm volatile("lg2.approx.ftz.f32 %0, %0;" : "+f"(acc[k]));', 1),
     "mufu_sin": ("float", "k + 0.5f", 'asm volatile("sin.approx.ftz.f32 %0, %0;" : "+f"(acc[k]));', 1),
+    # half the chains I2F, half MUFU rsqrt: about the rate of either alone if they share a pipe,
+    # about the sum of half of each if they do not
+    "i2f_mufu": ("float", "k + 2.0f", ('if (k & 1) asm volatile("rsqrt.approx.ftz.f32 %0, %0;" : "+f"(acc[k])); '
+                                       'else asm volatile("{.reg .u32 u; mov.b32 u, %0; cvt.rn.f32.u32 %0, u;}" '
+                                       ': "+f"(acc[k]));'), 1),
 }
 
 SOURCE_HEAD = r"""
@@ -123,8 +129,8 @@ def run(iters: int, reps: int) -> dict:
     props = cp.cuda.runtime.getDeviceProperties(dev.id)
     sms = props["multiProcessorCount"]
     arch = f"sm_{props['major']}{props['minor']}"
-    mod = cp.RawModule(code=source(), backend="nvcc",
-                       options=(f"-arch={arch}", "-O3", f"-I{ROOT / 'csrc' / 'include'}"))
+    # CuPy's nvcc backend adds the device's own -gencode; the header needs the project's include path.
+    mod = cp.RawModule(code=source(), backend="nvcc", options=(f"-I{ROOT / 'csrc' / 'include'}",))
     blocks = sms * BLOCKS_PER_SM
     sink = cp.zeros(blocks * THREADS, dtype=cp.uint64)
     clk = cp.zeros(2 * blocks, dtype=cp.uint64)
