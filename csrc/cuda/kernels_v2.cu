@@ -39,7 +39,6 @@ struct ProjectSeg {
   int64_t rb_first, n_rb;           // Geometry
   int64_t interior_first, interior_end;
   int64_t partial;                  // partial sums at partial[this + chunk * dim + j]
-  int64_t out;                      // coefficient offset of the segment's compartment
   uint32_t chunk, n_chunks;         // row blocks per item, items per column tile (or group)
   uint32_t dim, n_cols, first_col, shift, stream;
   uint32_t item_begin;              // first work item of the segment in the launch
@@ -414,7 +413,6 @@ at::Tensor project(at::TensorList g, const GroupedArgs& ga, at::IntArrayRef comp
     p.first_col = uint32_t(geo.first_col);
     p.shift = uint32_t(geo.shift);
     p.stream = a.stream;
-    p.out = ga.offset[k];
     p.vec = a.row_offset % 4 == 0 && reinterpret_cast<uintptr_t>(p.g) % (4 * t.element_size()) == 0;
     // The cut depends on this segment alone: it sums the same way in any table.
     const int64_t tiles = geo.rademacher ? geo.n_cols : ceil_div(dim, kTile);
