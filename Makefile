@@ -73,7 +73,8 @@ bench-optim: install
 bench-quick: install
 	$(BIN)/python -m benchmarks.ops_bench --device cpu --quick --out $(RESULTS)/ops_bench_quick
 
-# On a GPU machine (uses that machine's python3/torch; builds for the local GPU).
+# On a GPU machine (uses that machine's python3/torch; builds for the local GPU): CUDA tests with the
+# v1 and v2 kernels, probe, launch count, v1 vs v2 vs torch at D = 1e8; at most 9 minutes.
 gpu-check:
 	bash benchmarks/gpu_check.sh $(RESULTS)/gpu-check
 

@@ -1,6 +1,7 @@
 // Argument parsing and validation shared by the CPU and CUDA op implementations.
 #pragma once
 
+#include <cstdlib>
 #include <string>
 #include <type_traits>
 
@@ -47,6 +48,38 @@ struct StreamArgs {
   int64_t col_offset = 0;
 };
 
+// Where a request's rows [row_offset, row_offset + numel) and columns [col_offset, col_offset + dim)
+// sit in the stream: the only place the row-block / column-group arithmetic is written, so the
+// CPU and CUDA launchers walk the same Philox counters by construction.
+struct Geometry {
+  int64_t rb_first, rb_end;  // 4-row blocks covering the rows (counter[0])
+  int64_t first_col;         // counter[1] of local column -shift: a column, or a 32-column group
+  int64_t shift;             // Rademacher: col_offset & 31 (local column j is group bit j + shift); else 0
+  int64_t n_cols;            // counter[1] values covering the columns: dim, or the groups
+  bool rademacher;
+
+  int64_t n_rb() const { return rb_end - rb_first; }
+  // Local columns once padded: whole groups for Rademacher, whole `tile`s otherwise.
+  int64_t padded_width(int64_t tile) const {
+    return rademacher ? 32 * n_cols : ceil_div(n_cols, tile) * tile;
+  }
+  // Row blocks whose 4 rows all lie inside [0, numel): [interior_first, interior_end).
+  int64_t interior_first(int64_t row_offset) const { return (row_offset + 3) >> 2; }
+  int64_t interior_end(int64_t row_offset, int64_t numel) const { return (row_offset + numel) >> 2; }
+};
+
+inline Geometry make_geometry(Distribution dist, int64_t numel, int64_t dim, int64_t row_offset,
+                              int64_t col_offset) {
+  Geometry geo;
+  geo.rademacher = dist == Distribution::Rademacher;
+  geo.rb_first = row_offset >> 2;
+  geo.rb_end = (row_offset + numel + 3) >> 2;
+  geo.shift = geo.rademacher ? (col_offset & 31) : 0;
+  geo.first_col = geo.rademacher ? (col_offset >> 5) : col_offset;
+  geo.n_cols = geo.rademacher ? ceil_div(geo.shift + dim, 32) : dim;
+  return geo;
+}
+
 inline Distribution parse_distribution(const std::string& name) {
   if (name == "normal") return Distribution::Normal;
   if (name == "uniform") return Distribution::Uniform;
@@ -54,6 +87,21 @@ inline Distribution parse_distribution(const std::string& name) {
   TORCH_CHECK_VALUE(false, "rbd_cuda: distribution must be one of 'normal', 'uniform', "
                     "'rademacher', got '", name, "'");
 }
+
+// The CUDA kernel family a call made now uses: RBD_CUDA_KERNELS=v1 (the default, unset or empty)
+// or v2 (cuda/kernels_v2.cu: new kernels and the one-launch grouped ops, not yet the default
+// because no GPU has run them). Read on every call, like RBD_CPU_ISA.
+enum class CudaKernels { V1, V2 };
+
+inline CudaKernels cuda_kernels() {
+  const char* env = std::getenv("RBD_CUDA_KERNELS");
+  const std::string want = env ? env : "";
+  if (want.empty() || want == "v1") return CudaKernels::V1;
+  TORCH_CHECK_VALUE(want == "v2", "rbd_cuda: RBD_CUDA_KERNELS must be 'v1' or 'v2' (or unset), got '", want, "'");
+  return CudaKernels::V2;
+}
+
+inline std::string cuda_kernels_name() { return cuda_kernels() == CudaKernels::V2 ? "v2" : "v1"; }
 
 // numel: rows of the sub-matrix, dim: its columns. The seed arrives as a signed
 // int64 holding the seed's 64 bits (the Python wrapper maps [2^63, 2^64) there).
@@ -84,6 +132,10 @@ inline StreamArgs make_stream_args(int64_t numel, int64_t dim, int64_t seed, int
   a.row_offset = row_offset;
   a.col_offset = col_offset;
   return a;
+}
+
+inline Geometry make_geometry(const StreamArgs& a, int64_t numel, int64_t dim) {
+  return make_geometry(a.dist, numel, dim, a.row_offset, a.col_offset);
 }
 
 inline void check_float_input(const at::Tensor& t, const char* name) {
@@ -131,6 +183,22 @@ inline void check_philox_args(const at::Tensor& counter, const at::Tensor& key, 
 // An in-place op's output changed: bump its version counter as torch's own in-place ops do, so
 // autograd refuses a backward that would read the overwritten values.
 inline void mark_modified(at::Tensor& out) { out.unsafeGetTensorImpl()->bump_version(); }
+
+// expand(c, numel) is expand_ into zeros with alpha 1, on every backend: `Inplace` is the
+// backend's expand_.
+using ExpandInplace = void (*)(at::Tensor&, const at::Tensor&, double, int64_t, int64_t, int64_t,
+                               c10::string_view, int64_t, int64_t);
+
+template <ExpandInplace Inplace>
+at::Tensor expand_into_zeros(const at::Tensor& c, int64_t numel, int64_t seed, int64_t step,
+                             int64_t stream, c10::string_view distribution, int64_t row_offset,
+                             int64_t col_offset) {
+  check_float_input(c, "c");
+  TORCH_CHECK_VALUE(numel >= 0, "rbd_cuda: numel must be non-negative, got ", decimal(numel));
+  at::Tensor out = at::zeros({numel}, c.options());
+  Inplace(out, c, 1.0, seed, step, stream, distribution, row_offset, col_offset);
+  return out;
+}
 
 // materialize_'s output: a contiguous 2-D (numel, dim) floating-point tensor.
 inline void check_matrix_out(const at::Tensor& out) {

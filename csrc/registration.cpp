@@ -55,6 +55,10 @@ at::Tensor materialize(int64_t numel, int64_t dim, int64_t seed, int64_t step, i
 
 #define RBD_STREAM_KWARGS \
   "int seed, int step=0, int stream=0, str distribution=\"normal\", int row_offset=0, int col_offset=0"
+// The grouped ops' segment table (csrc/grouped.h): per segment a row offset and a compartment,
+// per compartment its directions and stream.
+#define RBD_SEGMENT_TABLE "int[] row_offsets, int[] compartments, int[] dims, int[] streams, *, " \
+  "int seed, int step=0, str distribution=\"normal\""
 
 TORCH_LIBRARY(rbd_cuda, m) {
   m.def("project(Tensor g, int dim, *, " RBD_STREAM_KWARGS ") -> Tensor");
@@ -64,20 +68,23 @@ TORCH_LIBRARY(rbd_cuda, m) {
   m.def("materialize(int numel, int dim, *, " RBD_STREAM_KWARGS
         ", ScalarType? dtype=None, Device? device=None) -> Tensor",
         &rbd::materialize);
+  m.def("project_grouped(Tensor[] g, " RBD_SEGMENT_TABLE ") -> Tensor");
+  m.def("expand_grouped_(Tensor(a!)[] out, Tensor c, float[] alphas, " RBD_SEGMENT_TABLE ") -> ()");
   m.def("philox4x32(Tensor counter, Tensor key, int rounds=10) -> Tensor");
   m.def("built_with_cuda() -> bool", &rbd::built_with_cuda);
   m.def("stream_version() -> int", &rbd::stream_version);
   m.def("cpu_isa() -> str", &rbd::cpu_isa);
   m.def("cpu_isas() -> str[]", &rbd::cpu_isas);
+  m.def("cuda_kernels() -> str", &rbd::cuda_kernels_name);
 }
 
-// Autograd for the in-place and integer ops: they have no derivatives, so they must say so
+// Autograd for the in-place, grouped and integer ops: they have no derivatives, so they must say so
 // (expand_/materialize_ refuse a leaf that requires grad outside no_grad). project and expand
 // get their derivatives in rbd_cuda/ops.py (torch.library.register_autograd): each is the
 // other's adjoint. The in-place ops bump their output's version counter themselves
 // (mark_modified).
 TORCH_LIBRARY_IMPL(rbd_cuda, Autograd, m) {
-  for (const char* op : {"expand_", "materialize_", "philox4x32"}) {
+  for (const char* op : {"expand_", "materialize_", "philox4x32", "project_grouped", "expand_grouped_"}) {
     m.impl(op, torch::autograd::autogradNotImplementedFallback());
   }
 }

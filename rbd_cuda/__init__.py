@@ -10,11 +10,14 @@ from .ops import (
     built_with_cuda,
     cpu_isa,
     cpu_isas,
+    cuda_kernels,
     expand,
     expand_,
+    expand_grouped_,
     materialize,
     philox4x32,
     project,
+    project_grouped,
     stream_version,
 )
 
@@ -24,14 +27,17 @@ __all__ = [
     "built_with_cuda",
     "cpu_isa",
     "cpu_isas",
+    "cuda_kernels",
     "expand",
     "expand_",
+    "expand_grouped_",
     "layout",
     "materialize",
     "nn",
     "optim",
     "philox4x32",
     "project",
+    "project_grouped",
     "stream_version",
 ]
 __version__ = "0.1.0"

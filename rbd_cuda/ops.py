@@ -316,3 +316,102 @@ def _expand_backward(ctx, grad_u):
 
 torch.library.register_autograd("rbd_cuda::project", _project_backward, setup_context=_save_stream)
 torch.library.register_autograd("rbd_cuda::expand", _expand_backward, setup_context=_save_stream)
+
+
+# ---- grouped ops: one call (one launch with the v2 CUDA kernels) over a table of segments ------
+#
+# Segment s is the flattened tensor g[s] (or out[s]) at rows row_offsets[s] of compartment
+# compartments[s]'s matrix; compartment k has dims[k] directions on stream streams[k] (the
+# other stream keywords are shared). The coefficients of all compartments are one fp32 vector,
+# compartment k's at [sum(dims[:k]), sum(dims[:k + 1])). An optimizer step is then
+#     c = project_grouped(grads, ...); expand_grouped_(params, c, alphas, ...)
+# whatever the number of tensors and compartments.
+
+
+def _segment_table(tensors, name, row_offsets, compartments, dims, streams, seed, step, distribution) -> dict:
+    """Validated keyword arguments of the grouped ops (the C++ ops check the same)."""
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError(f"rbd_cuda: {name} must hold at least one segment")
+    row_offsets = [_integer(f"row_offsets[{s}]", r) for s, r in enumerate(row_offsets)]
+    compartments = [_integer(f"compartments[{s}]", k) for s, k in enumerate(compartments)]
+    dims = [_integer(f"dims[{k}]", d) for k, d in enumerate(dims)]
+    streams = [_integer(f"streams[{k}]", x) for k, x in enumerate(streams)]
+    if len(row_offsets) != len(tensors) or len(compartments) != len(tensors):
+        raise ValueError(f"rbd_cuda: row_offsets and compartments need one entry per segment (len({name})="
+                         f"{len(tensors)}), got {len(row_offsets)} and {len(compartments)}")
+    if not dims or len(streams) != len(dims):
+        raise ValueError("rbd_cuda: dims and streams need one entry per compartment (at least one), got "
+                         f"{len(dims)} and {len(streams)}")
+    for k, d in enumerate(dims):
+        if d <= 0:
+            raise ValueError(f"rbd_cuda: dims[{k}] must be positive, got {d}")
+    for k, x in enumerate(streams):
+        if not 0 <= x < 2**32:
+            raise ValueError(f"rbd_cuda: streams[{k}] must be in [0, 2**32), got {x}")
+    for s, (t, r, k) in enumerate(zip(tensors, row_offsets, compartments, strict=True)):
+        if t.device != tensors[0].device or t.dtype != tensors[0].dtype:
+            raise ValueError(f"rbd_cuda: every tensor of {name} must have the device and dtype of {name}[0]; "
+                             f"{name}[{s}] is {t.dtype} on {t.device}")
+        if not 0 <= k < len(dims):
+            raise ValueError(f"rbd_cuda: compartments[{s}] must be in [0, len(dims)={len(dims)}), got {k}")
+        if not 0 <= r <= 2**34 - t.numel():
+            raise ValueError(f"rbd_cuda: row_offsets[{s}] must be in [0, 2**34 - numel], got {r}")
+    kw = _stream_kwargs(0, 1, seed, step, 0, distribution, 0, 0)  # seed, step, distribution
+    return {"row_offsets": row_offsets, "compartments": compartments, "dims": dims, "streams": streams,
+            "seed": kw["seed"], "step": kw["step"], "distribution": distribution}
+
+
+def project_grouped(g, row_offsets, compartments, dims, streams, *, seed: int, step: int = 0,
+                    distribution: Distribution = "normal") -> torch.Tensor:
+    """Coefficients of every compartment in one fp32 vector of length ``sum(dims)``.
+
+    ``g``: the segments (tensors of one dtype on one device, any shape, flattened). Compartment
+    k's coefficients are the sum over its segments s, in list order, of
+    ``project(g[s].float(), dims[k], row_offset=row_offsets[s], stream=streams[k], ...)``, bit for
+    bit on each device; a compartment without segments gets zeros.
+    """
+    table = _segment_table(g, "g", row_offsets, compartments, dims, streams, seed, step, distribution)
+    return torch.ops.rbd_cuda.project_grouped(list(g), **table)
+
+
+def expand_grouped_(out, c: torch.Tensor, alphas, row_offsets, compartments, dims, streams, *, seed: int,
+                    step: int = 0, distribution: Distribution = "normal"):
+    """In place ``out[s] += alphas[s] * P_k c_k`` for every segment s (k = compartments[s]); returns ``out``.
+
+    Each segment gets exactly what ``expand_(out[s], c_k, alphas[s], row_offset=row_offsets[s],
+    stream=streams[k], ...)`` gives it; ``c`` holds ``sum(dims)`` coefficients, laid out as
+    ``project_grouped`` returns them. The tensors of ``out`` (contiguous, one dtype, one device)
+    must not overlap.
+    """
+    table = _segment_table(out, "out", row_offsets, compartments, dims, streams, seed, step, distribution)
+    alphas = [float(a) for a in alphas]
+    if len(alphas) != len(table["row_offsets"]):
+        raise ValueError(f"rbd_cuda: alphas needs one entry per segment (len(out)={len(table['row_offsets'])}), "
+                         f"got {len(alphas)}")
+    total = sum(table["dims"])
+    if c.dim() != 1 or c.numel() != total:
+        raise ValueError(f"rbd_cuda: c must be 1-D with sum(dims)={total} coefficients, got shape {tuple(c.shape)}")
+    torch.ops.rbd_cuda.expand_grouped_(list(out), c, alphas, **table)
+    return out
+
+
+def cuda_kernels() -> str:
+    """The CUDA kernel family a call made now uses: ``"v1"`` (the default) or ``"v2"``.
+
+    Set by the environment variable ``RBD_CUDA_KERNELS`` (read on every call). v2 (new project
+    and expand kernels, and one launch per grouped op) is not the default until a GPU run has
+    shown it correct and faster; the CPU kernels do not depend on it.
+    """
+    return str(torch.ops.rbd_cuda.cuda_kernels())
+
+
+@torch.library.register_fake("rbd_cuda::project_grouped")
+def _project_grouped_fake(g, row_offsets, compartments, dims, streams, *, seed, step=0, distribution="normal"):
+    return g[0].new_empty((sum(dims),), dtype=torch.float32)
+
+
+@torch.library.register_fake("rbd_cuda::expand_grouped_")
+def _expand_grouped_fake(out, c, alphas, row_offsets, compartments, dims, streams, *, seed, step=0,
+                         distribution="normal"):
+    return None

@@ -1,5 +1,8 @@
 """CUDA kernels against the CPU kernels (the CPU side is itself checked against the reference).
 
+Only what compares the two devices, or concerns CUDA alone, lives here: the op tests
+(test_products.py, test_grouped.py, ...) run on CUDA through the ``device`` fixture.
+
 Skipped when no GPU is present. When a GPU is present, every test here FAILS (does not skip) if
 the extension was built without its CUDA kernels: a CPU-only build on a GPU machine is a
 broken install, not a reason to pass.
@@ -217,30 +220,6 @@ def test_unaligned_and_strided_inputs(dist):
     assert_matches_cpu(rbd_cuda.project(g2.to(CUDA), 37, **kw), rbd_cuda.project(g2, 37, **kw))
 
 
-@pytest.mark.parametrize("dist", DISTRIBUTIONS)
-def test_adjoint_and_offsets(dist):
-    kw = dict(distribution=dist, **STREAM)
-    g = random_vector(300_001, seed=1).to(CUDA)
-    c = random_vector(129, seed=2).to(CUDA)
-    lhs = torch.dot(rbd_cuda.project(g, 129, **kw).double(), c.double())
-    rhs = torch.dot(g.double(), rbd_cuda.expand(c, 300_001, **kw).double())
-    assert (lhs - rhs).abs() <= 1e-5 * g.norm() * c.norm()
-    # prefix and column offsets
-    full = rbd_cuda.project(g, 129, **kw).double()
-    torch.testing.assert_close(rbd_cuda.project(g, 10, **kw).double(), full[:10],
-                               rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(rbd_cuda.project(g, 29, col_offset=100, **kw).double(), full[100:],
-                               rtol=1e-5, atol=1e-4)
-    # row offsets: a concatenation is the sum of its parts
-    n1 = 100_003
-    parts = (rbd_cuda.project(g[:n1], 129, **kw).double()
-             + rbd_cuda.project(g[n1:], 129, row_offset=n1, **kw).double())
-    assert (parts - full).norm() <= 1e-5 * full.norm()
-    u = rbd_cuda.expand(c, 300_001, **kw)
-    torch.testing.assert_close(rbd_cuda.expand(c, 300_001 - n1, row_offset=n1, **kw), u[n1:],
-                               rtol=1e-5, atol=1e-5 * c.abs().sum().item())
-
-
 # ---- determinism --------------------------------------------------------------------------------
 
 
@@ -285,37 +264,6 @@ def test_poison(dist, dtype):
         assert torch.isfinite(m).all()
 
 
-@pytest.mark.parametrize("dist", DISTRIBUTIONS)
-def test_expand_inplace_with_c_a_view_of_out(dist):
-    x = random_vector(100_000, seed=9).to(CUDA)
-    expected = x.clone()
-    rbd_cuda.expand_(expected, x[:300].clone(), 0.5, seed=3, distribution=dist)
-    rbd_cuda.expand_(x, x[:300], 0.5, seed=3, distribution=dist)
-    assert torch.equal(x, expected)
-
-
-@pytest.mark.parametrize("dist", DISTRIBUTIONS)
-def test_nan_propagates(dist):
-    kw = dict(distribution=dist, **STREAM)
-    g = random_vector(100_000, seed=1)
-    g[54_321] = float("nan")
-    assert torch.isnan(rbd_cuda.project(g.to(CUDA), 77, **kw)).all()
-    c = random_vector(77, seed=2)
-    c[40] = float("inf")
-    assert not torch.isfinite(rbd_cuda.expand(c.to(CUDA), 10_000, **kw)).any()
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-def test_empty(dtype):
-    c = rbd_cuda.project(torch.empty(0, dtype=dtype, device=CUDA), 5, seed=1)
-    assert c.device.type == torch.device(CUDA).type and c.dtype == dtype
-    assert torch.equal(c.cpu(), torch.zeros(5, dtype=dtype))
-    u = rbd_cuda.expand(torch.ones(3, dtype=dtype, device=CUDA), 0, seed=1)
-    assert u.device.type == torch.device(CUDA).type and u.shape == (0,)
-    out = torch.empty(0, dtype=dtype, device=CUDA)
-    assert rbd_cuda.expand_(out, torch.ones(3, dtype=dtype, device=CUDA), seed=1) is out
-
-
 # ---- bad input ------------------------------------------------------------------------------
 
 
@@ -352,24 +300,93 @@ def test_bad_input_cuda():
                             torch.zeros(1, 2, dtype=torch.int64, device=CUDA), 8)
 
 
-# ---- torch.library ---------------------------------------------------------------------------
+# ---- the v2 kernels and the one-launch grouped ops (RBD_CUDA_KERNELS) -------------------------
+
+
+@pytest.fixture(params=["v1", "v2"])
+def kernels(request, monkeypatch):
+    """Both CUDA kernel families in one run, whatever RBD_CUDA_KERNELS says outside."""
+    monkeypatch.setenv("RBD_CUDA_KERNELS", request.param)
+    assert rbd_cuda.cuda_kernels() == request.param
+    return request.param
+
+
+# Large and awkward shapes the reference cannot afford: many row chunks, d % 32 in 1..31 (v2's
+# narrow last tile), offsets off the row blocks and column groups.
+V2_SHAPES = [(1_000_003, 100, 1, 0), (1_000_003, 1, 2, 7), (300_001, 128, 0, 33), (2_000_001, 37, 3, 61)]
 
 
 @pytest.mark.parametrize("dist", DISTRIBUTIONS)
-def test_opcheck_cuda(dist):
-    ops = torch.ops.rbd_cuda
-    # the raw ops take the seed as the int64 holding its bits
-    kw = dict(STREAM, seed=STREAM["seed"] - 2**64, distribution=dist, row_offset=3, col_offset=33)
-    g = random_vector(5001, seed=1).to(CUDA)
-    c = random_vector(40, torch.bfloat16, seed=2).to(CUDA)
-    torch.library.opcheck(ops.project, (g, 40), kw)
-    torch.library.opcheck(ops.project, (g.to(torch.float16), 7), kw)
-    torch.library.opcheck(ops.expand, (c, 5001), kw)
-    torch.library.opcheck(ops.expand_, (g.clone(), c, 0.5), kw)
-    torch.library.opcheck(ops.materialize_, (torch.empty(77, 40, device=CUDA),), kw)
-    counter = torch.randint(0, 2**32, (16, 4), dtype=torch.int64, device=CUDA)
-    key = torch.randint(0, 2**32, (16, 2), dtype=torch.int64, device=CUDA)
-    torch.library.opcheck(ops.philox4x32, (counter, key, 10))
+@pytest.mark.parametrize("shape", V2_SHAPES, ids=[f"{n}x{d}@{r},{c}" for n, d, r, c in V2_SHAPES])
+def test_products_match_cpu_large(kernels, shape, dist):
+    numel, dim, r0, c0 = shape
+    kw = dict(distribution=dist, row_offset=r0, col_offset=c0, **STREAM)
+    g, c = random_vector(numel, seed=numel), random_vector(dim, seed=dim)
+    assert_matches_cpu(rbd_cuda.project(g.to(CUDA), dim, **kw), rbd_cuda.project(g, dim, **kw), f"{kernels} project")
+    out_cpu = random_vector(numel, seed=1)
+    out = out_cpu.to(CUDA)
+    rbd_cuda.expand_(out, c.to(CUDA), -0.3, **kw)
+    rbd_cuda.expand_(out_cpu, c, -0.3, **kw)
+    assert_matches_cpu(out, out_cpu, f"{kernels} expand_")
+
+
+def _kernel_launches(fn) -> int:
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(e.name.startswith(("cudaLaunchKernel", "cuLaunchKernel")) for e in prof.events())
+
+
+@pytest.mark.parametrize("dist", DISTRIBUTIONS)
+def test_grouped_one_launch_with_v2(kernels, dist):
+    """v2: one project launch and one reduction, one expand_ launch, for 40 segments in 40
+    compartments; v1 loops over the segments. Both give each segment its single-op result."""
+    sizes = [1 + 37 * s for s in range(40)]
+    g = [random_vector(n, seed=s).to(CUDA) for s, n in enumerate(sizes)]
+    table = {"row_offsets": [s % 5 for s in range(40)], "compartments": list(range(40)), "dims": [10] * 40,
+             "streams": list(range(40)), "seed": 1, "step": 2, "distribution": dist}
+    c = rbd_cuda.project_grouped(g, **table)
+    out = [t.clone() for t in g]
+    rbd_cuda.expand_grouped_(out, c, [0.5] * 40, **table)
+    for s in range(40):
+        kw = {"row_offset": s % 5, "stream": s, "seed": 1, "step": 2, "distribution": dist}
+        assert torch.equal(c[10 * s: 10 * s + 10], rbd_cuda.project(g[s], 10, **kw))
+        want = g[s].clone()
+        rbd_cuda.expand_(want, c[10 * s: 10 * s + 10], 0.5, **kw)
+        assert torch.equal(out[s], want)
+    projects = _kernel_launches(lambda: rbd_cuda.project_grouped(g, **table))
+    expands = _kernel_launches(lambda: rbd_cuda.expand_grouped_(out, c, [0.5] * 40, **table))
+    if kernels == "v2":
+        assert (projects, expands) == (2, 1)
+    else:
+        assert projects >= 40 and expands >= 40
+
+
+@pytest.mark.parametrize("dist", ["uniform", "rademacher"])
+def test_expand_keeps_the_integer_stream(kernels, dist):
+    """Uniform and Rademacher entries are exact functions of the Philox words: expanding a unit
+    coefficient reads out one column of P, which must equal materialize's (no switch changes it)."""
+    m = rbd_cuda.materialize(10_001, 70, distribution=dist, row_offset=3, col_offset=5, device=CUDA, **STREAM)
+    for col in (0, 5, 31, 63):
+        e = torch.zeros(70, device=CUDA)
+        e[col] = 1.0
+        u = rbd_cuda.expand(e, 10_001, distribution=dist, row_offset=3, col_offset=5, **STREAM)
+        assert torch.equal(u, m[:, col]), (kernels, col)
+
+
+def test_grouped_mixed_devices_rejected(kernels):
+    table = {"row_offsets": [0, 0], "compartments": [0, 0], "dims": [4], "streams": [0], "seed": 0}
+    g = [torch.ones(5, device=CUDA), torch.ones(3)]
+    with pytest.raises(ValueError, match=r"g\[1\]"):
+        rbd_cuda.project_grouped(g, **table)
+    with pytest.raises((ValueError, RuntimeError), match=r"g\[1\]"):
+        torch.ops.rbd_cuda.project_grouped(g, **table)
+    out = [torch.zeros(5, device=CUDA), torch.zeros(3, device=CUDA)]
+    with pytest.raises(RuntimeError, match=r"out.*c|c.*out"):
+        rbd_cuda.expand_grouped_(out, torch.ones(4), [1.0, 1.0], **table)
+    assert all(torch.equal(o, torch.zeros_like(o)) for o in out)
 
 
 # ---- optimizers on CUDA parameters ----------------------------------------------------------

@@ -1,4 +1,5 @@
-"""torch.library.opcheck on the CPU ops and torch.compile of a function using them."""
+"""torch.library.opcheck on the ops (every device of the ``device`` fixture) and torch.compile of a
+function using them."""
 
 import pytest
 import torch
@@ -19,20 +20,20 @@ STREAM_KW = [
 
 @pytest.mark.parametrize("kw", STREAM_KW, ids=["default", "uniform", "rademacher"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_opcheck(kw, dtype):
-    g = random_vector(1001, dtype, seed=1)
-    c = random_vector(19, dtype, seed=2)
+def test_opcheck(device, kw, dtype):
+    g = random_vector(1001, dtype, seed=1, device=device)
+    c = random_vector(19, dtype, seed=2, device=device)
     torch.library.opcheck(OPS.project, (g, 19), kw)
     torch.library.opcheck(OPS.project, (g.reshape(7, 143), 5), kw)
     torch.library.opcheck(OPS.expand, (c, 1001), kw)
-    torch.library.opcheck(OPS.expand_, (random_vector(1001, dtype, seed=3), c, -0.5), kw)
-    torch.library.opcheck(OPS.expand_, (random_vector(77, dtype, seed=3).reshape(7, 11), c), kw)
-    torch.library.opcheck(OPS.materialize_, (torch.empty(33, 9, dtype=dtype),), kw)
+    torch.library.opcheck(OPS.expand_, (random_vector(1001, dtype, seed=3, device=device), c, -0.5), kw)
+    torch.library.opcheck(OPS.expand_, (random_vector(77, dtype, seed=3, device=device).reshape(7, 11), c), kw)
+    torch.library.opcheck(OPS.materialize_, (torch.empty(33, 9, dtype=dtype, device=device),), kw)
 
 
-def test_opcheck_philox():
-    counter = torch.randint(0, 2**32, (8, 4), dtype=torch.int64)
-    key = torch.randint(0, 2**32, (8, 2), dtype=torch.int64)
+def test_opcheck_philox(device):
+    counter = torch.randint(0, 2**32, (8, 4), dtype=torch.int64, device=device)
+    key = torch.randint(0, 2**32, (8, 2), dtype=torch.int64, device=device)
     torch.library.opcheck(OPS.philox4x32, (counter, key, 7))
     torch.library.opcheck(OPS.philox4x32, (counter, key))
 

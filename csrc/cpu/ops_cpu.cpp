@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include "../common.h"
+#include "../grouped.h"
 #include "kernels.h"
 
 namespace rbd {
@@ -86,35 +87,15 @@ void parallel_tasks(int64_t n_tasks, const F& fn) {
   });
 }
 
-// Rows [row_offset, row_offset + numel) as 4-row blocks of the stream.
-struct RowBlocks {
-  int64_t first, end;
-  RowBlocks(int64_t row_offset, int64_t numel)
-      : first(row_offset >> 2), end((row_offset + numel + 3) >> 2) {}
-  int64_t count() const { return end - first; }
-};
-
-// Columns [col_offset, col_offset + dim) as 32-column Rademacher groups.
-struct ColGroups {
-  int64_t first_group;  // stream column group of local column -shift
-  int64_t shift;        // col_offset - 32 * first_group
-  int64_t count;
-  ColGroups(int64_t col_offset, int64_t dim)
-      : first_group(col_offset >> 5), shift(col_offset & 31), count(ceil_div((col_offset & 31) + dim, 32)) {}
-};
-
 // The local column layout of a request: `width` kernel columns (a multiple of the tile or
 // group), of which [shift, shift + dim) are the requested ones.
 struct Layout {
   cpu::Job job;
-  int64_t width, shift;
-  Layout(const StreamArgs& a, int64_t dim) {
-    const bool rad = a.dist == Distribution::Rademacher;
-    const ColGroups groups(a.col_offset, dim);
-    job = cpu::Job{a.dist, a.key0, a.key1, a.step, a.stream,
-                   uint32_t(rad ? groups.first_group : a.col_offset)};
-    width = rad ? groups.count * kGroup : ceil_div(dim, kTile) * kTile;
-    shift = rad ? groups.shift : 0;
+  Geometry geo;
+  int64_t width;
+  Layout(const StreamArgs& a, int64_t numel, int64_t dim) : geo(make_geometry(a, numel, dim)) {
+    job = cpu::Job{a.dist, a.key0, a.key1, a.step, a.stream, uint32_t(geo.first_col)};
+    width = geo.padded_width(kTile);
   }
 };
 
@@ -122,10 +103,10 @@ struct Layout {
 template <typename T>
 void project_kernel(const cpu::Kernels& k, const T* g, int64_t numel, int64_t dim,
                     const StreamArgs& a, float* c) {
-  const RowBlocks rows(a.row_offset, numel);
-  const Layout lay(a, dim);
-  const int64_t n_chunks = std::min(kMaxRowChunks, ceil_div(rows.count(), kMinChunkBlocks));
-  const int64_t chunk = ceil_div(rows.count(), n_chunks);
+  const Layout lay(a, numel, dim);
+  const Geometry& rows = lay.geo;
+  const int64_t n_chunks = std::min(kMaxRowChunks, ceil_div(rows.n_rb(), kMinChunkBlocks));
+  const int64_t chunk = ceil_div(rows.n_rb(), n_chunks);
   const int64_t n_col_tasks = ceil_div(lay.width, kColsPerTask);
   std::vector<float> partial(static_cast<size_t>(n_chunks * lay.width), 0.0f);
 
@@ -135,8 +116,8 @@ void project_kernel(const cpu::Kernels& k, const T* g, int64_t numel, int64_t di
     const int64_t col_lo = (task % n_col_tasks) * kColsPerTask;
     const int64_t col_hi = std::min(lay.width, col_lo + kColsPerTask);
     float* acc = partial.data() + ch * lay.width;
-    const int64_t rb_lo = rows.first + ch * chunk;
-    const int64_t rb_hi = std::min(rows.end, rb_lo + chunk);
+    const int64_t rb_lo = rows.rb_first + ch * chunk;
+    const int64_t rb_hi = std::min(rows.rb_end, rb_lo + chunk);
     for (int64_t rb = rb_lo; rb < rb_hi; rb += kRowBatch) {
       const int64_t n = std::min(kRowBatch, rb_hi - rb);
       for (int64_t q = 0; q < 4 * n; ++q) {  // rows outside [0, numel) count as zeros
@@ -149,7 +130,7 @@ void project_kernel(const cpu::Kernels& k, const T* g, int64_t numel, int64_t di
 
   for (int64_t j = 0; j < dim; ++j) {
     float s = 0.0f;
-    for (int64_t ch = 0; ch < n_chunks; ++ch) s += partial[ch * lay.width + lay.shift + j];
+    for (int64_t ch = 0; ch < n_chunks; ++ch) s += partial[ch * lay.width + lay.geo.shift + j];
     c[j] = s;
   }
 }
@@ -158,14 +139,14 @@ void project_kernel(const cpu::Kernels& k, const T* g, int64_t numel, int64_t di
 template <typename T>
 void expand_kernel(const cpu::Kernels& k, T* out, const float* c, int64_t numel, int64_t dim,
                    float alpha, const StreamArgs& a) {
-  const RowBlocks rows(a.row_offset, numel);
-  const Layout lay(a, dim);
+  const Layout lay(a, numel, dim);
+  const Geometry& rows = lay.geo;
   std::vector<float> c_pad(static_cast<size_t>(lay.width), 0.0f);  // zeros beyond dim
-  std::copy(c, c + dim, c_pad.begin() + lay.shift);
+  std::copy(c, c + dim, c_pad.begin() + lay.geo.shift);
 
-  parallel_tasks(ceil_div(rows.count(), kTaskBlocks), [&](int64_t task) {
-    const int64_t begin = rows.first + task * kTaskBlocks;
-    const int64_t end = std::min(rows.end, begin + kTaskBlocks);
+  parallel_tasks(ceil_div(rows.n_rb(), kTaskBlocks), [&](int64_t task) {
+    const int64_t begin = rows.rb_first + task * kTaskBlocks;
+    const int64_t end = std::min(rows.rb_end, begin + kTaskBlocks);
     float u[4 * kRowBatch];
     for (int64_t rb = begin; rb < end; rb += kRowBatch) {
       const int64_t n = std::min(kRowBatch, end - rb);
@@ -182,11 +163,11 @@ void expand_kernel(const cpu::Kernels& k, T* out, const float* c, int64_t numel,
 template <typename T>
 void materialize_kernel(const cpu::Kernels& k, T* out, int64_t numel, int64_t dim,
                         const StreamArgs& a) {
-  const RowBlocks rows(a.row_offset, numel);
-  const Layout lay(a, dim);
-  parallel_tasks(ceil_div(rows.count(), kTaskBlocks), [&](int64_t task) {
-    const int64_t begin = rows.first + task * kTaskBlocks;
-    const int64_t end = std::min(rows.end, begin + kTaskBlocks);
+  const Layout lay(a, numel, dim);
+  const Geometry& rows = lay.geo;
+  parallel_tasks(ceil_div(rows.n_rb(), kTaskBlocks), [&](int64_t task) {
+    const int64_t begin = rows.rb_first + task * kTaskBlocks;
+    const int64_t end = std::min(rows.rb_end, begin + kTaskBlocks);
     float e[4 * kEntryCols];
     for (int64_t rb = begin; rb < end; ++rb) {
       for (int64_t t_lo = 0; t_lo < lay.width; t_lo += kEntryCols) {
@@ -195,9 +176,9 @@ void materialize_kernel(const cpu::Kernels& k, T* out, int64_t numel, int64_t di
         for (int r = 0; r < 4; ++r) {
           const int64_t i = 4 * rb + r - a.row_offset;
           if (i < 0 || i >= numel) continue;
-          const int64_t j_lo = std::max<int64_t>(0, t_lo - lay.shift);
-          const int64_t j_hi = std::min(dim, t_hi - lay.shift);
-          const float* src = e + r * (t_hi - t_lo) + lay.shift - t_lo;
+          const int64_t j_lo = std::max<int64_t>(0, t_lo - lay.geo.shift);
+          const int64_t j_hi = std::min(dim, t_hi - lay.geo.shift);
+          const float* src = e + r * (t_hi - t_lo) + lay.geo.shift - t_lo;
           for (int64_t j = j_lo; j < j_hi; ++j) out[i * dim + j] = static_cast<T>(src[j]);
         }
       }
@@ -242,16 +223,6 @@ void expand_inplace_cpu(at::Tensor& out, const at::Tensor& c, double alpha, int6
   });
 }
 
-at::Tensor expand_cpu(const at::Tensor& c, int64_t numel, int64_t seed, int64_t step,
-                      int64_t stream, c10::string_view distribution, int64_t row_offset,
-                      int64_t col_offset) {
-  check_float_input(c, "c");
-  TORCH_CHECK_VALUE(numel >= 0, "rbd_cuda: numel must be non-negative, got ", decimal(numel));
-  at::Tensor out = at::zeros({numel}, c.options());
-  expand_inplace_cpu(out, c, 1.0, seed, step, stream, distribution, row_offset, col_offset);
-  return out;
-}
-
 void materialize_inplace_cpu(at::Tensor& out, int64_t seed, int64_t step, int64_t stream,
                              c10::string_view distribution, int64_t row_offset,
                              int64_t col_offset) {
@@ -290,10 +261,12 @@ std::vector<std::string> cpu_isas() {
 
 TORCH_LIBRARY_IMPL(rbd_cuda, CPU, m) {
   m.impl("project", &project_cpu);
-  m.impl("expand", &expand_cpu);
+  m.impl("expand", &expand_into_zeros<&expand_inplace_cpu>);
   m.impl("expand_", &expand_inplace_cpu);
   m.impl("materialize_", &materialize_inplace_cpu);
   m.impl("philox4x32", &philox_cpu);
+  m.impl("project_grouped", &project_grouped_loop);
+  m.impl("expand_grouped_", &expand_grouped_loop_);
 }
 
 }  // namespace rbd

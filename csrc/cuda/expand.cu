@@ -100,20 +100,22 @@ void expand_inplace_cuda(at::Tensor& out, const at::Tensor& c, double alpha, int
   mark_modified(out);
   if (numel == 0) return;
   const c10::cuda::CUDAGuard guard(out.device());
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t rb_first = row_offset >> 2, rb_end = (row_offset + numel + 3) >> 2;
-  const int64_t n_rb = rb_end - rb_first;
-  // Coefficients padded with zeros to whole tiles (Rademacher: aligned to 32-column groups).
-  const bool rad = a.dist == Distribution::Rademacher;
-  const int64_t shift = rad ? (col_offset & 31) : 0;
-  const int64_t width = rad ? 32 * ceil_div(shift + dim, 32) : dim;
-  at::Tensor c_padded = c32;
-  if (rad) {
-    c_padded = at::zeros({width}, c32.options());
-    c_padded.narrow(0, shift, dim).copy_(c32);
+  if (cuda_kernels() == CudaKernels::V2) {
+    expand_inplace_v2(out, c32, static_cast<float>(alpha), a);
+    return;
   }
-  const int64_t first_col = rad ? (col_offset >> 5) : col_offset;
-  const int64_t work_cols = rad ? width / 32 : dim;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const Geometry geo = make_geometry(a, numel, dim);
+  const int64_t rb_first = geo.rb_first, rb_end = geo.rb_end;
+  // Coefficients padded with zeros to whole groups (Rademacher: aligned to 32-column groups).
+  const int64_t width = geo.padded_width(1);
+  at::Tensor c_padded = c32;
+  if (geo.rademacher) {
+    c_padded = at::zeros({width}, c32.options());
+    c_padded.narrow(0, geo.shift, dim).copy_(c32);
+  }
+  const int64_t first_col = geo.first_col;
+  const int64_t n_rb = geo.n_rb(), work_cols = geo.n_cols;
   const int64_t js = std::min<int64_t>({32, pow2_floor(std::max<int64_t>(1, kTargetThreads / n_rb)),
                                         pow2_floor(work_cols)});
   const float alpha_f = static_cast<float>(alpha);
@@ -135,20 +137,10 @@ void expand_inplace_cuda(at::Tensor& out, const at::Tensor& c, double alpha, int
   });
 }
 
-at::Tensor expand_cuda(const at::Tensor& c, int64_t numel, int64_t seed, int64_t step,
-                       int64_t stream_id, c10::string_view distribution, int64_t row_offset,
-                       int64_t col_offset) {
-  check_float_input(c, "c");
-  TORCH_CHECK_VALUE(numel >= 0, "rbd_cuda: numel must be non-negative, got ", decimal(numel));
-  at::Tensor out = at::zeros({numel}, c.options());
-  expand_inplace_cuda(out, c, 1.0, seed, step, stream_id, distribution, row_offset, col_offset);
-  return out;
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rbd_cuda, CUDA, m) {
-  m.impl("expand", &expand_cuda);
+  m.impl("expand", &expand_into_zeros<&expand_inplace_cuda>);
   m.impl("expand_", &expand_inplace_cuda);
 }
 

@@ -55,6 +55,39 @@ __device__ __forceinline__ float flip_sign(float v, uint32_t word, int bit) {
   return __uint_as_float(__float_as_uint(v) ^ ((word << (31 - bit)) & 0x80000000u));
 }
 
+// Rademacher project: acc[k] += the 4 rows' g, each signed by bit k of its row's word (one
+// Philox call: 4 rows x 32 columns).
+__device__ __forceinline__ void add_signed_rows(float (&acc)[32], const Philox4& x, const float (&gv)[4]) {
+#pragma unroll
+  for (int k = 0; k < 32; ++k) {
+    acc[k] += (flip_sign(gv[0], x.w[0], k) + flip_sign(gv[1], x.w[1], k)) +
+              (flip_sign(gv[2], x.w[2], k) + flip_sign(gv[3], x.w[3], k));
+  }
+}
+
+// Rademacher project: the block's sum of acc over its kThreads lanes, per column, in a fixed order:
+// thread (w, k) sums lanes 32w..32w+31 of column k, then 32 threads sum the kThreads / 32 results
+// and call write(k, total). red: kThreads * 33 floats (+1: lanes reading one column hit distinct
+// banks), red2: kThreads / 32 rows of 32.
+template <typename Write>
+__device__ __forceinline__ void group_column_sums(const float (&acc)[32], float* red, float (*red2)[32],
+                                                  Write&& write) {
+#pragma unroll
+  for (int k = 0; k < 32; ++k) red[threadIdx.x * 33 + k] = acc[k];
+  __syncthreads();
+  const int k = threadIdx.x % 32, w = threadIdx.x / 32;
+  float t = 0.0f;
+  for (int m = 0; m < 32; ++m) t += red[(32 * w + m) * 33 + k];
+  red2[w][k] = t;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    float total = 0.0f;
+#pragma unroll
+    for (int v = 0; v < kThreads / 32; ++v) total += red2[v][k];
+    write(k, total);
+  }
+}
+
 template <Distribution D>
 __device__ __forceinline__ void entries4(const Philox4& x, float (&e)[4]) {
   if constexpr (D == Distribution::Normal) {
@@ -80,5 +113,10 @@ inline int64_t pow2_floor(int64_t v) {
   while (p * 2 <= v) p *= 2;
   return p;
 }
+
+// The v2 single ops (kernels_v2.cu), taken when RBD_CUDA_KERNELS=v2: c = P^T g in g's dtype, and
+// out += alpha P c32 (c32: fp32, contiguous, not aliasing out).
+at::Tensor project_v2(const at::Tensor& g, const StreamArgs& a, int64_t dim);
+void expand_inplace_v2(at::Tensor& out, const at::Tensor& c32, float alpha, const StreamArgs& a);
 
 }  // namespace rbd

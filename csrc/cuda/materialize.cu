@@ -64,11 +64,9 @@ void materialize_inplace_cuda(at::Tensor& out, int64_t seed, int64_t step, int64
   if (out.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(out.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t rb_first = row_offset >> 2, n_rb = ((row_offset + numel + 3) >> 2) - rb_first;
-  const bool rad = a.dist == Distribution::Rademacher;
-  const int64_t shift = rad ? (col_offset & 31) : 0;
-  const int64_t n_cols = rad ? ceil_div(shift + dim, 32) : dim;
-  const int64_t first_col = rad ? (col_offset >> 5) : col_offset;
+  const Geometry geo = make_geometry(a, numel, dim);
+  const int64_t rb_first = geo.rb_first, n_rb = geo.n_rb(), n_cols = geo.n_cols;
+  const int64_t first_col = geo.first_col, shift = geo.shift;
   const int64_t blocks = std::min<int64_t>(ceil_div(n_rb * n_cols, kThreads), 65536);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "rbd_cuda::materialize_", [&] {
     with_distribution(a.dist, [&](auto tag) {

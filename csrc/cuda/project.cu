@@ -54,7 +54,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) project_rademacher_kernel(
     const T* __restrict__ g, int64_t numel, int64_t dim, StreamArgs a, Launch L, bool vec_ok,
     int64_t first_group, int64_t shift, float* __restrict__ partial) {
-  __shared__ float s[kThreads * 33];  // +1 pad: lanes reading one column hit distinct banks
+  __shared__ float s[kThreads * 33];
   __shared__ float s2[kThreads / 32][32];
   const int64_t q = blockIdx.x;
   const uint32_t group = uint32_t(first_group + q);
@@ -67,28 +67,12 @@ __global__ void __launch_bounds__(kThreads) project_rademacher_kernel(
     float gv[4];
     load_rows(g, 4 * rb - a.row_offset, numel, vec_ok, gv);
     const Philox4 x = stream_block(uint32_t(rb), group, a.step, a.stream, a.key0, a.key1);
-#pragma unroll
-    for (int k = 0; k < 32; ++k) {
-      acc[k] += (flip_sign(gv[0], x.w[0], k) + flip_sign(gv[1], x.w[1], k)) +
-                (flip_sign(gv[2], x.w[2], k) + flip_sign(gv[3], x.w[3], k));
-    }
+    add_signed_rows(acc, x, gv);
   }
-#pragma unroll
-  for (int k = 0; k < 32; ++k) s[threadIdx.x * 33 + k] = acc[k];
-  __syncthreads();
-  // Thread (w, k) sums rows 32w..32w+31 of column k; then 32 threads sum the 8 results.
-  const int k = threadIdx.x % 32, w = threadIdx.x / 32;
-  float t = 0.0f;
-  for (int m = 0; m < 32; ++m) t += s[(32 * w + m) * 33 + k];
-  s2[w][k] = t;
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    float total = 0.0f;
-#pragma unroll
-    for (int v = 0; v < kThreads / 32; ++v) total += s2[v][k];
+  group_column_sums(acc, s, s2, [&](int k, float total) {
     const int64_t j = 32 * q + k - shift;
     if (j >= 0 && j < dim) partial[int64_t(blockIdx.y) * dim + j] = total;
-  }
+  });
 }
 
 // c[j] = sum over chunks of partial[chunk, j], one warp per column, fixed order.
@@ -130,10 +114,12 @@ at::Tensor project_cuda(const at::Tensor& g, int64_t dim, int64_t seed, int64_t 
                                         std::string(distribution), row_offset, col_offset);
   const c10::cuda::CUDAGuard guard(g.device());
   if (g.numel() == 0) return at::zeros({dim}, g.options());
+  if (cuda_kernels() == CudaKernels::V2) return project_v2(g, a, dim);
   const at::Tensor gc = g.contiguous();
   at::Tensor c = at::empty({dim}, g.options());
   const int64_t numel = gc.numel();
-  const int64_t rb_first = row_offset >> 2, rb_end = (row_offset + numel + 3) >> 2;
+  const Geometry geo = make_geometry(a, numel, dim);
+  const int64_t rb_first = geo.rb_first, rb_end = geo.rb_end;
   const auto opts = g.options().dtype(at::kFloat);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   // Row blocks line up with g's 4-element vectors only when the offset is a multiple of 4.
@@ -146,15 +132,13 @@ at::Tensor project_cuda(const at::Tensor& g, int64_t dim, int64_t seed, int64_t 
     with_distribution(a.dist, [&](auto tag) {
       constexpr Distribution D = decltype(tag)::value;
       if constexpr (D == Distribution::Rademacher) {
-        const int64_t shift = col_offset & 31;
-        const int64_t groups = ceil_div(shift + dim, 32);
-        const int64_t n_rb = rb_end - rb_first;
-        n_chunks = std::clamp<int64_t>(ceil_div(kTargetBlocks, groups), 1, ceil_div(n_rb, kThreads));
-        const Launch L{rb_first, rb_end, n_chunks, ceil_div(n_rb, n_chunks)};
+        const int64_t groups = geo.n_cols;
+        n_chunks = std::clamp<int64_t>(ceil_div(kTargetBlocks, groups), 1, ceil_div(geo.n_rb(), kThreads));
+        const Launch L{rb_first, rb_end, n_chunks, ceil_div(geo.n_rb(), n_chunks)};
         partial = at::empty({n_chunks, dim}, opts);
         const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>(n_chunks));
         project_rademacher_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
-            gp, numel, dim, a, L, vec_ok, col_offset >> 5, shift, partial.data_ptr<float>());
+            gp, numel, dim, a, L, vec_ok, geo.first_col, geo.shift, partial.data_ptr<float>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       } else if (dim <= 2) {
         launch_project_dense<D, scalar_t, 2>(gp, numel, dim, a, rb_first, rb_end, vec_ok, partial,

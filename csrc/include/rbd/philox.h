@@ -220,6 +220,25 @@ RBD_HOST_DEVICE void box_muller(uint32_t a, uint32_t b, float& z0, float& z1) {
   z1 = radius * s;
 }
 
+#if defined(__CUDACC__)
+// The v2 CUDA kernels' Box–Muller (cuda/kernels_v2.cu): z0 = r c, z1 = r s from words (a, b),
+// with the same integer inputs as box_muller above. Cheaper, and not bit-identical to it:
+//  * lg2/sqrt in their FTZ forms: u1 >= 2^-24 and the square root's argument are never
+//    denormal (or are 0), where these agree with the non-FTZ forms, which carry denormal guards;
+//  * -2 ln u1 = lg2(u1) * (-2 ln 2) in one multiply instead of two (the radius moves by <= 1 ulp);
+//  * the angle fma(k, pi 2^-23, -pi), k = b >> 8, equals uniform_pm1(b) * pi bit for bit for every
+//    k < 2^24 (checked exhaustively, docs/random_stream.md), in one instruction instead of two.
+__device__ __forceinline__ void box_muller_polar(uint32_t a, uint32_t b, float& r, float& s, float& c) {
+  float l2, rad;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(l2) : "f"(uniform_open0(a)));
+  asm("sqrt.approx.ftz.f32 %0, %1;" : "=f"(rad) : "f"(fmaxf(0.0f, l2 * -1.38629436111989061f)));
+  r = rad;
+  const float angle = fmaf(float(b >> 8), 3.14159265358979f / 8388608.0f, -3.14159265358979f);
+  asm("sin.approx.ftz.f32 %0, %1;" : "=f"(s) : "f"(angle));
+  asm("cos.approx.ftz.f32 %0, %1;" : "=f"(c) : "f"(angle));
+}
+#endif
+
 // Four normal entries (rows 4b..4b+3 of one column) from one Philox block.
 RBD_HOST_DEVICE void normal4(const Philox4& x, float out[4]) {
   box_muller(x.w[0], x.w[1], out[0], out[1]);

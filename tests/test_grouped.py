@@ -1,0 +1,205 @@
+"""The grouped ops against the per-segment ops (bit for bit) and the float64 reference.
+
+project_grouped sums each compartment's per-segment projections in list order, and
+expand_grouped_ gives every segment what expand_ gives it, on every device: with the v2 CUDA
+kernels (RBD_CUDA_KERNELS=v2) that is one launch per op instead of one per segment.
+"""
+
+import itertools
+
+import pytest
+import torch
+from conftest import (
+    DISTRIBUTIONS,
+    DTYPES,
+    assert_close_to_ref,
+    dtype_id,
+    random_vector,
+    ref_project,
+)
+
+import rbd_cuda
+
+KW = {"seed": 2**63 + 7, "step": 11}
+
+# name: (segment sizes, row_offsets, compartments, dims, streams)
+LAYOUTS = {
+    # one compartment over four tensors, at row offsets that are not multiples of 4
+    "global": ([7, 33, 1, 4097], [0, 7, 40, 41], [0, 0, 0, 0], [33], [5]),
+    # a compartment per tensor, dims not multiples of 32 (and 1)
+    "tensor": ([7, 33, 1, 4097], [0, 0, 0, 0], [0, 1, 2, 3], [3, 100, 1, 40], [0, 1, 2, 2**32 - 1]),
+    # segments listed out of compartment order, an empty segment, a compartment without segments
+    "mixed": ([50, 0, 3, 1000, 9], [2, 0, 0, 50, 1], [2, 0, 1, 2, 0], [5, 64, 70, 9], [3, 1, 4, 8]),
+}
+
+
+def _segments(layout: str, dtype=torch.float32, device="cpu", seed: int = 0) -> list[torch.Tensor]:
+    sizes = LAYOUTS[layout][0]
+    return [random_vector(n, dtype, seed=seed + s, device=device) for s, n in enumerate(sizes)]
+
+
+def _offsets(dims) -> list[int]:
+    return [0, *itertools.accumulate(dims)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("dist", DISTRIBUTIONS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_project_grouped_is_the_sum_of_projects(device, layout, dist, dtype):
+    _, rows, comps, dims, streams = LAYOUTS[layout]
+    g = _segments(layout, dtype, device)
+    c = rbd_cuda.project_grouped(g, rows, comps, dims, streams, distribution=dist, **KW)
+    assert c.dtype == torch.float32 and c.device == g[0].device and c.shape == (sum(dims),)
+    off = _offsets(dims)
+    for k, dim in enumerate(dims):
+        want = None
+        for s in (s for s, ks in enumerate(comps) if ks == k):
+            part = rbd_cuda.project(g[s].float(), dim, row_offset=rows[s], stream=streams[k], distribution=dist, **KW)
+            want = part if want is None else want + part
+        want = torch.zeros(dim, device=device) if want is None else want
+        assert torch.equal(c[off[k]: off[k + 1]], want), (layout, dist, k)
+
+
+@pytest.mark.parametrize("dist", DISTRIBUTIONS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_project_grouped_matches_reference(device, layout, dist):
+    _, rows, comps, dims, streams = LAYOUTS[layout]
+    g = _segments(layout, device=device, seed=5)
+    c = rbd_cuda.project_grouped(g, rows, comps, dims, streams, distribution=dist, **KW)
+    off = _offsets(dims)
+    for k, dim in enumerate(dims):
+        ref, scale = torch.zeros(dim, dtype=torch.float64), torch.zeros(dim, dtype=torch.float64)
+        for s in (s for s, ks in enumerate(comps) if ks == k):
+            r, sc = ref_project(g[s], dim, row_offset=rows[s], stream=streams[k], distribution=dist, **KW)
+            ref, scale = ref + r, scale + sc
+        assert_close_to_ref(c[off[k]: off[k + 1]], ref, scale, torch.float32, f"{layout} compartment {k}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("dist", DISTRIBUTIONS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_expand_grouped_is_each_expand(device, layout, dist, dtype):
+    _, rows, comps, dims, streams = LAYOUTS[layout]
+    out = _segments(layout, dtype, device, seed=20)
+    want = [o.clone() for o in out]
+    c = random_vector(sum(dims), device=device, seed=99)
+    alphas = [0.5 - 0.3 * s for s in range(len(out))]
+    off = _offsets(dims)
+    for s, k in enumerate(comps):
+        rbd_cuda.expand_(want[s], c[off[k]: off[k + 1]], alphas[s], row_offset=rows[s], stream=streams[k],
+                         distribution=dist, **KW)
+    versions = [o._version for o in out]
+    res = rbd_cuda.expand_grouped_(out, c, alphas, rows, comps, dims, streams, distribution=dist, **KW)
+    assert res is out
+    for s in range(len(out)):
+        assert torch.equal(out[s], want[s]), (layout, dist, s)
+        assert out[s]._version > versions[s] or out[s].numel() == 0
+
+
+@pytest.mark.parametrize("dist", DISTRIBUTIONS)
+def test_grouped_pieces_of_one_tensor(device, dist):
+    """Int-mode packing: one tensor cut into pieces of two compartments (views of one base)."""
+    base = random_vector(1000, device=device, seed=3)
+    pieces = [base[:337], base[337:]]
+    rows, comps, dims, streams = [0, 0], [0, 1], [17, 40], [0, 1]
+    c = rbd_cuda.project_grouped(pieces, rows, comps, dims, streams, distribution=dist, **KW)
+    assert torch.equal(c[:17], rbd_cuda.project(pieces[0], 17, stream=0, distribution=dist, **KW))
+    assert torch.equal(c[17:], rbd_cuda.project(pieces[1], 40, stream=1, distribution=dist, **KW))
+    want = base.clone()
+    rbd_cuda.expand_(want[:337], c[:17], -1.0, stream=0, distribution=dist, **KW)
+    rbd_cuda.expand_(want[337:], c[17:], -1.0, stream=1, distribution=dist, **KW)
+    rbd_cuda.expand_grouped_(pieces, c, [-1.0, -1.0], rows, comps, dims, streams, distribution=dist, **KW)
+    assert torch.equal(base, want)
+
+
+def test_expand_grouped_reads_c_before_updating(device):
+    """c may be a view of an out: every segment sees the coefficients as they were on entry."""
+    out = [random_vector(64, device=device, seed=1), random_vector(30, device=device, seed=2)]
+    c = out[0][:10]
+    want = [o.clone() for o in out]
+    c0 = c.clone()
+    rbd_cuda.expand_(want[0], c0[:4], 2.0, **KW)
+    rbd_cuda.expand_(want[1], c0[4:], 2.0, stream=1, **KW)
+    rbd_cuda.expand_grouped_(out, c, [2.0, 2.0], [0, 0], [0, 1], [4, 6], [0, 1], **KW)
+    assert torch.equal(out[0], want[0]) and torch.equal(out[1], want[1])
+
+
+def test_grouped_deterministic(device):
+    _, rows, comps, dims, streams = LAYOUTS["mixed"]
+    g = _segments("mixed", device=device, seed=8)
+    first = rbd_cuda.project_grouped(g, rows, comps, dims, streams, **KW)
+    for _ in range(3):
+        assert torch.equal(rbd_cuda.project_grouped(g, rows, comps, dims, streams, **KW), first)
+
+
+def _table(n=2):
+    return {"row_offsets": [0] * n, "compartments": [0] * n, "dims": [4], "streams": [0]}
+
+
+BAD_PROJECT = [
+    ("row_offsets and compartments", lambda g: (g, [0], [0, 0], [4], [0])),
+    ("dims and streams", lambda g: (g, [0, 0], [0, 0], [4], [0, 1])),
+    ("compartments\\[1\\] must be in", lambda g: (g, [0, 0], [0, 1], [4], [0])),
+    ("dims\\[0\\] must be positive", lambda g: (g, [0, 0], [0, 0], [0], [0])),
+    ("streams\\[0\\] must be in", lambda g: (g, [0, 0], [0, 0], [4], [2**32])),
+    ("row_offsets\\[1\\] must be in", lambda g: (g, [0, -1], [0, 0], [4], [0])),
+    ("g\\[1\\]", lambda g: ([g[0], g[1].half()], [0, 0], [0, 0], [4], [0])),
+]
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["wrapper", "torch.ops"])
+@pytest.mark.parametrize("message,args", BAD_PROJECT, ids=[m for m, _ in BAD_PROJECT])
+def test_project_grouped_bad_input(device, message, args, direct):
+    g = [torch.ones(5, device=device), torch.ones(3, device=device)]
+    gs, rows, comps, dims, streams = args(g)
+    fn = torch.ops.rbd_cuda.project_grouped if direct else rbd_cuda.project_grouped
+    with pytest.raises((ValueError, RuntimeError), match=message):
+        fn(gs, rows, comps, dims, streams, seed=0)
+
+
+def test_grouped_no_segments():
+    # (torch.ops with an empty list has no tensor to pick a device from: the wrapper's error)
+    with pytest.raises(ValueError, match="g must hold at least one segment"):
+        rbd_cuda.project_grouped([], [], [], [4], [0], seed=0)
+    with pytest.raises(ValueError, match="out must hold at least one segment"):
+        rbd_cuda.expand_grouped_([], torch.ones(4), [], [], [], [4], [0], seed=0)
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["wrapper", "torch.ops"])
+def test_expand_grouped_bad_input(device, direct):
+    fn = torch.ops.rbd_cuda.expand_grouped_ if direct else rbd_cuda.expand_grouped_
+    out = [torch.zeros(5, device=device), torch.zeros(3, device=device)]
+    c = torch.ones(4, device=device)
+    with pytest.raises((ValueError, RuntimeError), match="alphas"):
+        fn(out, c, [1.0], **_table(), seed=0)
+    with pytest.raises((ValueError, RuntimeError), match="c must be 1-D with sum\\(dims\\)=4"):
+        fn(out, torch.ones(5, device=device), [1.0, 1.0], **_table(), seed=0)
+    base = torch.zeros(8, device=device)
+    with pytest.raises((ValueError, RuntimeError), match="must not overlap"):
+        fn([base[:5], base[3:]], c, [1.0, 1.0], **_table(), seed=0)
+    with pytest.raises((ValueError, RuntimeError), match="out must be contiguous"):
+        fn([torch.zeros(4, 2, device=device).t(), out[1]], c, [1.0, 1.0], **_table(), seed=0)
+    with pytest.raises((ValueError, RuntimeError), match="distribution"):
+        fn(out, c, [1.0, 1.0], **_table(), seed=0, distribution="cauchy")
+
+
+def test_cuda_kernels_switch(monkeypatch):
+    monkeypatch.delenv("RBD_CUDA_KERNELS", raising=False)
+    assert rbd_cuda.cuda_kernels() == "v1"
+    for name in ("v1", "v2"):
+        monkeypatch.setenv("RBD_CUDA_KERNELS", name)
+        assert rbd_cuda.cuda_kernels() == name
+    monkeypatch.setenv("RBD_CUDA_KERNELS", "v3")
+    with pytest.raises(ValueError, match="RBD_CUDA_KERNELS must be 'v1' or 'v2'"):
+        rbd_cuda.cuda_kernels()
+
+
+@pytest.mark.parametrize("dist", DISTRIBUTIONS)
+def test_opcheck_grouped(device, dist):
+    _, rows, comps, dims, streams = LAYOUTS["mixed"]
+    g = _segments("mixed", device=device)
+    table = {"row_offsets": rows, "compartments": comps, "dims": dims, "streams": streams, "distribution": dist,
+             "seed": 3, "step": 1}
+    torch.library.opcheck(torch.ops.rbd_cuda.project_grouped.default, (g,), table)
+    c = random_vector(sum(dims), device=device)
+    torch.library.opcheck(torch.ops.rbd_cuda.expand_grouped_.default, (g, c, [1.0] * len(g)), table)
