@@ -1,6 +1,6 @@
 """Helpers shared by the benchmark scripts: timing, peak memory, machine facts, rooflines, output.
 
-Timing follows ``shared/docs/perf.md`` §6.4: warm-up first, then the methods of one case are
+Timing follows docs/performance.md §3: warm-up first, then the methods of one case are
 interleaved round by round in the same process (method A, B, C, A, B, C, ...) so that clock and
 load drift hit them alike, and the median is reported with p10/p90.
 """
@@ -145,10 +145,10 @@ def machine_info(device: str, argv: list[str]) -> dict:
     return info
 
 
-# Ceilings for "fraction of roofline". GPU: perf.md §3.3-3.4, best-case entries per SM per clock
+# Ceilings for "fraction of roofline". GPU: docs/performance.md §2, best-case entries per SM per clock
 # (IMAD.WIDE at full rate, fast-math Box-Muller, per-bit Rademacher), times SMs and SM clock.
 GPU_ENTRIES_PER_SM_CLK = {"normal": 7.3, "uniform": 9.8, "rademacher": 29.0}
-# CPU: perf.md gives no measured CPU ceiling, only an instruction-count estimate (§1.2 and §6.5):
+# CPU: no measured CPU ceiling, only an instruction-count estimate (docs/performance.md §1):
 # Philox4x32-10 vectorised over 16 lanes costs about 1 cycle per 32-bit word per core with AVX-512
 # (2 with AVX2, 4 with 128-bit SSE). Per entry, best case:
 #   uniform     1 word + a mask/or/FMA shared by 16 lanes           -> 1 cycle x ISA factor
@@ -182,12 +182,12 @@ def roofline(device: str, info: dict, threads: list[int]) -> dict:
     if device == "cuda":
         mhz = info.get("sm_clock_max_mhz", 1980.0)
         sms = info["sms"]
-        return {"basis": f"perf.md §3.4 best-case entries/SM/clk x {sms} SMs x {mhz:.0f} MHz "
+        return {"basis": f"docs/performance.md §2.1 best-case entries/SM/clk x {sms} SMs x {mhz:.0f} MHz "
                          f"({'nvidia-smi clocks.max.sm' if 'sm_clock_max_mhz' in info else 'assumed'})",
                 "entries_per_s": {str(t): {dist: GPU_ENTRIES_PER_SM_CLK[dist] * sms * mhz * 1e6 for dist in dists}
                                   for t in threads}}
     ghz, isa = cpu_ghz(info), info.get("isa", "unknown")
-    return {"basis": f"instruction-count estimate (benchmarks/common.py, from perf.md §1.2): "
+    return {"basis": f"instruction-count estimate (benchmarks/common.py, from docs/performance.md §1): "
                      f"{isa}, {ghz} GHz, cycles/entry " +
                      ", ".join(f"{dist} {cpu_cycles_per_entry(dist, isa):.3g}" for dist in dists) +
                      "; x threads (one core each)",

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared GPU check (issue #15), sized for one device-tool call (about 10 minutes):
+# The one prepared GPU check, sized for one device-tool call (about 10 minutes):
 #   build     the extension for the local GPU; ptxas registers/spills per kernel -> ptxas.txt
 #   tests_v1  every CUDA test (-m cuda) with the v1 kernels (the default)
 #   tests_v2  the same with RBD_CUDA_KERNELS=v2 (new kernels, one-launch grouped ops)

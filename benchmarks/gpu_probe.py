@@ -1,4 +1,4 @@
-"""GPU probe: the instruction rates the CUDA kernels' rooflines assume, measured (perf.md §6.6).
+"""GPU probe: the instruction rates the CUDA kernels' rooflines assume, measured (docs/performance.md §2).
 
     python -m benchmarks.gpu_probe --out DIR        # a few seconds on an H100/H200
 

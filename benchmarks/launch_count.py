@@ -1,4 +1,4 @@
-"""Kernel launches and time of one optimizer step of ResNet-8 with a compartment per tensor (issue #15).
+"""Kernel launches and time of one optimizer step of ResNet-8 with a compartment per tensor.
 
     python -m benchmarks.launch_count --out DIR          # on a GPU; about 10 s
 

@@ -131,7 +131,7 @@ def check_fused(case: Case, x: dict) -> dict:
     - slice: project and expand on 64 rows in the middle of P (up to 64 columns) against the
       float64 oracle ``rbd_cuda.reference`` (the layout written out entry by entry);
     - pass consistency at full size: gᵀ(P c) = ‖c‖² for c = Pᵀg, which holds only if both products
-      regenerated the same P (perf.md §6.3);
+      regenerated the same P (docs/performance.md §3);
     - step: one RBD step (lr 1, no scaling) from θ = 0 moves θ by exactly -P Pᵀg at full size.
     """
     kw, tol = _fused_kw(case), TOL[case.dtype]

@@ -12,7 +12,7 @@ thread count of ``--threads`` (CPU: fused and torch materialised at each; the ot
 the largest only). Methods and ops are listed in ``benchmarks/methods.py``.
 
 Metrics: median time (p10, p90), G entries/s (D·d per product, 2·D·d per step), the fraction of
-the roofline (``benchmarks/common.py``: perf.md §3.4 on GPU, an instruction-count ceiling on CPU),
+the roofline (``benchmarks/common.py``: docs/performance.md §2 on GPU, an instruction-count ceiling on CPU (§1)),
 the fused/torch time ratio, and peak memory beyond the inputs (CPU: resident high-water mark in a
 fresh process; CUDA: max_memory_allocated). Then the issue-#6 targets at the target size
 (D = 1e6, d = 256, fp32). Output in --out: ops_bench.json, ops_bench.csv, ops_bench.md and PNG plots.
@@ -68,7 +68,7 @@ PRESETS = {
                   sweep_d=(10_000_000, (10, 100, 1000)),
                   skewed=((100_000_000, 8), (4_096, 4_096), (1 << 24, 1024), (100_000_000, 1000))),
 }
-# Timing: perf.md §6.4 (GPU ≥ 3 warm-ups folded into batching, ≥ 10 reps; CPU median of ≥ 5).
+# Timing: docs/performance.md §3 (GPU ≥ 3 warm-ups folded into batching, ≥ 10 reps; CPU median of ≥ 5).
 TIMING = {
     "cpu": {"reps": 5, "min_reps": 3, "budget_s": 2.0, "min_sample_s": 0.02},
     "cuda": {"reps": 10, "min_reps": 3, "budget_s": 1.0, "min_sample_s": 1e-3},
@@ -265,7 +265,7 @@ def targets(rows: list[dict], target: tuple[int, int], device: str, threads: lis
 def targets_text(tg: dict) -> str:
     if not tg["by_distribution"]:
         return f"Targets: no fp32 result at D={tg['D']:,}, d={tg['d']} in this run.\n"
-    head = (f"Targets (issue #6) at D={tg['D']:,}, d={tg['d']}, fp32, {tg['device']}, {tg['threads']} threads"
+    head = (f"Targets at D={tg['D']:,}, d={tg['d']}, fp32, {tg['device']}, {tg['threads']} threads"
             + ("" if (tg["D"], tg["d"]) == (1_000_000, 256) else " (not the target size D=1e6, d=256)") + ":")
     lines = [head]
 

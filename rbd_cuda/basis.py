@@ -115,7 +115,17 @@ class Basis:
 
 # ---- the products over one compartment ------------------------------------------------------
 # A compartment's segments are pieces of flattened tensors at rows ``row_offset ...`` of its
-# matrix; these functions are the only places that loop over them.
+# matrix; these functions are the only places that loop over them (or hand them to the grouped
+# ops in one call).
+
+
+def _one_launch(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether a compartment's segments go to the grouped ops (one launch per product with the v2
+    CUDA kernels): several fp32 tensors on one device, for which the grouped ops compute exactly
+    what the per-segment loop computes. Half-precision segments keep the loop, which rounds each
+    segment's coefficients to its dtype as recorded trajectories did."""
+    return (len(tensors) > 1 and all(t.dtype == torch.float32 for t in tensors)
+            and len({t.device for t in tensors}) == 1)
 
 
 def project_compartment(basis: Basis, dim: int, pieces: Sequence[torch.Tensor], row_offsets: Sequence[int],
@@ -123,6 +133,10 @@ def project_compartment(basis: Basis, dim: int, pieces: Sequence[torch.Tensor], 
     """``c = Σ_s P_sᵀ g_s`` over the 1-D ``pieces`` g_s at rows ``row_offsets`` of ``basis``'s matrix,
     in fp32 on ``device`` (default: the first piece's)."""
     kw = basis.kwargs
+    if _one_launch(pieces):
+        c = ops.project_grouped(list(pieces), list(row_offsets), [0] * len(pieces), [dim], [basis.stream],
+                                seed=basis.seed, step=basis.step, distribution=basis.distribution)
+        return c if device is None else c.to(device)
     c = None
     for piece, row_offset in zip(pieces, row_offsets, strict=True):
         part = ops.project(piece, dim, row_offset=row_offset, **kw).float()
@@ -135,6 +149,11 @@ def expand_compartment_(basis: Basis, outs: Sequence[torch.Tensor], row_offsets:
     """In place ``out_s += alpha · P_s c`` for the 1-D views ``outs`` at rows ``row_offsets``
     (``c`` addressing columns ``col_offset ...``: NES perturbs along one column)."""
     kw = basis.kwargs
+    if col_offset == 0 and _one_launch(outs):
+        c = coeffs if coeffs.device == outs[0].device else coeffs.to(outs[0].device)
+        ops.expand_grouped_(list(outs), c, [alpha] * len(outs), list(row_offsets), [0] * len(outs), [c.numel()],
+                            [basis.stream], seed=basis.seed, step=basis.step, distribution=basis.distribution)
+        return
     for out, row_offset in zip(outs, row_offsets, strict=True):
         ops.expand_(out, coeffs if coeffs.device == out.device else coeffs.to(out.device), alpha,
                     row_offset=row_offset, col_offset=col_offset, **kw)

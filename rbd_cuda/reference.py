@@ -1,7 +1,7 @@
 """Plain pure-torch oracle for the rbd_cuda random stream (v1) and its products.
 
 Written to be obviously right, not fast: every entry of P is computed on its own,
-straight from the layout in ``csrc/include/rbd/philox.h`` (and design.md §3), in
+straight from the layout in ``csrc/include/rbd/philox.h`` (and docs/random_stream.md), in
 int64 / float64 torch arithmetic. Tests compare the fused kernels against it.
 
     key     = 64-bit seed, low word first
