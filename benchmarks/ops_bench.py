@@ -14,7 +14,7 @@ the largest only). Methods and ops are listed in ``benchmarks/methods.py``.
 Metrics: median time (p10, p90), G entries/s (D·d per product, 2·D·d per step), the fraction of
 the roofline (``benchmarks/common.py``: docs/performance.md §2 on GPU, an instruction-count ceiling on CPU (§1)),
 the fused/torch time ratio, and peak memory beyond the inputs (CPU: resident high-water mark in a
-fresh process; CUDA: max_memory_allocated). Then the issue-#6 targets at the target size
+fresh process; CUDA: max_memory_allocated). Then the targets at the target size
 (D = 1e6, d = 256, fp32). Output in --out: ops_bench.json, ops_bench.csv, ops_bench.md and PNG plots.
 """
 
@@ -227,7 +227,7 @@ def _find(rows, **kw) -> dict | None:
 
 
 def targets(rows: list[dict], target: tuple[int, int], device: str, threads: list[int]) -> dict:
-    """The issue-#6 done-when numbers at the target shape, fp32, most threads."""
+    """The target numbers (benchmarks/README.md) at the target shape, fp32, most threads."""
     D, d = target
     hi, lo = max(threads), min(threads)
     out = {"D": D, "d": d, "dtype": "float32", "threads": hi, "device": device, "by_distribution": {}}
