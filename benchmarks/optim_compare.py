@@ -48,7 +48,8 @@ def student(seed: int = 1) -> torch.nn.Module:
 
 
 def evaluate(model, data) -> tuple[float, float]:
-    return loop.evaluate(model, [data])
+    result = loop.evaluate(model, [data])
+    return result.loss, result.accuracy
 
 
 def make_optimizer(method: str, model, lr: float, dim: int, seed: int):

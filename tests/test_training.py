@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from rbd_cuda.experiments import data, models, reproduce, train
+from rbd_cuda.experiments import data, loop, models, reproduce, train
 
 # --- models --------------------------------------------------------------------------------------
 
@@ -502,6 +502,37 @@ def test_reproduce_runs_each_crop_pad_as_a_pipeline_of_its_own(tmp_path, monkeyp
     assert reproduce.main([*argv, "--brightness", "0", "--crop-pads", "0", "--max-steps", "1"]) == 0
     assert (out / "runs" / "fc-fmnist-sgd-crop0-b0-s0" / "metrics.json").is_file()
     assert reproduce.main([*argv, "--crop-pads", "-1"]) == 2
+
+
+def test_a_run_named_twice_is_trained_once():
+    keys = reproduce.run_keys(["fc-fmnist"], ["sgd"], [None, 3, 1], None, [0, 0])
+    assert [reproduce.run_name(*k) for k in keys] == ["fc-fmnist-sgd-crop3-b0.5-s0", "fc-fmnist-sgd-crop1-b0.5-s0"]
+
+
+def test_reproduce_names_a_diverging_run_and_exits_1(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(data, "load", lambda *a, **k: synthetic_splits())
+
+    def diverge(cfg, *args, **kwargs):
+        raise loop.NonFiniteLoss("the training loss is nan at step 3")
+
+    monkeypatch.setattr(reproduce, "train", diverge)
+    argv = ["--methods", "rbd", "--epochs", "1", "--device", "cpu", "--out", str(tmp_path), "--no-progress"]
+    assert reproduce.main(argv) == 1
+    assert "fc-mnist-rbd-crop3-b0.5-s0: the training loss is nan at step 3" in capsys.readouterr().err
+
+
+def test_a_stop_during_the_last_step_of_an_epoch_still_records_it(tmp_path):
+    splits = synthetic_splits()
+    polls = []
+
+    def stop_in_step_10() -> bool:  # polled before each of the 10 steps, then after the epoch
+        polls.append(None)
+        return len(polls) > 10
+
+    with pytest.raises(train.Interrupted, match="epoch 2, step 0"):
+        train.train(config(tmp_path, "sgd", epochs=2), splits, stop=stop_in_step_10)
+    saved = json.loads((tmp_path / "sgd" / "metrics.json").read_text())["history"]
+    assert [r["epoch"] for r in saved] == [1.0] and saved[0]["complete_epoch"]
 
 
 def test_a_broken_metrics_file_is_named_by_report(tmp_path, monkeypatch, capsys):

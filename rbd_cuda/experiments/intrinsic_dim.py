@@ -129,7 +129,7 @@ class Task:
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 2000) -> float:
-    return loop.evaluate(model, ((x[i:i + batch], y[i:i + batch]) for i in range(0, len(x), batch)))[1]
+    return loop.evaluate(model, ((x[i:i + batch], y[i:i + batch]) for i in range(0, len(x), batch))).accuracy
 
 
 def train(model: nn.Module, task: Task, args, lr: float, label: str) -> dict:

@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -111,7 +112,14 @@ def fit_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch_at
 def _batches(batch_at: Callable[[int], Batch], first: int, count: int) -> Callable[[], Batch]:
     """The batches first … first + count − 1 of ``batch_at``, one per call."""
     indices = iter(range(first, first + count))
-    return lambda: batch_at(next(indices))
+
+    def next_batch() -> Batch:
+        index = next(indices, None)
+        if index is None:
+            raise RuntimeError(f"fit_epoch: the optimizer asked for more than members={count} minibatches in "
+                               "one step (pass members=population for NES)")
+        return batch_at(index)
+    return next_batch
 
 
 def _synchronize(model: torch.nn.Module) -> None:
@@ -120,9 +128,23 @@ def _synchronize(model: torch.nn.Module) -> None:
         torch.cuda.synchronize(parameter.device)
 
 
+class Evaluation(NamedTuple):
+    loss: float  # mean over the examples
+    correct: int
+    count: int
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.count
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.correct / self.count
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: Iterable[Batch], loss_fn=F.cross_entropy) -> tuple[float, float]:
-    """(mean loss, accuracy as a fraction) over all the batches, in eval mode; the model's mode is
+def evaluate(model: torch.nn.Module, batches: Iterable[Batch], loss_fn=F.cross_entropy) -> Evaluation:
+    """Mean loss and correct predictions over all the batches, in eval mode; the model's mode is
     restored afterwards."""
     was_training = model.training
     model.eval()
@@ -135,4 +157,4 @@ def evaluate(model: torch.nn.Module, batches: Iterable[Batch], loss_fn=F.cross_e
     model.train(was_training)
     if count == 0:
         raise ValueError("evaluate: no examples to evaluate on")
-    return loss_sum / count, correct / count
+    return Evaluation(loss_sum / count, correct, count)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import data
+from . import data, loop
 from .reporting import save_figure
 from .train import METHODS, PAPER_DIM, TrainConfig, resolve_device, train
 
@@ -98,8 +98,9 @@ RunKey = tuple[str, str, data.Augment, int]  # (row, method, augmentation, seed)
 
 def run_keys(rows: list[str], methods: list[str], crop_pads: list[int | None], brightness: float | None,
              seeds: list[int]) -> list[RunKey]:
-    return [(row, method, row_augment(row, pad, brightness), seed)
+    keys = [(row, method, row_augment(row, pad, brightness), seed)
             for row in rows for method in methods for pad in crop_pads for seed in seeds]
+    return list(dict.fromkeys(keys))  # `--crop-pads paper,3` or `--seeds 0,0` name a run twice
 
 
 def group(histories: dict[RunKey, list[dict]]) -> dict:
@@ -124,7 +125,7 @@ def run_all(keys: list[RunKey], epochs: int, out: Path, *, max_steps: int | None
             outer.set_postfix_str(run_name(*key))
             if cfg.dataset not in cache:
                 cache[cfg.dataset] = data.load(cfg.dataset, data_root, split_seed=cfg.split_seed)
-            histories[key] = train(cfg, cache[cfg.dataset]).history
+            histories[key] = _named(key, lambda cfg=cfg: train(cfg, cache[cfg.dataset]).history)
             outer.update()
     else:
         context = multiprocessing.get_context("spawn")  # CUDA and OpenMP state do not survive fork
@@ -132,10 +133,18 @@ def run_all(keys: list[RunKey], epochs: int, out: Path, *, max_steps: int | None
             futures = {pool.submit(_train_in_worker, _config(*key, epochs, out, progress=False, **common)): key
                        for key in keys}
             for future in concurrent.futures.as_completed(futures):
-                histories[futures[future]] = future.result()
+                histories[futures[future]] = _named(futures[future], future.result)
                 outer.update()
     outer.close()
     return group({key: histories[key] for key in keys})
+
+
+def _named(key: RunKey, result):
+    """``result()``, with a diverged run's error naming the run."""
+    try:
+        return result()
+    except loop.NonFiniteLoss as err:
+        raise loop.NonFiniteLoss(f"{run_name(*key)}: {err}") from None
 
 
 def read_metrics(path: Path) -> dict:
@@ -275,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, data.DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except loop.NonFiniteLoss as err:
+        print(f"error: {err} (the finished runs are kept; --report tabulates them)", file=sys.stderr)
+        return 1
     table = summarize(results)
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(markdown(table, device))

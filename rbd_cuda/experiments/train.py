@@ -192,7 +192,7 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opti
         return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
     if cfg.method == "nes":
         return NES(model.parameters(), cfg.lr, cfg.population, cfg.sigma, distribution=cfg.distribution,
-                   normalize="paper" if cfg.normalize == "paper" else "none", seed=cfg.seed)
+                   normalize=cfg.normalize, seed=cfg.seed)
     compartments = int(cfg.compartments) if cfg.compartments.isdigit() else cfg.compartments
     kind = RBD if cfg.method == "rbd" else FPD
     return kind(model.named_parameters(), cfg.lr, cfg.dim, compartments=compartments,
@@ -205,8 +205,8 @@ def evaluate(model: torch.nn.Module, dataset: str, images: torch.Tensor, labels:
     """(mean loss, accuracy in %) over a whole split, in batches of 5000 as in the paper."""
     batches = ((data.prepare(dataset, images[k:k + EVAL_BATCH]).to(device), labels[k:k + EVAL_BATCH].to(device))
                for k in range(0, len(images), EVAL_BATCH))
-    loss, accuracy = loop.evaluate(model, batches)
-    return loss, 100.0 * accuracy
+    result = loop.evaluate(model, batches)
+    return result.loss, result.percent
 
 
 class Interrupted(Exception):
@@ -268,18 +268,18 @@ class Run:
                                should_stop=lambda: stop() or self._at_max_steps())
             finally:
                 bar.close()
-            if stop():
-                self.save()
-                raise Interrupted(f"interrupted at epoch {self.epoch + 1}, step {self.step_in_epoch} of "
-                                  f"{self.steps_per_epoch}; saved to {self.checkpoint_path()} (continue with "
-                                  "--resume)")
             complete = self.step_in_epoch == self.steps_per_epoch
-            self._record(complete)
+            if complete or self._at_max_steps() or not stop():  # a stop mid-epoch records no row
+                self._record(complete)
             if complete:
                 self.epoch += 1
                 self.step_in_epoch = 0
                 self.totals = loop.Totals()
             self.save()
+            if stop():
+                raise Interrupted(f"interrupted at epoch {self.epoch + 1}, step {self.step_in_epoch} of "
+                                  f"{self.steps_per_epoch}; saved to {self.checkpoint_path()} (continue with "
+                                  "--resume)")
         return self.history
 
     def _at_max_steps(self) -> bool:
@@ -335,6 +335,8 @@ class Run:
         try:
             state = torch.load(path, map_location=self.device, weights_only=True)
             saved = dict(state["config"])
+            model, optimizer, sums = state["model"], state["optimizer"], loop.Totals(**state["sums"])
+            position = (state["epoch"], state["step_in_epoch"], state["global_step"], state["history"])
         except (OSError, EOFError, RuntimeError, ValueError, KeyError, TypeError, pickle.UnpicklingError) as err:
             raise ValueError(f"--resume: the checkpoint at {path} is unreadable ({type(err).__name__}); "
                              "delete it (or use --overwrite) to start the run afresh") from None
@@ -345,11 +347,10 @@ class Run:
                   for k in RUN_IDENTITY if saved.get(k) != now[k]]
         if differ:
             raise ValueError(f"--resume: the checkpoint at {path} is from another run: " + "; ".join(differ))
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
-        self.global_step, self.history = state["global_step"], state["history"]
-        self.totals = loop.Totals(**state["sums"])
+        self.model.load_state_dict(model)
+        self.optimizer.load_state_dict(optimizer)
+        self.epoch, self.step_in_epoch, self.global_step, self.history = position
+        self.totals = sums
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -406,12 +407,14 @@ class StopRequest:
 
     def __init__(self):
         self.requested = False
+        self.polled = False  # before training polls it (loading data, say) a signal stops at once
 
     def __call__(self) -> bool:
+        self.polled = True
         return self.requested
 
     def handle(self, signum, frame) -> None:
-        if self.requested:
+        if self.requested or not self.polled:
             raise KeyboardInterrupt
         self.requested = True
         tqdm.write(f"{signal.Signals(signum).name}: saving after this step (again to stop at once)")
