@@ -210,16 +210,17 @@ def describe(augment: dict) -> str:
 
 def markdown(table: list[dict], device: str) -> str:
     lines = [(f"Validation accuracy (%), mean ± std over seeds; the paper's after {PAPER_EPOCHS} epochs with its "
-              f"released pipeline (crop ±3 and brightness ±0.5 for MNIST/FMNIST). Device: {device}."),
+              f"released pipeline (crop ±3 and brightness ±0.5 for MNIST/FMNIST). Device: {device}; images/s "
+              "(which depend on the machine's load) are in table.json."),
              "",
-             "| row | method | augmentation | epochs | seeds | ours | paper | ours − paper | images/s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| row | method | augmentation | epochs | seeds | ours | paper | ours − paper |",
+             "|---|---|---|---|---|---|---|---|"]
     for t in table:
         paper = f"{t['paper_mean']:g} ± {t['paper_std']:g}" if t["paper_mean"] is not None else "—"
         diff = f"{t['difference']:+.2f}" if t["difference"] is not None else "—"
         ours = f"{t['val_acc_mean']:.2f}" + (f" ± {t['val_acc_std']:.2f}" if t["seeds"] > 1 else "")
         lines.append(f"| {t['row']} | {t['method']} | {describe(t['augment'])} | {t['epochs']:.3g} | {t['seeds']} | "
-                     f"{ours} | {paper} | {diff} | {t['images_per_s']:.0f} |")
+                     f"{ours} | {paper} | {diff} |")
     return "\n".join(lines) + "\n"
 
 
