@@ -38,9 +38,9 @@ class Totals:
     last_loss: float = math.nan  # of the latest minibatch
     last_seconds: float = math.nan  # of the latest step
 
-    def add(self, logits: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> None:
-        self.last_loss = float(loss)
-        self.loss += self.last_loss * len(y)
+    def add(self, logits: torch.Tensor, y: torch.Tensor, loss: float) -> None:
+        self.last_loss = loss
+        self.loss += loss * len(y)
         self.correct += int((logits.argmax(1) == y).sum())
         self.images += len(y)
 
@@ -55,11 +55,13 @@ def needs_closure(optimizer: torch.optim.Optimizer) -> bool:
     return isinstance(optimizer, NES)
 
 
-def _checked(loss: torch.Tensor, step: int) -> torch.Tensor:
-    if not math.isfinite(float(loss.detach())):
-        raise NonFiniteLoss(f"the training loss is {float(loss.detach())} at step {step + 1}; the run stops there "
+def _checked(loss: torch.Tensor, step: int) -> float:
+    """The loss as a number (one device sync per minibatch), or ``NonFiniteLoss``."""
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise NonFiniteLoss(f"the training loss is {value} at step {step + 1}; the run stops there "
                             "(the learning rate is probably too large)")
-    return loss
+    return value
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Callable[[], Batch],
@@ -71,19 +73,20 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches
         def closure() -> torch.Tensor:
             x, y = batches()
             logits = model(x)
-            loss = _checked(loss_fn(logits, y), step)
-            totals.add(logits, y, loss)
+            loss = loss_fn(logits, y)
+            totals.add(logits, y, _checked(loss, step))
             return loss
 
         optimizer.step(closure)
         return
     x, y = batches()
     logits = model(x)
-    loss = _checked(loss_fn(logits, y), step)
+    loss = loss_fn(logits, y)
+    value = _checked(loss, step)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    totals.add(logits.detach(), y, loss.detach())
+    totals.add(logits.detach(), y, value)
 
 
 def fit_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch_at: Callable[[int], Batch],

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import data, loop
 from .reporting import save_figure
-from .train import METHODS, PAPER_DIM, TrainConfig, resolve_device, train
+from .train import CLI_ERRORS, METHODS, PAPER_DIM, TrainConfig, report_error, resolve_device, train
 
 # The paper's Table 1 (validation accuracy in % after 100 epochs, mean ± std; docs/reproducing.md).
 PAPER_TABLE = {
@@ -144,7 +144,8 @@ def _named(key: RunKey, result):
     try:
         return result()
     except loop.NonFiniteLoss as err:
-        raise loop.NonFiniteLoss(f"{run_name(*key)}: {err}") from None
+        raise loop.NonFiniteLoss(f"{run_name(*key)}: {err} (the finished runs are kept; --report tabulates "
+                                 "them)") from None
 
 
 def read_metrics(path: Path) -> dict:
@@ -282,12 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             results = run_all(keys, args.epochs, out, max_steps=args.max_steps,
                               device=args.device, data_root=args.data_root, progress=args.progress, jobs=args.jobs)
-    except (ValueError, FileNotFoundError, data.DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except loop.NonFiniteLoss as err:
-        print(f"error: {err} (the finished runs are kept; --report tabulates them)", file=sys.stderr)
-        return 1
+    except CLI_ERRORS as err:
+        return report_error(err)
     table = summarize(results)
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(markdown(table, device))

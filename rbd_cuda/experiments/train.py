@@ -400,6 +400,16 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+CLI_ERRORS = (ValueError, FileNotFoundError, data.DataError, loop.NonFiniteLoss, Interrupted)
+
+
+def report_error(err: Exception) -> int:
+    """Prints one of ``CLI_ERRORS`` for the command line; returns its exit status (2: bad
+    argument or data, 1: the run diverged, 130: interrupted and saved)."""
+    print(err if isinstance(err, Interrupted) else f"error: {err}", file=sys.stderr)
+    return 130 if isinstance(err, Interrupted) else 1 if isinstance(err, loop.NonFiniteLoss) else 2
+
+
 class StopRequest:
     """Polled between training steps. As a SIGINT/SIGTERM handler, the first signal asks the run
     to save and stop after the step in progress (a step is never cut in half); a second one stops
@@ -429,15 +439,8 @@ def main(argv: list[str] | None = None) -> int:
                                             args.pop("flip"), args.pop("no_augment"))
         cfg = TrainConfig(**args)
         run = train(cfg, stop=stop)
-    except (ValueError, FileNotFoundError, data.DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except loop.NonFiniteLoss as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except Interrupted as err:
-        print(str(err), file=sys.stderr)
-        return 130
+    except CLI_ERRORS as err:
+        return report_error(err)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
