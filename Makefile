@@ -50,9 +50,9 @@ test-gpu: install
 
 # The main job, a few minutes on a CPU: FC-MNIST for one epoch with SGD, RBD and FPD at the same d
 # (RBD's re-drawn bases against one fixed basis), printed beside the committed long runs
-# (docs/table1). More: python -m rbd_cuda.reproduce -h
+# (docs/table1). More: rbd-reproduce -h
 reproduce: install
-	$(BIN)/python -m rbd_cuda.reproduce --rows fc-mnist --methods sgd,rbd,fpd --epochs 1 --out $(RESULTS)/reproduce
+	$(BIN)/rbd-reproduce --rows fc-mnist --methods sgd,rbd,fpd --epochs 1 --out $(RESULTS)/reproduce
 	@printf '\n== For comparison, the committed long runs (docs/table1/table.md; epochs and augmentation per row) ==\n\n'
 	@cat docs/table1/table.md
 
@@ -61,7 +61,7 @@ table1-gpu:
 	bash benchmarks/table1_gpu.sh $(RESULTS)/table1-gpu
 
 demo: install
-	$(BIN)/python -m rbd_cuda.demo
+	$(BIN)/python -m examples.demo
 
 # The microbenchmark suite (benchmarks/README.md): size grid, baselines, targets summary.
 bench: install

@@ -95,7 +95,8 @@ setup(
     name="rbd_cuda",
     version="0.1.0",
     description="Random Bases Descent: fused Philox random-projection kernels for PyTorch",
-    packages=find_packages(include=["rbd_cuda", "rbd_cuda.*"]),
+    # The library (rbd_cuda) and, beside it, the paper's applications (rbd_experiments).
+    packages=find_packages(include=["rbd_cuda", "rbd_cuda.*", "rbd_experiments", "rbd_experiments.*"]),
     ext_modules=[
         extension(
             name="rbd_cuda._C",
@@ -108,6 +109,14 @@ setup(
     ],
     cmdclass={"build_ext": BuildExtension},
     python_requires=">=3.10",
-    install_requires=["torch>=2.6", "numpy", "tqdm"],
+    install_requires=["torch>=2.6", "numpy", "tqdm"],  # tqdm: the applications' progress bars
+    entry_points={
+        "console_scripts": [
+            "rbd-train = rbd_experiments.train:main",
+            "rbd-reproduce = rbd_experiments.reproduce:main",
+            "rbd-intrinsic-dim = rbd_experiments.intrinsic_dim:main",
+            "rbd-data = rbd_experiments.data:main",
+        ]
+    },
     zip_safe=False,
 )

@@ -27,7 +27,7 @@ import torch
 
 import rbd_cuda
 from benchmarks.methods import with_cuda_kernels
-from rbd_cuda import models
+from rbd_experiments import models
 from rbd_cuda.optim import RBD
 
 LR = 0.01

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from rbd_cuda.experiments import loop
+from rbd_experiments import loop
 from rbd_cuda.optim import FPD, NES, RBD
 
 D_IN, HIDDEN, CLASSES = 64, 128, 10

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from rbd_cuda.experiments import models
-from rbd_cuda.experiments.reporting import cpu_name
+from rbd_experiments import models
+from rbd_experiments.reporting import cpu_name
 from rbd_cuda.nn import RandomSubspace
 
 

@@ -2,13 +2,13 @@
 # Table 1's FC rows (MNIST, Fashion-MNIST) for every method and 3 seeds, 100 epochs, on a GPU machine:
 # MNIST with the released crop (±3) and without crop, Fashion-MNIST with crops ±3, 0, 1 and 2.
 # That machine has no network, so carry the data: here, once,
-#     python -m rbd_cuda.data pack mnist fmnist --to data      # 40 MiB of verified .gz files
+#     python -m rbd_experiments.data pack mnist fmnist --to data      # 40 MiB of verified .gz files
 # and carry `data` (and nothing else) with the working tree; there:
 #     bash benchmarks/table1_gpu.sh "$OUT"
 # Runs train in parallel processes (one CPU thread each, all on the one GPU): RUNS_AT_ONCE (12).
 # A repeated call resumes every unfinished run from its checkpoint in the results directory.
 # Everything comes back as one file, OUT/table1-runs.tar.gz (runs/*/metrics.{json,csv} and the
-# checkpoints): unpack it into docs/table1 here, where `python -m rbd_cuda.reproduce --report ...
+# checkpoints): unpack it into docs/table1 here, where `python -m rbd_experiments.reproduce --report ...
 # --out docs/table1` tabulates it and the same command without --report continues it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +26,6 @@ fi
 nvidia-smi --query-gpu=name --format=csv,noheader | tee "$out/device.txt"
 common=(--methods sgd,rbd,fpd,nes --seeds "${SEEDS:-0,1,2}" --epochs "${EPOCHS:-100}" --jobs "${RUNS_AT_ONCE:-12}"
         --device cuda --out "$out")
-"$py" -m rbd_cuda.reproduce --rows fc-mnist --crop-pads 3,0 "${common[@]}" 2>&1 | tee "$out/reproduce-mnist.log"
-"$py" -m rbd_cuda.reproduce --rows fc-fmnist --crop-pads 3,0,1,2 "${common[@]}" 2>&1 | tee "$out/reproduce-fmnist.log"
+"$py" -m rbd_experiments.reproduce --rows fc-mnist --crop-pads 3,0 "${common[@]}" 2>&1 | tee "$out/reproduce-mnist.log"
+"$py" -m rbd_experiments.reproduce --rows fc-fmnist --crop-pads 3,0,1,2 "${common[@]}" 2>&1 | tee "$out/reproduce-fmnist.log"
 tar czf "$out/table1-runs.tar.gz" -C "$out" --exclude=curves.png runs

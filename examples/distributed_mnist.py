@@ -33,8 +33,8 @@ from rbd_cuda.distributed import (
     init_process_group,
     random_bases_hook,
 )
-from rbd_cuda.experiments import data, loop, models
-from rbd_cuda.experiments.train import evaluate
+from rbd_experiments import data, loop, models
+from rbd_experiments.train import evaluate
 from rbd_cuda.optim import Compression
 
 SCHEMES = ("shared", "independent", "hook", "ddp")

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from rbd_cuda.experiments import data, intrinsic_dim
+from rbd_experiments import data, intrinsic_dim
 
 
 def test_d_int_is_the_smallest_dim_reaching_the_target():

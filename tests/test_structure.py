@@ -1,5 +1,5 @@
-"""The library never imports the paper's applications (rbd_cuda.experiments and the command-line
-entry points on top of it): trainers import the library, not the other way round."""
+"""The library (rbd_cuda) never imports the paper's applications (rbd_experiments), nor what only
+applications need (argparse, tqdm): trainers import the library, not the other way round."""
 
 from __future__ import annotations
 
@@ -9,14 +9,7 @@ from pathlib import Path
 import rbd_cuda
 
 PACKAGE = Path(rbd_cuda.__file__).parent
-# `python -m rbd_cuda.<name>` entry points: they only run rbd_cuda.experiments.<name>.
-ENTRY_POINTS = {"train", "reproduce", "intrinsic_dim", "data"}
-APPLICATIONS = {"experiments", *ENTRY_POINTS}
-
-
-def library_modules() -> list[Path]:
-    return [path for path in PACKAGE.rglob("*.py")
-            if path.relative_to(PACKAGE).parts[0] not in {"experiments", *(f"{e}.py" for e in ENTRY_POINTS)}]
+FORBIDDEN = {"rbd_experiments", "argparse", "tqdm"}
 
 
 def imported_modules(source: str, relative: Path) -> set[str]:
@@ -35,23 +28,28 @@ def imported_modules(source: str, relative: Path) -> set[str]:
     return names
 
 
-def application_imports(source: str, relative: Path) -> set[str]:
-    return {name for name in imported_modules(source, relative)
-            if name.startswith("rbd_cuda.") and name.split(".")[1] in APPLICATIONS}
+def forbidden_imports(source: str, relative: Path) -> set[str]:
+    return {name for name in imported_modules(source, relative) if name.split(".")[0] in FORBIDDEN}
 
 
-def test_the_library_imports_no_application_module():
-    modules = library_modules()
-    assert {"ops.py", "nn.py", "distributed.py", "reference.py"} <= {p.name for p in modules}
+def test_the_library_imports_no_application_argparse_or_tqdm():
+    modules = list(PACKAGE.rglob("*.py"))
+    assert {"ops.py", "nn.py", "distributed.py", "reference.py", "rbd.py"} <= {p.name for p in modules}
     offenders = {f"{path.relative_to(PACKAGE)} imports {name}" for path in modules
-                 for name in application_imports(path.read_text(), path.relative_to(PACKAGE))}
+                 for name in forbidden_imports(path.read_text(), path.relative_to(PACKAGE))}
     assert not offenders, sorted(offenders)
+
+
+def test_the_library_holds_no_application_module_or_entry_point():
+    names = {p.stem for p in PACKAGE.rglob("*.py")} | {p.name for p in PACKAGE.iterdir() if p.is_dir()}
+    assert not names & {"experiments", "train", "reproduce", "intrinsic_dim", "data", "demo", "__main__"}
 
 
 def test_the_check_sees_relative_and_absolute_imports():
     where = Path("optim/rbd.py")
-    assert application_imports("from ..experiments import loop", where) == {
-        "rbd_cuda.experiments", "rbd_cuda.experiments.loop"}
-    assert application_imports("from .. import train", where) == {"rbd_cuda.train"}
-    assert application_imports("import rbd_cuda.experiments.data as d", where) == {"rbd_cuda.experiments.data"}
-    assert application_imports("from .. import nn\nfrom ..ops import project\nimport torch", where) == set()
+    assert forbidden_imports("from rbd_experiments import loop", where) == {
+        "rbd_experiments", "rbd_experiments.loop"}
+    assert forbidden_imports("import rbd_experiments.data as d", where) == {"rbd_experiments.data"}
+    assert forbidden_imports("from tqdm.auto import tqdm\nimport argparse", where) == {
+        "tqdm.auto", "tqdm.auto.tqdm", "argparse"}
+    assert forbidden_imports("from .. import nn\nfrom ..ops import project\nimport torch", where) == set()

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from rbd_cuda.experiments import data, loop, models, reproduce, train
+from rbd_experiments import data, loop, models, reproduce, train
 
 # --- models --------------------------------------------------------------------------------------
 
@@ -415,7 +415,7 @@ def test_a_stop_request_saves_mid_epoch_and_the_resumed_run_is_identical(tmp_pat
 def test_sigint_saves_the_run_and_exits_130(tmp_path):
     write_idx_dataset(tmp_path / "data" / "mnist", n_train=10_100, n_test=10)  # 100 training images
     # The child trains on these synthetic files, so it takes their checksums as the expected ones.
-    script = ("import sys; from pathlib import Path; from rbd_cuda.experiments import data, train; "
+    script = ("import sys; from pathlib import Path; from rbd_experiments import data, train; "
               "root = Path(sys.argv[1]); data.IDX_SHA256['mnist'] = {k: data._sha256(data._read_maybe_gz("
               "data._find_idx('mnist', root, k))) for k in data.IDX_SHA256['mnist']}; sys.exit(train.main(sys.argv[2:]))")
     argv = ["--method", "sgd", "--epochs", "1000", "--batch-size", "1", "--data-root", str(tmp_path / "data"),

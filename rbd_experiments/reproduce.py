@@ -1,9 +1,9 @@
 """Reproduce rows of the paper's Table 1: rows × methods × seeds, each trained with the paper's settings.
 
-    python -m rbd_cuda.reproduce                                   # FC-MNIST, SGD and RBD, 2 epochs
-    python -m rbd_cuda.reproduce --rows fc-mnist,fc-fmnist --methods sgd,rbd,fpd,nes --seeds 0,1,2 --epochs 100
+    rbd-reproduce                                   # FC-MNIST, SGD and RBD, 2 epochs
+    rbd-reproduce --rows fc-mnist,fc-fmnist --methods sgd,rbd,fpd,nes --seeds 0,1,2 --epochs 100
 
-Each run trains through ``rbd_cuda.train`` into ``OUT/runs/<row>-<method>-s<seed>/`` and is
+Each run trains through ``rbd-train`` into ``OUT/runs/<row>-<method>-s<seed>/`` and is
 resumed from its checkpoint when the command is repeated (a finished run is reused; asking for more
 epochs continues it). Writes ``OUT/table.md`` (validation accuracy, mean ± std over seeds, beside
 the paper's number and the difference), ``OUT/table.json`` and ``OUT/curves.png``.
@@ -249,7 +249,7 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rbd_cuda.reproduce", description=__doc__,
+    p = argparse.ArgumentParser(prog="rbd-reproduce", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default="fc-mnist", help=f"comma-separated, of {', '.join(PAPER_TABLE)}")
     p.add_argument("--methods", default="sgd,rbd", help=f"comma-separated, of {', '.join(METHODS)}")

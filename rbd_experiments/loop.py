@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ..optim import NES
+from rbd_cuda.optim import NES
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 

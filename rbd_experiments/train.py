@@ -1,6 +1,6 @@
 """Train one of the paper's networks with SGD, RBD, FPD or NES.
 
-    python -m rbd_cuda.train --model fc --dataset mnist --method rbd --epochs 5 --out runs/fc-mnist-rbd
+    rbd-train --model fc --dataset mnist --method rbd --epochs 5 --out runs/fc-mnist-rbd
 
 Defaults are the paper's Table 1 settings (docs/reproducing.md): batch 32, the constant learning
 rate of the paper's code for the (model, dataset) pair, d = 250 directions in one global compartment
@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..basis import DISTRIBUTIONS, NORMALIZATIONS
-from ..optim import FPD, NES, RBD
+from rbd_cuda.basis import DISTRIBUTIONS, NORMALIZATIONS
+from rbd_cuda.optim import FPD, NES, RBD
 from . import data, loop, models
 from .reporting import save_figure
 
@@ -67,7 +67,7 @@ def _option(help: str, **argparse_kw) -> dict:
 
 @dataclass
 class TrainConfig:
-    """One training run. Every field is a command-line option of ``python -m rbd_cuda.train``
+    """One training run. Every field is a command-line option of ``rbd-train``
     (underscores become dashes), except ``augment``, which is set by --crop-pad, --brightness,
     --flip and --no-augment."""
 
@@ -377,7 +377,7 @@ def train(cfg: TrainConfig, splits: data.Splits | None = None, stop: Callable[[]
 
 def parser() -> argparse.ArgumentParser:
     """The command line, one option per ``TrainConfig`` field (defaults and help from the field)."""
-    p = argparse.ArgumentParser(prog="python -m rbd_cuda.train", description=__doc__,
+    p = argparse.ArgumentParser(prog="rbd-train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(TrainConfig):
         if not f.metadata:

@@ -1,4 +1,4 @@
-"""A short tour of the ops: ``python -m rbd_cuda.demo [--device cpu|cuda] [--D N] [--d N]``.
+"""A short tour of the ops: ``python -m examples.demo [--device cpu|cuda] [--D N] [--d N]``.
 
 1. Project a million-entry vector onto 256 random directions and expand it back,
    with the D×d basis generated inside the products (never stored).

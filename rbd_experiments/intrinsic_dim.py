@@ -1,6 +1,6 @@
 """Intrinsic dimension of a model on a dataset (Li et al. 2018): train θ = θ₀ + P c at several d.
 
-    python -m rbd_cuda.intrinsic_dim --model fc --dataset mnist --dims 100 200 400 800 1600
+    rbd-intrinsic-dim --model fc --dataset mnist --dims 100 200 400 800 1600
 
 For each d the network is trained in a random d-dimensional subspace (``rbd_cuda.nn.RandomSubspace``,
 P regenerated in every forward and backward pass, never stored), and once directly (all D
@@ -24,8 +24,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..basis import DISTRIBUTIONS, NORMALIZATIONS
-from ..nn import RandomSubspace
+from rbd_cuda.basis import DISTRIBUTIONS, NORMALIZATIONS
+from rbd_cuda.nn import RandomSubspace
 from . import data, loop, models
 from .reporting import cpu_name
 
@@ -33,7 +33,7 @@ OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m rbd_cuda.intrinsic_dim", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="rbd-intrinsic-dim", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", choices=models.MODELS, default="fc")
     p.add_argument("--dataset", choices=data.DATASETS, default="mnist")
@@ -240,7 +240,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
         "target_accuracy": target, "d_int": found["d_int"], "d_int_interpolated": found["interpolated"],
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
                         "cpu": cpu_name(), "threads": torch.get_num_threads(),
-                        "device": str(task.device), "command": "python -m rbd_cuda.intrinsic_dim " + " ".join(
+                        "device": str(task.device), "command": "rbd-intrinsic-dim " + " ".join(
                             sys.argv[1:] if argv is None else argv)},
     }
     (out / "intrinsic_dim.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -390,7 +390,7 @@ def pack(name: str, root: Path, target: Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m rbd_cuda.data",
+    p = argparse.ArgumentParser(prog="rbd-data",
                                 description="Fetch and verify datasets, or pack them for an offline machine.")
     p.add_argument("action", choices=("fetch", "pack"))
     p.add_argument("names", nargs="+", help=f"of {', '.join(DATASETS)}")
