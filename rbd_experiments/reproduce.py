@@ -1,12 +1,16 @@
 """Reproduce rows of the paper's Table 1: rows × methods × seeds, each trained with the paper's settings.
 
-    rbd-reproduce                                   # FC-MNIST, SGD and RBD, 2 epochs
-    rbd-reproduce --rows fc-mnist,fc-fmnist --methods sgd,rbd,fpd,nes --seeds 0,1,2 --epochs 100
+    rbd-reproduce      # FC-MNIST, SGD and RBD, 2 epochs
+    rbd-reproduce --rows fc-mnist,fc-fmnist --methods sgd,rbd,fpd,nes --crop-pads 0 --seeds 0,1,2 --epochs 100
 
-Each run trains through ``rbd-train`` into ``OUT/runs/<row>-<method>-s<seed>/`` and is
-resumed from its checkpoint when the command is repeated (a finished run is reused; asking for more
-epochs continues it). Writes ``OUT/table.md`` (validation accuracy, mean ± std over seeds, beside
-the paper's number and the difference), ``OUT/table.json`` and ``OUT/curves.png``.
+Each run trains as ``rbd-train`` would into ``OUT/runs/<row>-<method>-<augmentation>-s<seed>/``
+(e.g. ``fc-fmnist-rbd-crop1-b0.5-s0``) and is resumed from its checkpoint when the command is
+repeated (a finished run is reused; asking for more epochs continues it). ``--jobs N`` trains N runs
+at once, each in its own process on one CPU thread (``rbd-train`` uses every core; a run resumes
+bit for bit only with the thread count it was started with). Ctrl-C or SIGTERM saves every running
+run after its step in progress and exits with status 130. Writes ``OUT/table.md`` (validation
+accuracy, mean ± std over seeds, beside the paper's number and the difference), ``OUT/table.json``
+and ``OUT/curves.png``.
 """
 
 from __future__ import annotations
@@ -15,8 +19,11 @@ import argparse
 import concurrent.futures
 import json
 import multiprocessing
+import os
+import signal
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,7 +31,8 @@ from tqdm.auto import tqdm
 
 from . import data, loop
 from .reporting import save_figure
-from .train import CLI_ERRORS, METHODS, PAPER_DIM, TrainConfig, report_error, resolve_device, train
+from .train import (CLI_ERRORS, METHODS, PAPER_DIM, Interrupted, StopRequest, TrainConfig, report_error,
+                    resolve_device, train)
 
 # The paper's Table 1 (validation accuracy in % after 100 epochs, mean ± std; docs/reproducing.md).
 PAPER_TABLE = {
@@ -88,9 +96,24 @@ def _config(row: str, method: str, augment: data.Augment, seed: int, epochs: int
                        out=str(run_dir), resume=(run_dir / "checkpoint.pt").is_file(), **kw)
 
 
+_worker_stop: Callable[[], bool] = lambda: False
+
+
+def _start_worker(stop_event, parent_pid: int) -> None:
+    """A worker stops (saving after its step in progress) when the main process asks, when the
+    main process is gone, or on a SIGTERM of its own. Ctrl-C reaches every process of the terminal:
+    the workers leave it to the main process."""
+    global _worker_stop
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    own = StopRequest()
+    own.polled = True
+    signal.signal(signal.SIGTERM, own.handle)
+    _worker_stop = lambda: own() or stop_event.is_set() or os.getppid() != parent_pid  # noqa: E731
+
+
 def _train_in_worker(cfg: TrainConfig) -> list[dict]:
     torch.set_num_threads(1)  # one core per run: the runs themselves are the parallelism
-    return train(cfg).history
+    return train(cfg, stop=_worker_stop).history
 
 
 RunKey = tuple[str, str, data.Augment, int]  # (row, method, augmentation, seed)
@@ -112,9 +135,12 @@ def group(histories: dict[RunKey, list[dict]]) -> dict:
 
 
 def run_all(keys: list[RunKey], epochs: int, out: Path, *, max_steps: int | None = None, device: str = "auto",
-            data_root: str | None = None, progress: bool = True, jobs: int = 1) -> dict:
+            data_root: str | None = None, progress: bool = True, jobs: int = 1,
+            stop: Callable[[], bool] = lambda: False) -> dict:
     """Trains every run not already done (``jobs`` at a time, each in its own process when
-    jobs > 1); returns the histories grouped as by ``group``."""
+    jobs > 1); returns the histories grouped as by ``group``. Once ``stop()`` is true, every
+    running run saves after its step in progress, no other run starts, and ``Interrupted`` is
+    raised."""
     common = {"max_steps": max_steps, "device": device, "data_root": data_root}
     histories: dict[RunKey, list[dict]] = {}
     outer = tqdm(total=len(keys), desc="Table 1 runs", disable=not progress, dynamic_ncols=True)
@@ -125,18 +151,43 @@ def run_all(keys: list[RunKey], epochs: int, out: Path, *, max_steps: int | None
             outer.set_postfix_str(run_name(*key))
             if cfg.dataset not in cache:
                 cache[cfg.dataset] = data.load(cfg.dataset, data_root, split_seed=cfg.split_seed)
-            histories[key] = _named(key, lambda cfg=cfg: train(cfg, cache[cfg.dataset]).history)
+            histories[key] = _named(key, lambda cfg=cfg: train(cfg, cache[cfg.dataset], stop=stop).history)
             outer.update()
     else:
-        context = multiprocessing.get_context("spawn")  # CUDA and OpenMP state do not survive fork
-        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
-            futures = {pool.submit(_train_in_worker, _config(*key, epochs, out, progress=False, **common)): key
-                       for key in keys}
-            for future in concurrent.futures.as_completed(futures):
-                histories[futures[future]] = _named(futures[future], future.result)
-                outer.update()
+        _train_in_pool(keys, epochs, out, common, jobs, stop, histories, outer.update)
     outer.close()
     return group({key: histories[key] for key in keys})
+
+
+def _train_in_pool(keys: list[RunKey], epochs: int, out: Path, common: dict, jobs: int, stop: Callable[[], bool],
+                   histories: dict, advance: Callable[[], object]) -> None:
+    context = multiprocessing.get_context("spawn")  # CUDA and OpenMP state do not survive fork
+    stop_event = context.Event()
+    pool = concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker,
+                                                  initargs=(stop_event, os.getpid()))
+    interrupted: list[str] = []
+    try:
+        futures = {pool.submit(_train_in_worker, _config(*key, epochs, out, progress=False, **common)): key
+                   for key in keys}
+        pending = set(futures)
+        while pending:
+            done, pending = concurrent.futures.wait(pending, timeout=0.2,
+                                                    return_when=concurrent.futures.FIRST_COMPLETED)
+            if stop() and not stop_event.is_set():
+                stop_event.set()
+                pending = {f for f in pending if not f.cancel()}  # runs not started stay unstarted
+            for future in done:
+                try:
+                    histories[futures[future]] = _named(futures[future], future.result)
+                except Interrupted as err:
+                    interrupted.append(f"{run_name(*futures[future])}: {err}")
+                advance()
+    finally:
+        stop_event.set()  # whatever ends this (an error, a second Ctrl-C), the workers save and stop
+        pool.shutdown(wait=True, cancel_futures=True)
+    if interrupted or stop():
+        raise Interrupted("interrupted; each run was saved after its step in progress (repeat the command to "
+                          "continue):\n  " + "\n  ".join(interrupted or ["no run was in progress"]))
 
 
 def _named(key: RunKey, result):
@@ -269,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="train nothing: tabulate the runs already under OUT/runs (each at its last epoch)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     args = p.parse_args(argv)
+    stop = StopRequest()
+    previous = {sig: signal.signal(sig, stop.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         rows = parse_list(args.rows, PAPER_TABLE, "rows")
         methods = parse_list(args.methods, METHODS, "methods")
@@ -281,10 +334,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.report:
             results, device = collect(keys, out)
         else:
-            results = run_all(keys, args.epochs, out, max_steps=args.max_steps,
-                              device=args.device, data_root=args.data_root, progress=args.progress, jobs=args.jobs)
+            results = run_all(keys, args.epochs, out, max_steps=args.max_steps, device=args.device,
+                              data_root=args.data_root, progress=args.progress, jobs=args.jobs, stop=stop)
     except CLI_ERRORS as err:
         return report_error(err)
+    except KeyboardInterrupt:  # a second signal, or one before training started
+        print("interrupted; the runs keep their last checkpoints (repeat the command to continue)", file=sys.stderr)
+        return 130
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     table = summarize(results)
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(markdown(table, device))

@@ -36,9 +36,10 @@ import torch
 from tqdm.auto import tqdm
 
 from rbd_cuda.basis import DISTRIBUTIONS, NORMALIZATIONS
+from rbd_cuda import ops
 from rbd_cuda.optim import FPD, NES, RBD
 from . import data, loop, models
-from .reporting import save_figure
+from .reporting import cpu_name, save_figure
 
 METHODS = ("sgd", "rbd", "fpd", "nes")
 # Learning rates of the paper's code for batch 32 (docs/reproducing.md): (RBD/FPD/NES, SGD).
@@ -57,6 +58,9 @@ EVAL_BATCH = 5000
 RUN_IDENTITY = ("model", "dataset", "method", "dim", "lr", "batch_size", "seed", "split_seed",
                 "distribution", "normalize", "compartments", "momentum", "population", "sigma",
                 "augment", "val_size")
+# Fields that say where and how a run was started on one machine, not what it trains: kept out of
+# metrics.json, which records the run itself (``trained_on`` says where each part of it ran).
+WHERE_IT_RAN = ("device", "data_root", "out", "resume", "overwrite", "progress")
 
 
 def _option(help: str, **argparse_kw) -> dict:
@@ -173,6 +177,15 @@ def augment_from_args(dataset: str, crop_pad: int | None, brightness: float | No
             "rbd_cuda: brightness", "--brightness")) from None
 
 
+def check_augment(augment: data.Augment, input_shape: tuple[int, ...]) -> None:
+    """A crop may shift an image by at most half its size: beyond that most of a shifted image is
+    padding (at --crop-pad 40 on 28-pixel images more than half the training images are all zero)."""
+    limit = min(input_shape[-2:]) // 2
+    if augment.crop_pad > limit:
+        raise ValueError(f"--crop-pad {augment.crop_pad} is too large for {input_shape[-2]}×{input_shape[-1]} "
+                         f"images: at most {limit} (half the image)")
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -213,6 +226,19 @@ class Interrupted(Exception):
     """SIGINT or SIGTERM arrived; the run was saved after the step in progress."""
 
 
+class SaveError(OSError):
+    """A checkpoint or result file could not be written (disk full, read-only directory, ...);
+    the message names the file and the cause. Nothing half-written is left behind."""
+
+
+def machine(device: torch.device) -> dict:
+    """Where a stretch of a run is trained: the device (and GPU), the CPU, the instruction set of
+    the extension's CPU kernels, the threads and torch."""
+    gpu = {"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {}
+    return {"device": device.type, **gpu, "cpu": cpu_name(), "cpu_isa": ops.cpu_isa(),
+            "threads": torch.get_num_threads(), "torch": str(torch.__version__)}
+
+
 class Run:
     """One training run: its state, its steps, its outputs and its checkpoint."""
 
@@ -221,6 +247,7 @@ class Run:
         self.device = resolve_device(cfg.device)
         self.splits = splits or data.load(cfg.dataset, cfg.data_root, val_size=cfg.val_size,
                                           split_seed=cfg.split_seed)
+        check_augment(cfg.augment, self.splits.input_shape)
         self.model = models.build(cfg.model, self.splits.input_shape, seed=cfg.seed).to(self.device)
         self.optimizer = make_optimizer(cfg, self.model)
         self.out = Path(cfg.out)
@@ -235,6 +262,8 @@ class Run:
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.totals = loop.Totals()
         self.history: list[dict] = []
+        # One entry per stretch of training on one machine (a resumed run adds one).
+        self.trained_on: list[dict] = []
 
     def _batch_at(self, order: torch.Tensor, index: int) -> loop.Batch:
         cfg = self.cfg
@@ -249,6 +278,11 @@ class Run:
         ``Interrupted``."""
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
+        if self.epoch < cfg.epochs and not self._at_max_steps():
+            here = {"from_step": self.global_step, **machine(self.device)}
+            if not self.trained_on or {k: v for k, v in self.trained_on[-1].items() if k != "from_step"} != \
+                    {k: v for k, v in here.items() if k != "from_step"}:
+                self.trained_on.append(here)
         while self.epoch < cfg.epochs and not self._at_max_steps():
             order = data.epoch_order(len(self.splits.train_x), cfg.seed, self.epoch)
             bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, disable=not cfg.progress,
@@ -276,6 +310,7 @@ class Run:
                 self.step_in_epoch = 0
                 self.totals = loop.Totals()
             self.save()
+            self.write_results()  # after the checkpoint: the metrics are never ahead of it
             if stop():
                 raise Interrupted(f"interrupted at epoch {self.epoch + 1}, step {self.step_in_epoch} of "
                                   f"{self.steps_per_epoch}; saved to {self.checkpoint_path()} (continue with "
@@ -299,22 +334,28 @@ class Run:
             tqdm.write(f"{self.cfg.method} {self.cfg.model}-{self.cfg.dataset} epoch {row['epoch']:.2f}: "
                        f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.2f}% | val loss "
                        f"{val_loss:.4f} acc {val_acc:.2f}% | {row['images_per_s']} img/s")
-        self.write_results()
 
     # -- outputs and checkpoints -----------------------------------------------------------
     def summary(self) -> dict:
-        return {"config": dataclasses.asdict(self.cfg), "parameters": models.count_parameters(self.model),
-                "device": str(self.device), "torch": torch.__version__, "history": self.history}
+        config = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k not in WHERE_IT_RAN}
+        return {"config": config, "parameters": models.count_parameters(self.model),
+                "device": str(self.device), "torch": torch.__version__, "trained_on": self.trained_on,
+                "history": self.history}
 
     def write_results(self) -> None:
+        if not self.history:
+            return
         _write_atomically(self.out / "metrics.json", json.dumps(self.summary(), indent=2) + "\n")
         lines = io.StringIO()
         writer = csv.DictWriter(lines, fieldnames=list(self.history[0]))
         writer.writeheader()
         writer.writerows(self.history)
         _write_atomically(self.out / "metrics.csv", lines.getvalue())
-        save_figure([({self.cfg.method: self.history}, f"{self.cfg.model}-{self.cfg.dataset}", None)],
-                    self.out / "curves.png")
+        try:
+            save_figure([({self.cfg.method: self.history}, f"{self.cfg.model}-{self.cfg.dataset}", None)],
+                        self.out / "curves.png")
+        except OSError as err:
+            raise SaveError(f"could not write {self.out / 'curves.png'}: {err.strerror or err}") from None
 
     def checkpoint_path(self) -> Path:
         return self.out / "checkpoint.pt"
@@ -323,10 +364,13 @@ class Run:
         state = {"config": dataclasses.asdict(self.cfg), "model": self.model.state_dict(),
                  "optimizer": self.optimizer.state_dict(), "epoch": self.epoch,
                  "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-                 "sums": dataclasses.asdict(self.totals), "history": self.history}
-        tmp = self.checkpoint_path().with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(self.checkpoint_path())  # never leave a half-written checkpoint
+                 "sums": dataclasses.asdict(self.totals), "history": self.history,
+                 "trained_on": self.trained_on}
+        # Serialised in memory first, so that a failed write is the file system's error (named
+        # below), not the serialiser's.
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        _write_atomically(self.checkpoint_path(), buffer.getvalue())
 
     def load(self) -> None:
         path = self.checkpoint_path()
@@ -337,6 +381,7 @@ class Run:
             saved = dict(state["config"])
             model, optimizer, sums = state["model"], state["optimizer"], loop.Totals(**state["sums"])
             position = (state["epoch"], state["step_in_epoch"], state["global_step"], state["history"])
+            trained_on = list(state.get("trained_on", []))  # absent before it was recorded
         except (OSError, EOFError, RuntimeError, ValueError, KeyError, TypeError, pickle.UnpicklingError) as err:
             raise ValueError(f"--resume: the checkpoint at {path} is unreadable ({type(err).__name__}); "
                              "delete it (or use --overwrite) to start the run afresh") from None
@@ -351,12 +396,22 @@ class Run:
         self.optimizer.load_state_dict(optimizer)
         self.epoch, self.step_in_epoch, self.global_step, self.history = position
         self.totals = sums
+        self.trained_on = trained_on
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+def _write_atomically(path: Path, content: str | bytes) -> None:
+    """Writes a temporary file beside ``path`` and renames it over ``path``: a reader sees the old
+    file or the new one, never half of one. On failure the temporary file is removed and
+    ``SaveError`` names the file and the cause."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(content.encode() if isinstance(content, str) else content)
+        tmp.replace(path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise SaveError(f"could not write {path}: {err.strerror or err} (nothing was changed: the previous "
+                        f"{path.name}, if any, is intact)") from None
 
 
 def train(cfg: TrainConfig, splits: data.Splits | None = None, stop: Callable[[], bool] = lambda: False) -> Run:
@@ -400,14 +455,16 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-CLI_ERRORS = (ValueError, FileNotFoundError, data.DataError, loop.NonFiniteLoss, Interrupted)
+CLI_ERRORS = (ValueError, FileNotFoundError, data.DataError, loop.NonFiniteLoss, Interrupted, SaveError)
 
 
 def report_error(err: Exception) -> int:
     """Prints one of ``CLI_ERRORS`` for the command line; returns its exit status (2: bad
-    argument or data, 1: the run diverged, 130: interrupted and saved)."""
+    argument or data, 1: the run diverged or could not be saved, 130: interrupted and saved)."""
     print(err if isinstance(err, Interrupted) else f"error: {err}", file=sys.stderr)
-    return 130 if isinstance(err, Interrupted) else 1 if isinstance(err, loop.NonFiniteLoss) else 2
+    if isinstance(err, Interrupted):
+        return 130
+    return 1 if isinstance(err, (loop.NonFiniteLoss, SaveError)) else 2
 
 
 class StopRequest:

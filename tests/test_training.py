@@ -420,7 +420,7 @@ def test_sigint_saves_the_run_and_exits_130(tmp_path):
               "data._find_idx('mnist', root, k))) for k in data.IDX_SHA256['mnist']}; sys.exit(train.main(sys.argv[2:]))")
     argv = ["--method", "sgd", "--epochs", "1000", "--batch-size", "1", "--data-root", str(tmp_path / "data"),
             "--device", "cpu", "--out", str(tmp_path / "run")]
-    env = {**os.environ, "PYTHONPATH": str(Path(train.__file__).parents[2])}
+    env = {**os.environ, "PYTHONPATH": str(Path(train.__file__).parents[1])}
     child = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "data"), *argv],
                              stderr=subprocess.PIPE, text=True, env=env)
     seen = ""
@@ -571,3 +571,143 @@ def test_data_cli_names_bad_arguments(capsys):
     assert "names: svhn not among mnist, fmnist, cifar10" in capsys.readouterr().err
     assert data.main(["pack", "mnist"]) == 2
     assert "pack needs --to DIR" in capsys.readouterr().err
+
+
+# --- where a run ran, failed saves, signals to reproduce's workers --------------------------------
+
+
+def test_metrics_record_the_run_and_where_each_stretch_of_it_trained(tmp_path, monkeypatch):
+    splits = synthetic_splits()
+    cfg = config(tmp_path, "rbd", epochs=2, max_steps=4)
+    train.train(cfg, splits)
+    saved = json.loads((tmp_path / "rbd" / "metrics.json").read_text())
+    assert not set(train.WHERE_IT_RAN) & saved["config"].keys()  # no path of the machine that wrote it
+    assert saved["config"]["seed"] == 1 and saved["config"]["augment"]["crop_pad"] == 0
+    [first] = saved["trained_on"]
+    assert first["from_step"] == 0 and first["device"] == "cpu" and first["threads"] == torch.get_num_threads()
+    assert first["cpu_isa"] in ("avx512", "avx2", "baseline") and first["cpu"]
+    # Resumed elsewhere: a second stretch, from the step where the first one stopped.
+    elsewhere = {**first, "cpu": "another CPU", "cpu_isa": "baseline"}
+    del elsewhere["from_step"]
+    monkeypatch.setattr(train, "machine", lambda device: elsewhere)
+    train.train(dataclasses.replace(cfg, max_steps=None, resume=True), splits)
+    saved = json.loads((tmp_path / "rbd" / "metrics.json").read_text())
+    assert [s["from_step"] for s in saved["trained_on"]] == [0, 4]
+    assert saved["trained_on"][1]["cpu"] == "another CPU"
+    assert torch.load(tmp_path / "rbd" / "checkpoint.pt", weights_only=True)["trained_on"] == saved["trained_on"]
+
+
+def _full_disk(out: Path, how: str):
+    """``out`` on a file system with no room for a checkpoint: a 200 KiB tmpfs (needs the right to
+    mount), or a temporary checkpoint file that is a link to /dev/full (writes fail with ENOSPC)."""
+    out.mkdir(parents=True, exist_ok=True)
+    if how == "tmpfs":
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(out)],
+                          capture_output=True, check=False).returncode != 0:
+            pytest.skip("cannot mount a tmpfs here")
+        return lambda: subprocess.run(["umount", str(out)], check=False)
+    (out / "checkpoint.pt.tmp").symlink_to("/dev/full")
+    return lambda: None
+
+
+@pytest.mark.parametrize("how", ["dev-full", "tmpfs"])
+def test_a_full_disk_names_the_file_leaves_no_temporary_and_no_metrics_ahead(tmp_path, how):
+    splits = synthetic_splits()
+    cfg = config(tmp_path, "sgd", epochs=1)
+    out = Path(cfg.out)
+    cleanup = _full_disk(out, how)
+    try:
+        with pytest.raises(train.SaveError, match=r"checkpoint\.pt: No space left on device"):
+            train.train(cfg, splits)
+        assert sorted(p.name for p in out.iterdir()) == []  # no checkpoint, no temporary, no metrics
+    finally:
+        cleanup()
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint_and_metrics(tmp_path, capsys):
+    splits = synthetic_splits()
+    cfg = config(tmp_path, "sgd", epochs=1)
+    train.train(cfg, splits)
+    out = Path(cfg.out)
+    before = {name: (out / name).read_bytes() for name in ("checkpoint.pt", "metrics.csv")}
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    (out / "checkpoint.pt.tmp").symlink_to("/dev/full")
+    with pytest.raises(train.SaveError, match="the previous checkpoint.pt, if any, is intact"):
+        train.train(dataclasses.replace(cfg, epochs=2, resume=True), splits)
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert json.loads((out / "metrics.json").read_text())["history"] == history  # not ahead of the checkpoint
+    assert not (out / "checkpoint.pt.tmp").exists()
+    # The command line says it in one line (exit status 1), and the next --resume works.
+    assert train.report_error(train.SaveError("could not write x: No space left on device")) == 1
+    assert "error: could not write x" in capsys.readouterr().err
+    resumed = train.train(dataclasses.replace(cfg, epochs=2, resume=True), splits)
+    assert resumed.history[-1]["epoch"] == 2
+
+
+def test_a_crop_larger_than_half_the_image_is_refused(tmp_path, monkeypatch, capsys):
+    splits = synthetic_splits()
+    with pytest.raises(ValueError, match="--crop-pad 15 is too large for 28×28 images: at most 14"):
+        train.Run(config(tmp_path, "sgd", augment=data.Augment(15, 0.5)), splits)
+    train.Run(config(tmp_path, "sgd", augment=data.Augment(14, 0.5)), splits)  # half the image is allowed
+    monkeypatch.setattr(data, "load", lambda *a, **k: synthetic_splits())
+    assert train.main(["--crop-pad", "5000", "--device", "cpu", "--out", str(tmp_path / "x"), "--no-progress"]) == 2
+    assert "--crop-pad 5000 is too large" in capsys.readouterr().err
+
+
+REPRODUCE_CHILD = '''
+import sys
+from pathlib import Path
+from rbd_experiments import data, reproduce
+# Runs on synthetic files: their checksums are the expected ones, here and in every spawned worker
+# (which imports this file again as __mp_main__).
+root = Path(sys.argv[1])
+data.IDX_SHA256["mnist"] = {k: data._sha256(data._read_maybe_gz(data._find_idx("mnist", root, k)))
+                            for k in data.IDX_SHA256["mnist"]}
+if __name__ == "__main__":
+    sys.exit(reproduce.main(sys.argv[2:]))
+'''
+
+
+def _processes_in_group(pgid: int) -> list[int]:
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_reproduce_saves_every_running_run_and_stops_its_workers(tmp_path, sig):
+    write_idx_dataset(tmp_path / "data" / "mnist", n_train=10_100, n_test=10)  # 100 training images
+    script = tmp_path / "child.py"
+    script.write_text(REPRODUCE_CHILD)
+    out = tmp_path / "rep"
+    argv = ["--methods", "sgd,rbd", "--crop-pads", "0", "--epochs", "100000", "--jobs", "2", "--device", "cpu",
+            "--data-root", str(tmp_path / "data"), "--out", str(out), "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(Path(reproduce.__file__).parents[1])}
+    child = subprocess.Popen([sys.executable, str(script), str(tmp_path / "data"), *argv], stderr=subprocess.PIPE,
+                             text=True, env=env, start_new_session=True)
+    checkpoints = [out / "runs" / f"fc-mnist-{m}-crop0-b0.5-s0" / "checkpoint.pt" for m in ("sgd", "rbd")]
+    try:
+        deadline = 180
+        while not all(c.is_file() for c in checkpoints):  # both runs have trained an epoch
+            assert child.poll() is None, child.stderr.read()
+            deadline -= 0.2
+            assert deadline > 0, "the runs did not start"
+            subprocess.run(["sleep", "0.2"], check=True)
+        child.send_signal(sig)  # to the main process alone, as `kill` sends it
+        _, err = child.communicate(timeout=120)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+    assert child.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err
+    for checkpoint in checkpoints:
+        state = torch.load(checkpoint, weights_only=True)
+        assert state["global_step"] == 4 * state["epoch"] + state["step_in_epoch"] > 0  # 4 steps per epoch
+    assert _processes_in_group(child.pid) == []  # no worker left behind
