@@ -79,7 +79,7 @@ gpu-check:
 	bash benchmarks/gpu_check.sh $(RESULTS)/gpu-check
 
 lint: venv
-	$(BIN)/pip install -q ruff==0.17.6 && $(BIN)/ruff check rbd_cuda tests benchmarks examples
+	$(BIN)/pip install -q ruff==0.17.6 && $(BIN)/ruff check rbd_cuda rbd_experiments tests benchmarks examples
 
 clean:
 	rm -rf build *.egg-info rbd_cuda/_C*.so build.log $(VENV)/.installed $(VENV)/.build-settings

@@ -33,9 +33,8 @@ from rbd_cuda.distributed import (
     init_process_group,
     random_bases_hook,
 )
-from rbd_experiments import data, loop, models
-from rbd_experiments.train import evaluate
 from rbd_cuda.optim import Compression
+from rbd_experiments import data, loop, models
 
 SCHEMES = ("shared", "independent", "hook", "ddp")
 # The paper's FC-MNIST learning rates at batch 32 (RBD with its ÷√D normalisation, and SGD).
@@ -106,8 +105,10 @@ def main(argv=None) -> int:
             net.register_comm_hook(stats, counting_allreduce_hook)
         opt = torch.optim.SGD(net.parameters(), lr=lr)
 
-    n_train, global_batch = len(splits.train_x), world * args.batch_size
-    steps_per_epoch = n_train // global_batch
+    # Every rank its own share of each global batch (W·B images), augmented by (seed, epoch, batch, rank).
+    batches = data.BatchSource(splits, data.Augment.paper("mnist"), seed=args.seed, batch_size=args.batch_size,
+                               device=device, rank=rank, world_size=world)
+    steps_per_epoch = batches.batches_per_epoch
     losses = []
     bar = tqdm(total=args.steps, disable=rank != 0 or not args.progress, desc=f"{args.scheme} ×{world}")
 
@@ -117,24 +118,15 @@ def main(argv=None) -> int:
 
     totals = loop.Totals()
     for epoch in range(-(-args.steps // steps_per_epoch)):
-        order = data.epoch_order(n_train, args.seed, epoch)
-
-        def batch_at(index: int, order=order, epoch=epoch) -> loop.Batch:
-            first = index * global_batch + rank * args.batch_size
-            idx = order[first:first + args.batch_size]
-            # The augmentation of this rank's share of the batch depends on (seed, epoch, batch, rank).
-            gen = data.batch_generator(args.seed, epoch, index * world + rank)
-            x = data.prepare("mnist", splits.train_x[idx], augment=data.Augment.paper("mnist"), gen=gen)
-            return x.to(device), splits.train_y[idx].to(device)
-
         steps = range(min(steps_per_epoch, args.steps - epoch * steps_per_epoch))
-        loop.fit_epoch(net, opt, batch_at, steps, first_step=epoch * steps_per_epoch, totals=totals,
+        loop.fit_epoch(net, opt, batches.batch_at(epoch), steps, first_step=epoch * steps_per_epoch, totals=totals,
                        on_step=after_step)
     bar.close()
     seconds = totals.seconds
 
-    val_loss, val_acc = evaluate(model, "mnist", splits.val_x, splits.val_y, device)
-    test_loss, test_acc = evaluate(model, "mnist", splits.test_x, splits.test_y, device)
+    val = loop.evaluate(model, batches.eval_batches("val"))
+    test = loop.evaluate(model, batches.eval_batches("test"))
+    val_loss, val_acc, test_loss, test_acc = val.loss, val.percent, test.loss, test.percent
     result = {
         "scheme": args.scheme, "world_size": world, "steps": args.steps, "batch_per_rank": args.batch_size,
         "lr": lr, "dim": args.dim if args.scheme in ("shared", "independent") else None,

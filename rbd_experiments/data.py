@@ -302,14 +302,14 @@ class Augment:
 
     def __post_init__(self):
         if isinstance(self.crop_pad, bool) or not isinstance(self.crop_pad, int) or self.crop_pad < 0:
-            raise ValueError(f"rbd_cuda: crop_pad must be a non-negative integer, got {self.crop_pad!r}")
+            raise ValueError(f"--crop-pad must be a non-negative integer, got {self.crop_pad!r}")
         if isinstance(self.brightness, bool) or not (isinstance(self.brightness, (int, float))
                                                      and 0 <= self.brightness < math.inf):
-            raise ValueError(f"rbd_cuda: brightness must be a finite number >= 0, got {self.brightness!r}")
+            raise ValueError(f"--brightness must be a finite number >= 0, got {self.brightness!r}")
         object.__setattr__(self, "brightness", float(self.brightness))  # 1 and 1.0 are one pipeline
         if not isinstance(self.flip, bool):
             # ValueError like every other bad argument here.
-            raise ValueError(f"rbd_cuda: flip must be True or False, got {self.flip!r}")  # noqa: TRY004
+            raise ValueError(f"--flip must be True or False, got {self.flip!r}")  # noqa: TRY004
 
     @classmethod
     def paper(cls, name: str) -> Augment:
@@ -317,12 +317,27 @@ class Augment:
         Fashion-MNIST; pad 4 and flips for CIFAR-10)."""
         return cls(4, 0.0, True) if name == "cifar10" else cls(3, 0.5, False)
 
+    def changed(self, crop_pad: int | None = None, brightness: float | None = None,
+                flip: bool | None = None) -> Augment:
+        """This pipeline with the fields given changed (None keeps a field)."""
+        changes = {"crop_pad": crop_pad, "brightness": brightness, "flip": flip}
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def tag(self) -> str:
         """A short name for file names and tables, e.g. ``crop3-b0.5``."""
         return f"crop{self.crop_pad}-b{self.brightness:g}" + ("-flip" if self.flip else "")
+
+    def check_fits(self, input_shape: tuple[int, ...]) -> None:
+        """A crop may shift an image by at most half its size: beyond that most of a shifted image
+        is padding (at crop_pad 40 on 28-pixel images more than half the training images would be
+        all zero)."""
+        limit = min(input_shape[-2:]) // 2
+        if self.crop_pad > limit:
+            raise ValueError(f"--crop-pad {self.crop_pad} is too large for {input_shape[-2]}×{input_shape[-1]} "
+                             f"images: at most {limit} (half the image)")
 
 
 NO_AUGMENT = Augment()
@@ -364,6 +379,67 @@ def batch_generator(seed: int, epoch: int, index: int) -> torch.Generator:
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The shuffled order of the training set in one epoch (reshuffled every epoch)."""
     return torch.randperm(n, generator=_generator(seed, epoch, 0, 1))
+
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class BatchSource:
+    """The batches of one training run, every trainer's single source of them.
+
+    Epoch ``e`` visits the training images in ``epoch_order(n, seed, e)``. Its k-th global batch
+    holds ``batch_size · world_size`` images, rank r's share being the r-th ``batch_size`` of them,
+    augmented with the generator ``batch_generator(seed, e, k · world_size + r)``: a function of the
+    run's seed and position alone, so a run resumed in the middle of an epoch, or on other hardware,
+    sees exactly the batches an uninterrupted run saw. With one rank an epoch ends with a shorter
+    batch when ``batch_size`` does not divide the training set; with several, that last incomplete
+    global batch is dropped so that every rank gets a full share."""
+
+    def __init__(self, splits: Splits, augment: Augment, *, seed: int, batch_size: int,
+                 device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1):
+        if batch_size < 1:
+            raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        augment.check_fits(splits.input_shape)
+        self.splits, self.augment, self.seed, self.batch_size = splits, augment, seed, batch_size
+        self.device, self.rank, self.world_size = torch.device(device), rank, world_size
+        n, global_batch = len(splits.train_x), batch_size * world_size
+        self.batches_per_epoch = math.ceil(n / batch_size) if world_size == 1 else n // global_batch
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"{n} training images make no batch of {batch_size} for each of {world_size} ranks")
+        self._order: tuple[int, torch.Tensor] | None = None
+        # Without augmentation an image's network input is the same in every epoch: convert them
+        # all once (the same values, bit for bit, as converting each batch).
+        self._prepared = (prepare(splits.name, splits.train_x).to(self.device) if augment == NO_AUGMENT else None)
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, epoch_order(len(self.splits.train_x), self.seed, epoch))
+        return self._order[1]
+
+    def batch(self, epoch: int, k: int) -> Batch:
+        """This rank's share of the k-th batch of ``epoch``, on the device."""
+        first = (k * self.world_size + self.rank) * self.batch_size
+        idx = self.epoch_order(epoch)[first:first + self.batch_size]
+        if self._prepared is not None:
+            x = self._prepared[idx.to(self.device)]
+        else:
+            gen = batch_generator(self.seed, epoch, k * self.world_size + self.rank)
+            x = prepare(self.splits.name, self.splits.train_x[idx], augment=self.augment, gen=gen).to(self.device)
+        return x, self.splits.train_y[idx].to(self.device)
+
+    def batch_at(self, epoch: int):
+        """``k -> batch(epoch, k)``, what ``loop.fit_epoch`` takes."""
+        return lambda k: self.batch(epoch, k)
+
+    def eval_batches(self, split: str = "val", batch_size: int = 5000):
+        """The images and labels of ``split`` (``val``, ``test`` or ``train``), unaugmented, in
+        order, in batches of ``batch_size``, on the device."""
+        images, labels = getattr(self.splits, f"{split}_x"), getattr(self.splits, f"{split}_y")
+        for k in range(0, len(images), batch_size):
+            yield (prepare(self.splits.name, images[k:k + batch_size]).to(self.device),
+                   labels[k:k + batch_size].to(self.device))
 
 
 def pack(name: str, root: Path, target: Path) -> list[Path]:

@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 from rbd_cuda.basis import DISTRIBUTIONS, NORMALIZATIONS
 from rbd_cuda.nn import RandomSubspace
-from . import data, loop, models
+
+from . import config, data, loop, models
 from .reporting import cpu_name
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
@@ -54,7 +55,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threshold", type=float, default=0.9, help="fraction of the baseline accuracy defining d_int")
     p.add_argument("--metric-split", choices=("val", "test"), default="val",
                    help="split whose accuracy defines d_int (both are reported)")
-    p.add_argument("--augment", action="store_true", help="the Gressmann et al. training augmentation")
     p.add_argument("--seed", type=int, default=0, help="initialisation and data-order seed")
     p.add_argument("--subspace-seed", type=int, default=1, help="seed of the random bases P")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -64,7 +64,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="skip the direct run and take the baseline accuracy from --baseline-accuracy")
     p.add_argument("--baseline-accuracy", type=float, default=None)
     p.add_argument("--out", default="results/intrinsic_dim", help="output folder")
+    config.add_augment_options(p, default="none")
     args = p.parse_args(argv)
+    try:
+        args.augment = config.augment_from_args(args.dataset, vars(args))
+    except ValueError as err:
+        p.error(str(err))
     if not args.dims or any(d <= 0 for d in args.dims):
         p.error(f"--dims must be positive integers, got {args.dims}")
     if args.epochs <= 0 or args.batch_size <= 0 or args.lr <= 0:
@@ -107,29 +112,18 @@ def d_int(dims: list[int], accuracies: list[float], target: float) -> dict:
 
 
 class Task:
-    """The data of one run, prepared once (network inputs in memory on ``device``)."""
+    """The data every run of one invocation trains on: the same batches for each d."""
 
     def __init__(self, args):
-        self.name = args.dataset
         splits = data.load(args.dataset, args.data_root)
         self.input_shape, self.num_classes = splits.input_shape, splits.num_classes
         self.device = torch.device(args.device)
-        self.augment = args.augment
-        # Without augmentation the inputs are the same every epoch: convert them once.
-        self.train_raw, self.train_y = splits.train_x, splits.train_y.to(self.device)
-        self.train_x = None if args.augment else data.prepare(self.name, splits.train_x).to(self.device)
-        self.eval = {split: (data.prepare(self.name, getattr(splits, f"{split}_x")).to(self.device),
-                             getattr(splits, f"{split}_y").to(self.device)) for split in ("val", "test")}
+        self.images = len(splits.train_x)
+        self.batches = data.BatchSource(splits, args.augment, seed=args.seed, batch_size=args.batch_size,
+                                        device=self.device)
 
-    def batch(self, index: torch.Tensor, seed: int, epoch: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.train_x is not None:
-            return self.train_x[index.to(self.device)], self.train_y[index.to(self.device)]
-        x = data.prepare(self.name, self.train_raw[index], augment=data.Augment.paper(self.name), gen=data.batch_generator(seed, epoch, k))
-        return x.to(self.device), self.train_y[index.to(self.device)]
-
-
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 2000) -> float:
-    return loop.evaluate(model, ((x[i:i + batch], y[i:i + batch]) for i in range(0, len(x), batch))).accuracy
+    def accuracy(self, model: nn.Module, split: str) -> float:
+        return loop.evaluate(model, self.batches.eval_batches(split, 2000)).accuracy
 
 
 def train(model: nn.Module, task: Task, args, lr: float, label: str) -> dict:
@@ -137,14 +131,11 @@ def train(model: nn.Module, task: Task, args, lr: float, label: str) -> dict:
     losses and step times. Evaluation uses the plain network with the current weights (for the
     wrapper its ``export()``: P c computed once, not once per evaluation batch)."""
     opt = OPTIMIZERS[args.optimizer](model.parameters(), lr=lr)
-    n = len(task.train_y)
-    steps_per_epoch = math.ceil(n / args.batch_size)
+    steps_per_epoch = task.batches.batches_per_epoch
     total = math.ceil(args.epochs * steps_per_epoch)
     times, losses, curve = [], [], []
     bar = tqdm(total=total, desc=label, unit="step", leave=False, dynamic_ncols=True, file=sys.stderr)
     for epoch in range(math.ceil(args.epochs)):
-        order = data.epoch_order(n, args.seed, epoch)
-
         def after_step(i: int, totals: loop.Totals) -> None:
             times.append(totals.last_seconds)
             losses.append(totals.last_loss)
@@ -153,11 +144,9 @@ def train(model: nn.Module, task: Task, args, lr: float, label: str) -> dict:
                 bar.set_postfix(loss=f"{statistics.fmean(losses[-20:]):.3f}")
 
         steps = range(min(steps_per_epoch, total - epoch * steps_per_epoch))
-        loop.fit_epoch(model, opt, lambda k, order=order, epoch=epoch: task.batch(
-                           order[k * args.batch_size:(k + 1) * args.batch_size], args.seed, epoch, k),
-                       steps, first_step=len(times), on_step=after_step)
+        loop.fit_epoch(model, opt, task.batches.batch_at(epoch), steps, first_step=len(times), on_step=after_step)
         plain = model.export() if isinstance(model, RandomSubspace) else model
-        curve.append({"epoch": epoch + 1, "step": len(times), **{f"{s}_accuracy": accuracy(plain, *task.eval[s])
+        curve.append({"epoch": epoch + 1, "step": len(times), **{f"{s}_accuracy": task.accuracy(plain, s)
                                                                   for s in ("val", "test")}})
     bar.close()
     return {"steps": len(times), "final_loss": statistics.fmean(losses[-50:]), "curve": curve,
@@ -210,7 +199,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
         return models.build(args.model, task.input_shape, task.num_classes, seed=args.seed).to(task.device)
 
     numel = models.count_parameters(network())
-    print(f"{args.model} on {args.dataset}: D = {numel:,} parameters, {len(task.train_y):,} training images, "
+    print(f"{args.model} on {args.dataset}: D = {numel:,} parameters, {task.images:,} training images, "
           f"{args.epochs:g} epochs of batch {args.batch_size}, {args.optimizer} lr {args.lr:g}, "
           f"{torch.get_num_threads()} threads", file=sys.stderr)
     split = args.metric_split
@@ -234,7 +223,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
                    f"{1e3 * run['step_time_median_s']:.1f} ms/step", file=sys.stderr)
 
     found = d_int([r["dim"] for r in runs], [r[f"{split}_accuracy"] for r in runs], target)
-    settings = {k: v for k, v in vars(args).items() if k not in ("out",)}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out",)} | {"augment": args.augment.as_dict()}
     result = {
         "settings": settings, "numel": numel, "baseline": baseline, "subspace": runs,
         "target_accuracy": target, "d_int": found["d_int"], "d_int_interpolated": found["interpolated"],

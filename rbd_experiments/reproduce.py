@@ -30,9 +30,9 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data, loop
+from .config import METHODS, PAPER_DIM, TrainConfig, resolve_device
 from .reporting import save_figure
-from .train import (CLI_ERRORS, METHODS, PAPER_DIM, Interrupted, StopRequest, TrainConfig, report_error,
-                    resolve_device, train)
+from .train import CLI_ERRORS, Interrupted, StopRequest, report_error, train
 
 # The paper's Table 1 (validation accuracy in % after 100 epochs, mean ± std; docs/reproducing.md).
 PAPER_TABLE = {
@@ -74,9 +74,7 @@ def parse_crop_pads(text: str) -> list[int | None]:
 def row_augment(row: str, crop_pad: int | None, brightness: float | None) -> data.Augment:
     """The augmentation of a run of ``row``: the paper's pipeline with the crop pad and brightness
     given (None keeps the paper's)."""
-    paper = data.Augment.paper(row.split("-")[1])
-    return data.Augment(paper.crop_pad if crop_pad is None else crop_pad,
-                        paper.brightness if brightness is None else brightness, paper.flip)
+    return data.Augment.paper(row.split("-")[1]).changed(crop_pad=crop_pad, brightness=brightness)
 
 
 def run_name(row: str, method: str, augment: data.Augment, seed: int) -> str:
@@ -108,7 +106,7 @@ def _start_worker(stop_event, parent_pid: int) -> None:
     own = StopRequest()
     own.polled = True
     signal.signal(signal.SIGTERM, own.handle)
-    _worker_stop = lambda: own() or stop_event.is_set() or os.getppid() != parent_pid  # noqa: E731
+    _worker_stop = lambda: own() or stop_event.is_set() or os.getppid() != parent_pid
 
 
 def _train_in_worker(cfg: TrainConfig) -> list[dict]:

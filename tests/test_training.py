@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from rbd_experiments import data, loop, models, reproduce, train
+from rbd_experiments.config import METHODS, WHERE_IT_RAN, TrainConfig
 
 # --- models --------------------------------------------------------------------------------------
 
@@ -239,8 +240,8 @@ def test_the_papers_pipeline_draws_what_it_drew_before_augmentation_became_a_par
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"crop_pad": -1}, "crop_pad"), ({"crop_pad": 1.5}, "crop_pad"), ({"brightness": float("nan")}, "brightness"),
-    ({"brightness": -0.1}, "brightness"), ({"brightness": float("inf")}, "brightness"), ({"flip": 1}, "flip"),
+    ({"crop_pad": -1}, "--crop-pad"), ({"crop_pad": 1.5}, "--crop-pad"), ({"brightness": float("nan")}, "--brightness"),
+    ({"brightness": -0.1}, "--brightness"), ({"brightness": float("inf")}, "--brightness"), ({"flip": 1}, "--flip"),
 ])
 def test_bad_augmentations_are_refused_by_name(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -281,15 +282,15 @@ def config(tmp_path, method, **kw):
     # Learning rates for this small problem (the paper's are tuned for its tasks).
     defaults["lr"] = {"sgd": 0.125, "rbd": 50.0, "fpd": 50.0, "nes": 0.5}[method]
     defaults["dim"] = 32
-    return train.TrainConfig(**{**defaults, **kw})
+    return TrainConfig(**{**defaults, **kw})
 
 
-@pytest.mark.parametrize("method", train.METHODS)
+@pytest.mark.parametrize("method", METHODS)
 def test_a_few_steps_reduce_the_validation_loss(tmp_path, method):
     splits = synthetic_splits()
     cfg = config(tmp_path, method, epochs=4 if method == "nes" else 1)  # an NES step uses 8 batches
     run = train.Run(cfg, splits)
-    initial_loss, _ = train.evaluate(run.model, "mnist", splits.val_x, splits.val_y, run.device)
+    initial_loss = loop.evaluate(run.model, run.batches.eval_batches()).loss
     run.run()
     final = run.history[-1]
     assert final["val_loss"] < 0.95 * initial_loss, (initial_loss, run.history)
@@ -355,7 +356,7 @@ def test_cli_errors_name_the_argument(argv, message, capsys, monkeypatch, tmp_pa
 
 def test_the_cli_defaults_are_the_configs():
     args = vars(train.parser().parse_args([]))
-    for f in dataclasses.fields(train.TrainConfig):
+    for f in dataclasses.fields(TrainConfig):
         if f.name != "augment":
             assert args[f.name] == f.default, f.name
 
@@ -453,10 +454,10 @@ def test_the_cli_records_the_augmentation_in_the_configuration(tmp_path, monkeyp
 
 
 def test_paper_learning_rates_are_the_defaults():
-    assert train.TrainConfig(model="fc", dataset="mnist", method="rbd").lr == 1.0
-    assert train.TrainConfig(model="fc", dataset="fmnist", method="sgd").lr == 0.25
-    assert train.TrainConfig(model="cnn", dataset="cifar10", method="fpd").lr == 0.125
-    cfg = train.TrainConfig(model="resnet8", dataset="cifar10", method="rbd")
+    assert TrainConfig(model="fc", dataset="mnist", method="rbd").lr == 1.0
+    assert TrainConfig(model="fc", dataset="fmnist", method="sgd").lr == 0.25
+    assert TrainConfig(model="cnn", dataset="cifar10", method="fpd").lr == 0.125
+    cfg = TrainConfig(model="resnet8", dataset="cifar10", method="rbd")
     assert (cfg.dim, cfg.normalize, cfg.batch_size) == (500, "paper", 32)
 
 
@@ -581,7 +582,7 @@ def test_metrics_record_the_run_and_where_each_stretch_of_it_trained(tmp_path, m
     cfg = config(tmp_path, "rbd", epochs=2, max_steps=4)
     train.train(cfg, splits)
     saved = json.loads((tmp_path / "rbd" / "metrics.json").read_text())
-    assert not set(train.WHERE_IT_RAN) & saved["config"].keys()  # no path of the machine that wrote it
+    assert not set(WHERE_IT_RAN) & saved["config"].keys()  # no path of the machine that wrote it
     assert saved["config"]["seed"] == 1 and saved["config"]["augment"]["crop_pad"] == 0
     [first] = saved["trained_on"]
     assert first["from_step"] == 0 and first["device"] == "cpu" and first["threads"] == torch.get_num_threads()
@@ -711,3 +712,64 @@ def test_a_signal_to_reproduce_saves_every_running_run_and_stops_its_workers(tmp
         state = torch.load(checkpoint, weights_only=True)
         assert state["global_step"] == 4 * state["epoch"] + state["step_in_epoch"] > 0  # 4 steps per epoch
     assert _processes_in_group(child.pid) == []  # no worker left behind
+
+
+# --- the batch source -----------------------------------------------------------------------------
+
+
+def _equal(a: loop.Batch, b: loop.Batch) -> bool:
+    return torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_the_batch_source_draws_what_the_committed_runs_were_trained_on():
+    """Batch k of epoch e: the images at order[k·B:(k+1)·B] of the epoch's shuffle, augmented by the
+    generator of (seed, e, k): the layout the committed Table 1 checkpoints continue with."""
+    splits = synthetic_splits(n_train=100)
+    augment = data.Augment.paper("mnist")
+    source = data.BatchSource(splits, augment, seed=3, batch_size=32)
+    assert source.batches_per_epoch == 4  # the last batch holds the 4 images left
+    for epoch, k in [(0, 0), (1, 2), (1, 3)]:
+        idx = data.epoch_order(100, 3, epoch)[k * 32:(k + 1) * 32]
+        x = data.prepare("mnist", splits.train_x[idx], augment=augment, gen=data.batch_generator(3, epoch, k))
+        assert _equal(source.batch(epoch, k), (x, splits.train_y[idx]))
+    assert len(source.batch(0, 3)[0]) == 4
+    assert not _equal(source.batch(0, 0), source.batch(1, 0))  # reshuffled and re-augmented every epoch
+
+
+def test_each_rank_gets_the_single_process_batch_of_its_share():
+    splits = synthetic_splits(n_train=100)
+    augment = data.Augment.paper("mnist")
+    single = data.BatchSource(splits, augment, seed=3, batch_size=8)
+    ranks = [data.BatchSource(splits, augment, seed=3, batch_size=8, rank=r, world_size=2) for r in range(2)]
+    assert ranks[0].batches_per_epoch == 6  # 100 // 16: the incomplete global batch is dropped
+    for epoch, k in [(0, 0), (2, 5)]:
+        for r, source in enumerate(ranks):
+            assert _equal(source.batch(epoch, k), single.batch(epoch, 2 * k + r))
+    with pytest.raises(ValueError, match="rank must be in"):
+        data.BatchSource(splits, augment, seed=3, batch_size=8, rank=2, world_size=2)
+
+
+def test_unaugmented_inputs_converted_once_equal_those_converted_per_batch():
+    splits = synthetic_splits(n_train=100)
+    source = data.BatchSource(splits, data.NO_AUGMENT, seed=1, batch_size=16)
+    idx = data.epoch_order(100, 1, 4)[16:32]
+    assert _equal(source.batch(4, 1), (data.prepare("mnist", splits.train_x[idx]), splits.train_y[idx]))
+    [(x, y)] = list(source.eval_batches("val", batch_size=500))
+    assert torch.equal(x, data.prepare("mnist", splits.val_x)) and torch.equal(y, splits.val_y)
+    assert sum(len(b[1]) for b in source.eval_batches("val", batch_size=64)) == len(splits.val_y)
+
+
+def test_every_command_line_has_the_same_augmentation_options():
+    from rbd_experiments import config, intrinsic_dim
+
+    for parse, default in [(lambda a: vars(train.parser().parse_args(a)), data.Augment.paper("fmnist")),
+                           (lambda a: vars(intrinsic_dim.parse_args(["--dataset", "fmnist", *a])), data.NO_AUGMENT)]:
+        def pipeline(argv, parse=parse):
+            args = parse(argv)
+            return args["augment"] if isinstance(args["augment"], data.Augment) else \
+                config.augment_from_args("fmnist", args)
+
+        assert pipeline([]) == default
+        assert pipeline(["--augment", "paper", "--crop-pad", "1"]) == data.Augment(1, 0.5, False)
+        assert pipeline(["--augment", "none", "--flip"]) == data.Augment(0, 0.0, True)
+        assert pipeline(["--no-augment"]) == data.NO_AUGMENT
