@@ -9,7 +9,7 @@ TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 RESULTS ?= results
 export MAX_JOBS TORCH_CUDA_ARCH_LIST RBD_CUDA
 
-.PHONY: venv install build test test-gpu reproduce table1-gpu demo bench bench-optim bench-quick gpu-check lint clean FORCE
+.PHONY: venv install build test test-gpu reproduce table1-report table1-gpu demo bench bench-optim bench-quick gpu-check lint clean FORCE
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,11 @@ reproduce: install
 	$(BIN)/rbd-reproduce --rows fc-mnist --methods sgd,rbd,fpd --epochs 1 --out $(RESULTS)/reproduce
 	@printf '\n== For comparison, the committed long runs (docs/table1/table.md; epochs and augmentation per row) ==\n\n'
 	@cat docs/table1/table.md
+
+# The committed Table 1 runs as a table (docs/table1/table.md, table.json, curves.png); trains nothing.
+table1-report: install
+	$(BIN)/rbd-reproduce --report --rows fc-mnist,fc-fmnist --methods sgd,rbd,fpd,nes --crop-pads 3,0,1,2 \
+	  --out docs/table1 --no-progress
 
 # On a GPU machine (its own python3/torch): Table 1's FC rows, 4 methods x 3 seeds x 100 epochs.
 table1-gpu:
