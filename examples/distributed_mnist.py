@@ -33,9 +33,9 @@ from rbd_cuda.distributed import (
     init_process_group,
     random_bases_hook,
 )
+from rbd_cuda.layout import Compression
 from rbd_experiments import data, loop, models
 from rbd_experiments.train import evaluate
-from rbd_cuda.optim import Compression
 
 SCHEMES = ("shared", "independent", "hook", "ddp")
 # The paper's FC-MNIST learning rates at batch 32 (RBD with its ÷√D normalisation, and SGD).

@@ -73,7 +73,7 @@ class RandomSubspace(nn.Module):
             wrapper's ``parameters()`` are c (and λ) alone and its ``state_dict`` holds θ₀, c, λ.
             Parameters with ``requires_grad=False`` stay frozen parameters, outside the subspace.
         dim: directions per compartment (int), or ``Fixed``, ``Proportional(total)`` or
-            ``Compression(factor, minimum)`` from ``rbd_cuda.optim``, as for ``FPD``.
+            ``Compression(factor, minimum)`` from ``rbd_cuda.layout``, as for ``FPD``.
         seed: 64-bit seed of the bases. Compartment k draws its basis from stream k at step 0,
             the stream ``FPD`` with the same seed and compartments uses.
         distribution: ``"normal"``, ``"uniform"`` or ``"rademacher"`` entries.

@@ -35,8 +35,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rbd_cuda.basis import DISTRIBUTIONS, NORMALIZATIONS
+from rbd_cuda.basis import NORMALIZATIONS
+from rbd_cuda.ops import DISTRIBUTIONS
 from rbd_cuda.optim import FPD, NES, RBD
+
 from . import data, loop, models
 from .reporting import save_figure
 

@@ -11,8 +11,9 @@ from torch import nn
 from torch.func import functional_call
 
 import rbd_cuda
+from rbd_cuda.layout import Proportional
 from rbd_cuda.nn import RandomSubspace
-from rbd_cuda.optim import FPD, Proportional
+from rbd_cuda.optim import FPD
 
 VARIANCE = {"normal": 1.0, "uniform": 1.0 / 3.0, "rademacher": 1.0}
 NORMALIZATIONS = ("unbiased", "paper", "dim", "none", "projection")
@@ -66,7 +67,7 @@ def reference_theta(named, mode, dims, c, lambdas=None, *, seed, distribution="n
     offset = 0
     for k, (pieces, d) in enumerate(zip(reference_compartments(named, mode), dims, strict=True)):
         rows = sum(stop - start for _, start, stop in pieces)
-        P = rbd_cuda.materialize(rows, d, seed=seed, stream=k, distribution=distribution).double()
+        P = rbd_cuda.ops.materialize(rows, d, seed=seed, stream=k, distribution=distribution).double()
         s = {"unbiased": 1 / (d * VARIANCE[distribution]), "paper": 1 / total, "dim": 1 / d, "none": 1.0,
              "projection": 1 / (rows * VARIANCE[distribution])}[normalize]
         u = math.sqrt(s) * (P @ c[offset: offset + d])

@@ -150,7 +150,7 @@ def test_lightning_fits_checkpoints_and_resumes_bit_exactly(tmp_path):
     assert json.loads(bytes(state["model._extra_state"].tolist())) == first.model.subspace_config()
 
     resumed = subspace_module(compartments="layer", said=True)
-    lightning_fit(resumed, tmp_path / "part", 2, ckpt_path=path)
+    lightning_fit(resumed, tmp_path / "resumed", 2, ckpt_path=path)
     assert whole.model.c.abs().sum() > 0
     assert torch.equal(resumed.model.c, whole.model.c)
     assert torch.equal(resumed.model.lambdas, whole.model.lambdas)
