@@ -161,6 +161,8 @@ class RandomSubspace(nn.Module):
             if callable(getattr(module, method, None)):
                 setattr(module, method, _NeedsExport(method))
         self.module = module
+        # load_state_dict(assign=True) replaces θ₀ under its saved (first) name only.
+        self.register_load_state_dict_post_hook(_retie_after_load)
 
     def basis(self, k: int) -> Basis:
         """Compartment ``k``'s basis (the one ``FPD`` uses for it)."""
@@ -193,18 +195,30 @@ class RandomSubspace(nn.Module):
             raise ValueError("rbd_cuda: this RandomSubspace state was saved by a wrapper built with other arguments, "
                              "whose weights differ: " + difference)
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        # torch hands every module strict=True and checks the keys only after loading them all:
+        # remembering the caller's strict lets the wrapper refuse missing or unexpected entries
+        # before anything changes.
+        self._strict_load = strict
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        finally:
+            del self._strict_load
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         # Called first for this wrapper (before its module's θ₀ buffers), so everything it checks is
         # checked before anything of the wrapper changes: a refused state leaves it as it was.
         if any(key.startswith(prefix) for key in state_dict):
-            self._check_state(state_dict, prefix, strict)
+            self._check_state(state_dict, prefix, getattr(self, "_strict_load", None),
+                              local_metadata.get("assign_to_params_buffers", False))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
-    def _check_state(self, state: dict, prefix: str, strict: bool) -> None:
+    def _check_state(self, state: dict, prefix: str, strict: bool | None, assign: bool) -> None:
         """Validates the wrapper's part of ``state`` (keys under ``prefix``): the configuration,
-        which keys are there (with ``strict``), and each tensor's type, shape, dtype and finiteness."""
+        which keys are there (with ``strict``; None when a parent module's load_state_dict runs,
+        which checks them after loading), and each tensor's type, shape, dtype and finiteness."""
         config_key = prefix + "_extra_state"
         if config_key not in state:
             raise ValueError(f"rbd_cuda: the state has no {config_key!r}, the RandomSubspace configuration (seed, "
@@ -249,6 +263,9 @@ class RandomSubspace(nn.Module):
                 # fp32 holds those exactly; anything else would be rounded on the way in.
                 raise ValueError(f"rbd_cuda: state entry {key!r} has dtype {value.dtype}; coefficients are loaded "
                                  "into fp32 from float32, float16 or bfloat16 only")
+            if key in coefficients and assign and value.dtype != torch.float32:
+                raise ValueError(f"rbd_cuda: state entry {key!r} has dtype {value.dtype}; with assign=True the "
+                                 "coefficients must be float32 (they would take the saved tensor's dtype)")
             if key in theta0 and value.dtype != target.dtype:
                 raise ValueError(f"rbd_cuda: state entry {key!r} (θ₀) has dtype {value.dtype}, this wrapper's "
                                  f"{target.dtype}; convert the wrapper with .to(dtype) first")
@@ -292,14 +309,18 @@ class RandomSubspace(nn.Module):
             return out
 
         super()._apply(apply, recurse)
-        # A conversion replaces each submodule's buffers one by one, which would leave a tied
-        # parameter's aliases as separate copies of θ₀ (and the forward would update only one).
+        # A conversion replaces each submodule's buffers one by one.
+        self._retie()
+        return self
+
+    def _retie(self) -> None:
+        """Puts θ₀ of each tied parameter back under all its names as one tensor: separate copies
+        would leave all but one name at θ₀ in the forward (functional_call ties by identity)."""
         for name in self._names:
             theta0 = self.module.get_buffer(name)
             for alias in self._aliases[name]:
                 owner, attr = split_name(alias)
                 self.module.get_submodule(owner)._buffers[attr] = theta0
-        return self
 
     @torch.no_grad()
     def export(self) -> nn.Module:
@@ -335,6 +356,10 @@ class RandomSubspace(nn.Module):
     def extra_repr(self) -> str:
         return (f"numel={self.numel}, dim={self.dim}, seed={self.seed}, distribution={self.distribution!r}, "
                 f"compartments={len(self.compartments)}, normalize={self.normalize!r}, said={self.said}")
+
+
+def _retie_after_load(wrapper: RandomSubspace, _incompatible_keys) -> None:
+    wrapper._retie()
 
 
 class _NeedsExport:

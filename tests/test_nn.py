@@ -423,6 +423,32 @@ def test_a_refused_state_changes_nothing(case):
     assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before), case
 
 
+def test_strict_false_leaves_missing_entries_as_they_are():
+    source = RandomSubspace(mlp(seed=1), 5, seed=4)
+    with torch.no_grad():
+        source.c.normal_()
+    target = RandomSubspace(mlp(seed=2), 5, seed=4)
+    bias = target.get_buffer("module.4.bias").clone()
+    state = {k: v for k, v in source.state_dict().items() if k != "module.4.bias"}
+    result = target.load_state_dict(state, strict=False)
+    assert result.missing_keys == ["module.4.bias"]
+    assert torch.equal(target.c, source.c) and torch.equal(target.get_buffer("module.4.bias"), bias)
+
+
+def test_assign_keeps_tied_weights_tied_and_coefficients_fp32():
+    source = RandomSubspace(Tied(), 3, seed=2)
+    with torch.no_grad():
+        source.c.normal_()
+    target = RandomSubspace(Tied(), 3, seed=2)
+    target.load_state_dict({k: v.clone() for k, v in source.state_dict().items()}, assign=True)
+    assert target.module.out.weight is target.module.embed.weight
+    tokens = torch.tensor([0, 3, 6])
+    assert torch.equal(target(tokens), source(tokens))
+    with pytest.raises(ValueError, match="with assign=True the coefficients must be float32"):
+        target.load_state_dict({**source.state_dict(), "c": source.c.detach().half()}, assign=True)
+    assert target.c.dtype == torch.float32
+
+
 def test_a_state_of_format_1_still_loads():
     # fcd40d6 saved the configuration as a dict and θ₀ of a tied parameter under each name.
     wrapper = RandomSubspace(Tied(), 3, seed=2)
