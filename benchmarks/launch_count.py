@@ -5,7 +5,7 @@
 Variants, each counted with torch.profiler (kernel launches issued, kernels and memory copies run
 on the device) and timed (CUDA events, median of --reps after warm-up):
 
-  rbd_v1 / rbd_v2          RBD(compartments="tensor").step() with RBD_CUDA_KERNELS=v1 / v2
+  rbd_v1 / rbd_v2          RBD(compartments="tensor").step() with backends.cuda.kernels = "v1" / "v2"
   grouped_v1 / grouped_v2  the same update as one project_grouped and one expand_grouped_
   sgd                      torch.optim.SGD.step() on the same gradients, for scale
 
@@ -27,8 +27,8 @@ import torch
 
 import rbd_cuda
 from benchmarks.methods import with_cuda_kernels
-from rbd_experiments import models
 from rbd_cuda.optim import RBD
+from rbd_experiments import models
 
 LR = 0.01
 SEED = 5
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--out", default=os.environ.get("RBD_RESULTS_DIR", "results/launch_count"))
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available() or not rbd_cuda.built_with_cuda():
+    if not torch.cuda.is_available() or not rbd_cuda.backends.built_with_cuda():
         print("launch_count: needs a GPU and the CUDA build", file=sys.stderr)
         return 1
     model = model_with_grads("cuda")

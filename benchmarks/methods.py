@@ -11,7 +11,7 @@ Ops (for a case: distribution, D rows, d directions, input dtype, device):
 
 Methods:
   fused          rbd_cuda, P generated inside the product (never in memory)
-  fused_v2       the same with the v2 CUDA kernels (RBD_CUDA_KERNELS=v2 around each call; CUDA only)
+  fused_v2       the same with the v2 CUDA kernels (backends.cuda.kernels = "v2" around each call; CUDA only)
   torch          P drawn into memory with torch (randn / uniform_ / randint → ±1), then matvecs
   torch_chunked  the same, row chunks of bounded size (``chunk_rows``) drawn from one seeded
                  generator; the second pass of a step re-seeds it and draws the same chunks again
@@ -23,7 +23,6 @@ Methods:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -344,17 +343,10 @@ def baseline(method: str, op: str, case: Case, x: dict, chunk_rows: int):
 
 
 def with_cuda_kernels(name: str, fn: Callable[[], object]) -> Callable[[], object]:
-    """``fn`` run with RBD_CUDA_KERNELS=name (the ops read it on every call), then restored."""
+    """``fn`` run with ``rbd_cuda.backends.cuda.kernels = name``, then the previous value again."""
     def call():
-        before = os.environ.get("RBD_CUDA_KERNELS")
-        os.environ["RBD_CUDA_KERNELS"] = name
-        try:
+        with rbd_cuda.backends.cuda.use_kernels(name):
             return fn()
-        finally:
-            if before is None:
-                del os.environ["RBD_CUDA_KERNELS"]
-            else:
-                os.environ["RBD_CUDA_KERNELS"] = before
     return call
 
 

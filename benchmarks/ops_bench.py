@@ -84,8 +84,8 @@ def parse_args(argv):
     ap.add_argument("--quick", action="store_true", help="same as --preset quick")
     ap.add_argument("--shapes", nargs="+", default=None, metavar="DxD",
                     help="explicit D x d shapes instead of the preset's, e.g. 1000000x256 (the first is the target)")
-    ap.add_argument("--distributions", nargs="+", default=list(rbd_cuda.DISTRIBUTIONS),
-                    choices=list(rbd_cuda.DISTRIBUTIONS))
+    ap.add_argument("--distributions", nargs="+", default=list(rbd_cuda.ops.DISTRIBUTIONS),
+                    choices=list(rbd_cuda.ops.DISTRIBUTIONS))
     ap.add_argument("--dtypes", nargs="+", default=None, choices=list(DTYPE_LABEL),
                     help="input dtypes (default: float32 and bfloat16; float32 only with --quick)")
     ap.add_argument("--ops", nargs="+", default=list(methods.OPS), choices=list(methods.OPS))
@@ -107,7 +107,7 @@ def parse_args(argv):
         args.preset = "quick"
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda but torch sees no GPU")
-    if args.device == "cuda" and not rbd_cuda.built_with_cuda():
+    if args.device == "cuda" and not rbd_cuda.backends.built_with_cuda():
         ap.error("--device cuda but the extension was built without its CUDA kernels")
     args.preset = args.preset or ("gpu" if args.device == "cuda" else "cpu")
     if args.baselines is None:
@@ -231,7 +231,7 @@ def targets(rows: list[dict], target: tuple[int, int], device: str, threads: lis
     D, d = target
     hi, lo = max(threads), min(threads)
     out = {"D": D, "d": d, "dtype": "float32", "threads": hi, "device": device, "by_distribution": {}}
-    for dist in rbd_cuda.DISTRIBUTIONS:
+    for dist in rbd_cuda.ops.DISTRIBUTIONS:
         t = {}
         for op in ("project", "expand", "step"):
             f = _find(rows, dist=dist, D=D, d=d, dtype="float32", method="fused", op=op, threads=hi)
@@ -368,10 +368,10 @@ def plots(rows: list[dict], preset: Preset, out_dir: Path, threads: int) -> list
             return sorted((r[var], r["Gps"]) for r in sel if r["dist"] == dist and r["method"] == m
                           and r["op"] == op and r[fixed_name] == fixed and r[var] in values)
 
-        if not any(series(dist, "fused", "project") for dist in rbd_cuda.DISTRIBUTIONS):
+        if not any(series(dist, "fused", "project") for dist in rbd_cuda.ops.DISTRIBUTIONS):
             continue
         fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=True)
-        for ax, dist in zip(axes, rbd_cuda.DISTRIBUTIONS, strict=True):
+        for ax, dist in zip(axes, rbd_cuda.ops.DISTRIBUTIONS, strict=True):
             for i, m in enumerate(methods.METHODS):
                 for op, style in (("project", "-"), ("expand", "--")):
                     pts = series(dist, m, op)

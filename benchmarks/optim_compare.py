@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from rbd_experiments import loop
 from rbd_cuda.optim import FPD, NES, RBD
+from rbd_experiments import loop
 
 D_IN, HIDDEN, CLASSES = 64, 128, 10
 

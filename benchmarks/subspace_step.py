@@ -26,9 +26,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from rbd_cuda.nn import RandomSubspace
 from rbd_experiments import models
 from rbd_experiments.reporting import cpu_name
-from rbd_cuda.nn import RandomSubspace
 
 
 def parse_args(argv=None) -> argparse.Namespace:

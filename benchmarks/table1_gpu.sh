@@ -17,7 +17,7 @@ py=${PYTHON:-python3}
 mkdir -p "$out"
 export RBD_DATA=${RBD_DATA:-data} PYTHONUNBUFFERED=1
 
-if ! "$py" -c "import rbd_cuda; assert rbd_cuda.built_with_cuda()" 2>/dev/null; then
+if ! "$py" -c "import rbd_cuda; assert rbd_cuda.backends.built_with_cuda()" 2>/dev/null; then
   arch=$("$py" -c "import torch; c = torch.cuda.get_device_capability(); print(f'{c[0]}.{c[1]}')")
   echo "== build (TORCH_CUDA_ARCH_LIST=$arch)"
   TORCH_CUDA_ARCH_LIST=$arch RBD_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} "$py" setup.py build_ext --inplace >"$out/build.log" 2>&1 \

@@ -88,18 +88,13 @@ inline Distribution parse_distribution(const std::string& name) {
                     "'rademacher', got '", name, "'");
 }
 
-// The CUDA kernel family a call made now uses: RBD_CUDA_KERNELS=v1 (the default, unset or empty)
-// or v2 (cuda/kernels_v2.cu: new kernels and the one-launch grouped ops, not yet the default
-// because no GPU has run them). Read on every call, like RBD_CPU_ISA.
+// The CUDA kernel family the ops use: v1 (the default) or v2 (cuda/kernels_v2.cu: new kernels and
+// the one-launch grouped ops, not yet the default because no GPU has run them). Process-wide, set
+// by rbd_cuda.backends.cuda.kernels (defined in registration.cpp), never read from the environment.
 enum class CudaKernels { V1, V2 };
 
-inline CudaKernels cuda_kernels() {
-  const char* env = std::getenv("RBD_CUDA_KERNELS");
-  const std::string want = env ? env : "";
-  if (want.empty() || want == "v1") return CudaKernels::V1;
-  TORCH_CHECK_VALUE(want == "v2", "rbd_cuda: RBD_CUDA_KERNELS must be 'v1' or 'v2' (or unset), got '", want, "'");
-  return CudaKernels::V2;
-}
+CudaKernels cuda_kernels();
+void set_cuda_kernels(const std::string& name);
 
 inline std::string cuda_kernels_name() { return cuda_kernels() == CudaKernels::V2 ? "v2" : "v1"; }
 

@@ -1,6 +1,7 @@
 // The only TORCH_LIBRARY(rbd_cuda, m) block: every schema lives here.
 #include <Python.h>
 
+#include <atomic>
 #include <string>
 #include <vector>
 
@@ -29,9 +30,22 @@ bool built_with_cuda() {
 
 int64_t stream_version() { return kStreamVersion; }
 
-// Defined in cpu/ops_cpu.cpp: the CPU kernels' instruction set for a call made now, and the
-// ones this CPU can run (best first).
+namespace {
+std::atomic<CudaKernels> cuda_kernel_family{CudaKernels::V1};
+}  // namespace
+
+CudaKernels cuda_kernels() { return cuda_kernel_family.load(std::memory_order_relaxed); }
+
+void set_cuda_kernels(const std::string& name) {
+  TORCH_CHECK_VALUE(name == "v1" || name == "v2", "rbd_cuda: the CUDA kernels must be 'v1' or 'v2', got '",
+                    name, "'");
+  cuda_kernel_family.store(name == "v2" ? CudaKernels::V2 : CudaKernels::V1, std::memory_order_relaxed);
+}
+
+// Defined in cpu/ops_cpu.cpp: the CPU kernels' instruction set the ops use (set_cpu_isa: a name
+// or "auto", the best), and the ones this CPU can run (best first).
 std::string cpu_isa();
+void set_cpu_isa(const std::string& name);
 std::vector<std::string> cpu_isas();
 
 // Allocates on the requested device and lets materialize_ dispatch there.
@@ -74,8 +88,10 @@ TORCH_LIBRARY(rbd_cuda, m) {
   m.def("built_with_cuda() -> bool", &rbd::built_with_cuda);
   m.def("stream_version() -> int", &rbd::stream_version);
   m.def("cpu_isa() -> str", &rbd::cpu_isa);
+  m.def("set_cpu_isa(str name) -> ()", &rbd::set_cpu_isa);
   m.def("cpu_isas() -> str[]", &rbd::cpu_isas);
   m.def("cuda_kernels() -> str", &rbd::cuda_kernels_name);
+  m.def("set_cuda_kernels(str name) -> ()", &rbd::set_cuda_kernels);
 }
 
 // Autograd for the in-place, grouped and integer ops: they have no derivatives, so they must say so

@@ -51,13 +51,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     device, D, d = args.device, args.D, args.d
 
-    print(f"rbd_cuda {rbd_cuda.__version__} (random stream v{rbd_cuda.stream_version()}); device {device}, "
-          f"{torch.get_num_threads()} CPU threads, CUDA kernels built: {rbd_cuda.built_with_cuda()}")
+    print(f"rbd_cuda {rbd_cuda.__version__} (random stream v{rbd_cuda.backends.stream_version()}); device {device}, "
+          f"{torch.get_num_threads()} CPU threads, CUDA kernels built: {rbd_cuda.backends.built_with_cuda()}")
     print(f"\n1. Project a vector of D = {D:,} entries onto d = {d} random directions.")
     print(f"   The basis P would take {4 * D * d / 2**30:.2f} GiB in fp32; it is generated on the fly.")
     g = torch.randn(D, device=device)
     rbd_cuda.project(g[:4096], d, seed=0)  # warm-up
-    for dist in rbd_cuda.DISTRIBUTIONS:
+    for dist in rbd_cuda.ops.DISTRIBUTIONS:
         kw = {"seed": 42, "step": 1, "distribution": dist}
         c, t_p = _timed(functools.partial(rbd_cuda.project, g, d, **kw), device)
         _, t_e = _timed(functools.partial(rbd_cuda.expand, c, D, **kw), device)

@@ -33,7 +33,7 @@ from rbd_cuda.distributed import (
     init_process_group,
     random_bases_hook,
 )
-from rbd_cuda.optim import Compression
+from rbd_cuda.layout import Compression
 from rbd_experiments import data, loop, models
 
 SCHEMES = ("shared", "independent", "hook", "ddp")

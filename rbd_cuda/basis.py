@@ -19,7 +19,6 @@ import torch
 
 from . import ops
 
-DISTRIBUTIONS = ops.DISTRIBUTIONS
 ENTRY_VARIANCE = {"normal": 1.0, "uniform": 1.0 / 3.0, "rademacher": 1.0}
 
 # s of the update −lr·s·P Pᵀ g (equivalently: every basis vector multiplied by √s), for a
@@ -48,8 +47,8 @@ def check_seed(seed) -> int:
 
 
 def check_distribution(distribution) -> str:
-    if distribution not in DISTRIBUTIONS:
-        raise ValueError(f"rbd_cuda: distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+    if distribution not in ops.DISTRIBUTIONS:
+        raise ValueError(f"rbd_cuda: distribution must be one of {ops.DISTRIBUTIONS}, got {distribution!r}")
     return distribution
 
 

@@ -20,6 +20,8 @@ so that plain SGD with learning rate lr on c moves θ exactly as ``FPD(lr, norma
 from __future__ import annotations
 
 import copy
+import json
+import reprlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -31,6 +33,20 @@ from .basis import Basis, check_distribution, check_normalize, check_seed, expan
 from .layout import layer_of, plan, split_name
 
 __all__ = ["RandomSubspace", "SubspaceCompartment"]
+
+# The configuration's layout in the state dict: 1 (fcd40d6 and before) a dict as extra state, with
+# each compartment a list [stream, dim, numel, segments]; 2 JSON in a uint8 tensor (a state dict of
+# tensors only, which safetensors needs), each compartment and segment a dict.
+CONFIG_FORMAT = 2
+# Methods of the wrapped module that would use θ₀ rather than θ₀ + P c (the module's weights are θ₀
+# buffers; θ₀ + P c exists only inside the wrapper's forward) or fail obscurely (transformers reads
+# the device from the first parameter, and the module has none): they raise instead.
+NEEDS_EXPORT = ("save_pretrained", "push_to_hub", "generate")
+# Values in "the saved configuration differs" messages, shortened (a layout can be long).
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 40
+_SHORT.maxlist = _SHORT.maxdict = 3
+_SHORT.maxlevel = 2
 
 
 @dataclass(frozen=True)
@@ -57,7 +73,7 @@ class RandomSubspace(nn.Module):
             wrapper's ``parameters()`` are c (and λ) alone and its ``state_dict`` holds θ₀, c, λ.
             Parameters with ``requires_grad=False`` stay frozen parameters, outside the subspace.
         dim: directions per compartment (int), or ``Fixed``, ``Proportional(total)`` or
-            ``Compression(factor, minimum)`` from ``rbd_cuda.optim``, as for ``FPD``.
+            ``Compression(factor, minimum)`` from ``rbd_cuda.layout``, as for ``FPD``.
         seed: 64-bit seed of the bases. Compartment k draws its basis from stream k at step 0,
             the stream ``FPD`` with the same seed and compartments uses.
         distribution: ``"normal"``, ``"uniform"`` or ``"rademacher"`` entries.
@@ -75,9 +91,12 @@ class RandomSubspace(nn.Module):
 
     ``forward(*args, **kwargs)`` runs ``module`` with θ₀ + P c through
     ``torch.func.functional_call``; ``export()`` returns a plain copy of the module with those
-    weights as ordinary parameters. The seed, distribution, normalisation, SAID flag and layout
-    travel in ``state_dict()`` (as extra state) and ``load_state_dict`` refuses a state saved by
-    a wrapper built with other values, naming them.
+    weights as ordinary parameters (use its ``save_pretrained``/``generate``: ``self.module``
+    holds θ₀). ``state_dict()`` holds tensors only: θ₀ (each tied parameter once), c, λ, and
+    ``subspace_config()`` (seed, distribution, normalisation, SAID flag, layout) as JSON in a uint8
+    tensor. ``load_state_dict`` checks all of it before changing anything and refuses a state saved
+    by a wrapper built otherwise, naming the first differing field. c and λ stay fp32 through
+    dtype conversions (``.half()``, ``.to(dtype)``).
     """
 
     def __init__(self, module: nn.Module, dim, *, seed: int = 0, distribution: str = "normal",
@@ -135,33 +154,123 @@ class RandomSubspace(nn.Module):
                 owner, attr = split_name(alias)
                 owner = module.get_submodule(owner)
                 delattr(owner, attr)
-                # One tensor object under every alias: functional_call ties the aliases by identity.
-                owner.register_buffer(attr, theta0)
+                # One tensor object under every alias (functional_call ties the aliases by identity),
+                # saved once: safetensors refuses two names for one storage.
+                owner.register_buffer(attr, theta0, persistent=alias == name)
+        for method in NEEDS_EXPORT:
+            if callable(getattr(module, method, None)):
+                setattr(module, method, _NeedsExport(method))
         self.module = module
+        # load_state_dict(assign=True) replaces θ₀ under its saved (first) name only.
+        self.register_load_state_dict_post_hook(_retie_after_load)
 
     def basis(self, k: int) -> Basis:
         """Compartment ``k``'s basis (the one ``FPD`` uses for it)."""
         return Basis(self.seed, 0, self.compartments[k].stream, self.distribution)
 
-    def stream_kwargs(self, k: int) -> dict:
-        """The ops' keywords addressing compartment ``k``'s basis."""
-        return self.basis(k).kwargs
+    def subspace_config(self) -> dict:
+        """Everything besides c, λ and θ₀ that decides the weights, as plain values: saved in
+        ``state_dict()`` and checked by ``load_state_dict``. (Not ``config``: training frameworks
+        read ``model.config`` as a transformers configuration.)"""
+        return {"format": CONFIG_FORMAT, "seed": self.seed, "distribution": self.distribution,
+                "normalize": self.normalize, "said": self.said,
+                "compartments": [{"stream": c.stream, "dim": c.dim, "numel": c.numel,
+                                  "segments": [{"param": name, "start": start, "numel": numel, "row_offset": row}
+                                               for name, start, numel, row in c.segments]}
+                                 for c in self.compartments]}
 
-    def config(self) -> dict:
-        """Everything besides c, λ and θ₀ that decides the weights, as plain values."""
-        return {"format": 1, "seed": self.seed, "distribution": self.distribution, "normalize": self.normalize,
-                "said": self.said,
-                "compartments": [[c.stream, c.dim, c.numel, [list(seg) for seg in c.segments]] for c in self.compartments]}
+    def get_extra_state(self) -> torch.Tensor:
+        # A tensor, not a dict: safetensors (the only format transformers 5 writes) takes tensors only.
+        text = json.dumps(self.subspace_config(), sort_keys=True, separators=(",", ":"))
+        return torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8)
 
-    def get_extra_state(self) -> dict:
-        return self.config()
+    def set_extra_state(self, state) -> None:
+        self._check_config(_read_config(state, "_extra_state"))
 
-    def set_extra_state(self, state: dict) -> None:
-        differ = [f"{key}: {state.get(key)!r} saved, {value!r} here" for key, value in self.config().items()
-                  if state.get(key) != value]
-        if differ:
-            raise ValueError("rbd_cuda: this RandomSubspace state was saved by a wrapper built with other "
-                             "arguments, whose weights differ: " + "; ".join(differ))
+    def _check_config(self, saved: dict) -> None:
+        here = self.subspace_config()
+        del here["format"]
+        difference = _first_difference(saved, here)
+        if difference is not None:
+            raise ValueError("rbd_cuda: this RandomSubspace state was saved by a wrapper built with other arguments, "
+                             "whose weights differ: " + difference)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        # torch hands every module strict=True and checks the keys only after loading them all:
+        # remembering the caller's strict lets the wrapper refuse missing or unexpected entries
+        # before anything changes.
+        self._strict_load = strict
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        finally:
+            del self._strict_load
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Called first for this wrapper (before its module's θ₀ buffers), so everything it checks is
+        # checked before anything of the wrapper changes: a refused state leaves it as it was.
+        if any(key.startswith(prefix) for key in state_dict):
+            self._check_state(state_dict, prefix, getattr(self, "_strict_load", None),
+                              local_metadata.get("assign_to_params_buffers", False))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _check_state(self, state: dict, prefix: str, strict: bool | None, assign: bool) -> None:
+        """Validates the wrapper's part of ``state`` (keys under ``prefix``): the configuration,
+        which keys are there (with ``strict``; None when a parent module's load_state_dict runs,
+        which checks them after loading), and each tensor's type, shape, dtype and finiteness."""
+        config_key = prefix + "_extra_state"
+        if config_key not in state:
+            raise ValueError(f"rbd_cuda: the state has no {config_key!r}, the RandomSubspace configuration (seed, "
+                             "distribution, normalisation, compartments) that its c belongs to; it is required "
+                             "even with strict=False")
+        self._check_config(_read_config(state[config_key], config_key))
+        expected = {prefix + key: value for key, value in self.state_dict(keep_vars=True).items()
+                    if key != "_extra_state"}
+        # Format 1 states hold θ₀ of a tied parameter under each of its names: the same tensor.
+        for name in self._names:
+            canonical = f"{prefix}module.{name}"
+            for alias in self._aliases[name]:
+                key = f"{prefix}module.{alias}"
+                if key != canonical and key in state:
+                    if not (isinstance(state[key], torch.Tensor) and canonical in state
+                            and isinstance(state[canonical], torch.Tensor) and torch.equal(state[key], state[canonical])):
+                        raise ValueError(f"rbd_cuda: state entry {key!r} must equal {canonical!r}: the two names "
+                                         "are one tied parameter")
+                    del state[key]
+        if strict:
+            missing = [key for key in expected if key not in state]
+            unexpected = [key for key in state if key.startswith(prefix) and key not in expected
+                          and key != config_key]
+            wrong = ([f"lacks {_SHORT.repr(missing)}"] if missing else []) + \
+                ([f"has unexpected entries {_SHORT.repr(unexpected)}"] if unexpected else [])
+            if wrong:
+                raise ValueError("rbd_cuda: the RandomSubspace state " + " and ".join(wrong) + " (strict=True)")
+        coefficients = {prefix + "c", prefix + "lambdas"}
+        theta0 = {f"{prefix}module.{name}" for name in self._names}
+        for key, target in expected.items():
+            if key not in state:
+                continue
+            value = state[key]
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"rbd_cuda: state entry {key!r} must be a tensor, got {type(value).__name__}")
+            if value.shape != target.shape:
+                raise ValueError(f"rbd_cuda: state entry {key!r} has shape {tuple(value.shape)}, this wrapper's "
+                                 f"{tuple(target.shape)}")
+            if value.is_floating_point() != target.is_floating_point():
+                raise ValueError(f"rbd_cuda: state entry {key!r} has dtype {value.dtype}, this wrapper's {target.dtype}")
+            if key in coefficients and value.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                # fp32 holds those exactly; anything else would be rounded on the way in.
+                raise ValueError(f"rbd_cuda: state entry {key!r} has dtype {value.dtype}; coefficients are loaded "
+                                 "into fp32 from float32, float16 or bfloat16 only")
+            if key in coefficients and assign and value.dtype != torch.float32:
+                raise ValueError(f"rbd_cuda: state entry {key!r} has dtype {value.dtype}; with assign=True the "
+                                 "coefficients must be float32 (they would take the saved tensor's dtype)")
+            if key in theta0 and value.dtype != target.dtype:
+                raise ValueError(f"rbd_cuda: state entry {key!r} (θ₀) has dtype {value.dtype}, this wrapper's "
+                                 f"{target.dtype}; convert the wrapper with .to(dtype) first")
+            if (key in coefficients or key in theta0) and not bool(torch.isfinite(value).all()):
+                raise ValueError(f"rbd_cuda: state entry {key!r} holds non-finite values")
 
     def weights(self) -> dict[str, torch.Tensor]:
         """θ₀ + P c for every reparametrised parameter, by name (differentiable in c and λ)."""
@@ -187,11 +296,40 @@ class RandomSubspace(nn.Module):
         # Only the canonical name of a tied parameter is passed: functional_call ties the aliases.
         return functional_call(self.module, self.weights(), args, kwargs)
 
+    def _apply(self, fn, recurse=True):
+        keep = [t for t in (self.c, self.lambdas) if t is not None]
+        keep += [t.grad for t in keep if t.grad is not None]
+
+        def apply(t):
+            out = fn(t)
+            # c and λ stay fp32 through .half(), .to(dtype) and precision plugins (they follow device
+            # moves): one step's change of c is often below fp16's resolution at c's magnitude.
+            if out.dtype != t.dtype and any(t is k for k in keep):
+                return t.to(device=out.device)
+            return out
+
+        super()._apply(apply, recurse)
+        # A conversion replaces each submodule's buffers one by one.
+        self._retie()
+        return self
+
+    def _retie(self) -> None:
+        """Puts θ₀ of each tied parameter back under all its names as one tensor: separate copies
+        would leave all but one name at θ₀ in the forward (functional_call ties by identity)."""
+        for name in self._names:
+            theta0 = self.module.get_buffer(name)
+            for alias in self._aliases[name]:
+                owner, attr = split_name(alias)
+                self.module.get_submodule(owner)._buffers[attr] = theta0
+
     @torch.no_grad()
     def export(self) -> nn.Module:
         """A plain copy of the module whose parameters are the current θ₀ + P c (tied weights stay
-        tied); the wrapper is left unchanged."""
+        tied); the wrapper is left unchanged. Its ``save_pretrained``/``generate`` (transformers)
+        work: those of ``self.module`` refuse, as it holds θ₀."""
         plain = copy.deepcopy(self.module)
+        for method in NEEDS_EXPORT:
+            plain.__dict__.pop(method, None)
         for name, value in self.weights().items():
             param = nn.Parameter(value.detach().clone())
             for alias in self._aliases[name]:
@@ -218,3 +356,74 @@ class RandomSubspace(nn.Module):
     def extra_repr(self) -> str:
         return (f"numel={self.numel}, dim={self.dim}, seed={self.seed}, distribution={self.distribution!r}, "
                 f"compartments={len(self.compartments)}, normalize={self.normalize!r}, said={self.said}")
+
+
+def _retie_after_load(wrapper: RandomSubspace, _incompatible_keys) -> None:
+    wrapper._retie()
+
+
+class _NeedsExport:
+    """Stands in for a method of the wrapped module that needs the trained weights (``NEEDS_EXPORT``)."""
+
+    def __init__(self, method: str):
+        self.method = method
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError(f"rbd_cuda: the module inside a RandomSubspace holds θ₀ as buffers, not the trained "
+                           f"weights θ₀ + P c; call wrapper.export().{self.method}(...), on a plain copy with "
+                           "the trained weights")
+
+
+def _read_config(value, key: str) -> dict:
+    """The saved configuration, without its format: from JSON in a uint8 tensor (format 2) or a dict (1)."""
+    if isinstance(value, torch.Tensor):
+        if value.dtype != torch.uint8 or value.dim() != 1:
+            raise ValueError(f"rbd_cuda: state entry {key!r} must be the RandomSubspace configuration as a 1-D "
+                             f"uint8 tensor, got {value.dtype} of shape {tuple(value.shape)}")
+        try:
+            config = json.loads(bytes(value.tolist()).decode())
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ValueError(f"rbd_cuda: state entry {key!r} is not a RandomSubspace configuration (not JSON)") from None
+        if not isinstance(config, dict) or config.get("format") != CONFIG_FORMAT:
+            raise ValueError(f"rbd_cuda: state entry {key!r} is not a format-{CONFIG_FORMAT} RandomSubspace "
+                             f"configuration")
+    elif isinstance(value, dict) and value.get("format") == 1:
+        compartments = value.get("compartments")
+        try:
+            compartments = [{"stream": stream, "dim": dim, "numel": numel,
+                             "segments": [{"param": name, "start": start, "numel": count, "row_offset": row}
+                                          for name, start, count, row in segments]}
+                            for stream, dim, numel, segments in compartments]
+        except (TypeError, ValueError):
+            raise ValueError(f"rbd_cuda: state entry {key!r} has malformed compartments") from None
+        config = {**value, "compartments": compartments}
+    else:
+        raise ValueError(f"rbd_cuda: state entry {key!r} must be a RandomSubspace configuration (a uint8 tensor, "
+                         f"or the dict of format 1), got {type(value).__name__}")
+    return {k: v for k, v in config.items() if k != "format"}
+
+
+def _first_difference(saved, here, path: str = "") -> str | None:
+    """The first field where ``saved`` and ``here`` differ, with both values shortened, or None."""
+    if isinstance(saved, dict) and isinstance(here, dict):
+        for key in [*here, *(k for k in saved if k not in here)]:
+            inner = f"{path}.{key}" if path else str(key)
+            if key not in saved:
+                return f"{inner}: missing in the state, {_SHORT.repr(here[key])} here"
+            if key not in here:
+                return f"{inner}: {_SHORT.repr(saved[key])} saved, unknown here"
+            found = _first_difference(saved[key], here[key], inner)
+            if found is not None:
+                return found
+        return None
+    if isinstance(saved, list) and isinstance(here, list):
+        for i, (a, b) in enumerate(zip(saved, here)):
+            found = _first_difference(a, b, f"{path}[{i}]")
+            if found is not None:
+                return found
+        if len(saved) != len(here):
+            return f"len({path}): {len(saved)} saved, {len(here)} here"
+        return None
+    if type(saved) is type(here) and saved == here:
+        return None
+    return f"{path}: {_SHORT.repr(saved)} saved, {_SHORT.repr(here)} here"

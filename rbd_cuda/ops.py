@@ -4,6 +4,11 @@ The random matrix P is addressed, never stored: entry ``P[i, j]`` of the stream
 ``(seed, step, stream, distribution)`` is a pure function of ``(i, j)``. ``row_offset``
 and ``col_offset`` select the sub-matrix an op works on, so
 ``project(g, dim, row_offset=r, col_offset=k)[j] == sum_i P[r + i, k + j] * g[i]``.
+
+The products (also ``rbd_cuda.project`` etc.): ``project``, ``expand``, ``expand_``,
+``project_grouped``, ``expand_grouped_``; for tests and debugging, ``materialize`` (the matrix
+itself) and ``philox4x32`` (the raw generator). Which kernels run, and facts about the build:
+``rbd_cuda.backends``.
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ import torch
 from torch.autograd import forward_ad as _forward_ad
 
 from . import _C  # noqa: F401  (loading the extension registers torch.ops.rbd_cuda)
+
+__all__ = ["DISTRIBUTIONS", "Distribution", "expand", "expand_", "expand_grouped_", "materialize", "philox4x32",
+           "project", "project_grouped"]
 
 Distribution = Literal["normal", "uniform", "rademacher"]
 DISTRIBUTIONS: tuple[str, ...] = ("normal", "uniform", "rademacher")
@@ -190,31 +198,6 @@ def philox4x32(counter: torch.Tensor, key: torch.Tensor, rounds: int = 10) -> to
     returns int64 (N, 4). Runs the same header code as the kernels.
     """
     return torch.ops.rbd_cuda.philox4x32(counter, key, _integer("rounds", rounds))
-
-
-def built_with_cuda() -> bool:
-    """True when the extension was compiled with its CUDA kernels."""
-    return bool(torch.ops.rbd_cuda.built_with_cuda())
-
-
-def stream_version() -> int:
-    """Version of the random-stream layout: the same version gives the same matrices."""
-    return int(torch.ops.rbd_cuda.stream_version())
-
-
-def cpu_isa() -> str:
-    """Instruction set of the CPU kernels for a call made now: ``"avx512"``, ``"avx2"`` or ``"baseline"``.
-
-    The best one this CPU runs (``cpu_isas()[0]``), unless the environment variable
-    ``RBD_CPU_ISA`` names another of ``cpu_isas()``; it is read on every call. Every path gives
-    the same results bit for bit: only the speed differs.
-    """
-    return str(torch.ops.rbd_cuda.cpu_isa())
-
-
-def cpu_isas() -> list[str]:
-    """The CPU kernels' instruction sets this CPU (and build) can run, best first; always ends with ``"baseline"``."""
-    return [str(name) for name in torch.ops.rbd_cuda.cpu_isas()]
 
 
 # ---- fake kernels: shapes and dtypes only, for torch.compile / meta tensors ----
@@ -394,16 +377,6 @@ def expand_grouped_(out, c: torch.Tensor, alphas, row_offsets, compartments, dim
         raise ValueError(f"rbd_cuda: c must be 1-D with sum(dims)={total} coefficients, got shape {tuple(c.shape)}")
     torch.ops.rbd_cuda.expand_grouped_(list(out), c, alphas, **table)
     return out
-
-
-def cuda_kernels() -> str:
-    """The CUDA kernel family a call made now uses: ``"v1"`` (the default) or ``"v2"``.
-
-    Set by the environment variable ``RBD_CUDA_KERNELS`` (read on every call). v2 (new project
-    and expand kernels, and one launch per grouped op) is not the default until a GPU run has
-    shown it correct and faster; the CPU kernels do not depend on it.
-    """
-    return str(torch.ops.rbd_cuda.cuda_kernels())
 
 
 @torch.library.register_fake("rbd_cuda::project_grouped")

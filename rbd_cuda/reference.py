@@ -47,7 +47,7 @@ def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def philox4x32(counter: torch.Tensor, key: torch.Tensor, rounds: int = 10) -> torch.Tensor:
     """Philox4x32-``rounds``: int64 ``counter`` (N, 4), ``key`` (N, 2) -> int64 (N, 4).
 
-    Every word is in [0, 2**32). Same convention as ``rbd_cuda.philox4x32``.
+    Every word is in [0, 2**32). Same convention as ``rbd_cuda.ops.philox4x32``.
     """
     if rounds not in (7, 10):
         raise ValueError(f"rounds must be 7 or 10, got {rounds}")

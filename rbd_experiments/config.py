@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rbd_cuda.basis import DISTRIBUTIONS, NORMALIZATIONS
+from rbd_cuda.basis import NORMALIZATIONS
+from rbd_cuda.ops import DISTRIBUTIONS
 
 from . import data, models
 

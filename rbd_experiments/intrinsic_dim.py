@@ -24,8 +24,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from rbd_cuda.basis import DISTRIBUTIONS, NORMALIZATIONS
+from rbd_cuda.basis import NORMALIZATIONS
 from rbd_cuda.nn import RandomSubspace
+from rbd_cuda.ops import DISTRIBUTIONS
 
 from . import config, data, loop, models
 from .reporting import cpu_name

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rbd_cuda import ops
+from rbd_cuda import backends
 from rbd_cuda.optim import FPD, NES, RBD
 
 from . import config, data, loop, models
@@ -55,7 +55,7 @@ def machine(device: torch.device) -> dict:
     """Where a stretch of a run is trained: the device (and GPU), the CPU, the instruction set of
     the extension's CPU kernels, the threads and torch."""
     gpu = {"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {}
-    return {"device": device.type, **gpu, "cpu": cpu_name(), "cpu_isa": ops.cpu_isa(),
+    return {"device": device.type, **gpu, "cpu": cpu_name(), "cpu_isa": backends.cpu.isa,
             "threads": torch.get_num_threads(), "torch": str(torch.__version__)}
 
 

@@ -154,7 +154,7 @@ def _devices() -> list:
 def device(request) -> str:
     """Every test that takes ``device`` runs on the CPU and, where a GPU is present, on CUDA.
     On a GPU machine a build without the CUDA kernels fails instead of passing on the CPU alone."""
-    if request.param == "cuda" and not rbd_cuda.built_with_cuda():
+    if request.param == "cuda" and not rbd_cuda.backends.built_with_cuda():
         pytest.fail("a CUDA GPU is present but rbd_cuda was built without its CUDA kernels "
                     "(rebuild with RBD_CUDA=1)")
     return request.param

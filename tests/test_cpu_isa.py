@@ -1,7 +1,12 @@
-"""The CPU kernels' instruction-set paths (baseline, AVX2, AVX-512): each one this CPU runs is
-forced with RBD_CPU_ISA and must give the baseline's results bit for bit (words, entries of all
-three distributions, products) and agree with the float64 reference. The baseline is always
-among them, so every machine tests the fallback."""
+"""rbd_cuda.backends: the settings (CPU instruction set, CUDA kernel family), and the CPU kernels'
+instruction-set paths (baseline, AVX2, AVX-512): each one this CPU runs is selected with
+``backends.cpu.isa`` and must give the baseline's results bit for bit (words, entries of all three
+distributions, products) and agree with the float64 reference. The baseline is always among them,
+so every machine tests the fallback."""
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -18,19 +23,19 @@ from conftest import (
 )
 
 import rbd_cuda
-from rbd_cuda import reference
+from rbd_cuda import backends, reference
 
-ISAS = rbd_cuda.cpu_isas()
+ISAS = backends.cpu.isas
 SIMD_ISAS = [isa for isa in ISAS if isa != "baseline"]
 KNOWN = ("avx512", "avx2", "baseline")
 
 
 @pytest.fixture
 def use_isa(monkeypatch):
-    """Selects a path for the calls that follow (the variable is read on every call)."""
+    """Selects a path for the calls that follow; the previous one is restored after the test."""
     def select(isa):
-        monkeypatch.setenv("RBD_CPU_ISA", isa)
-        assert rbd_cuda.cpu_isa() == isa
+        monkeypatch.setattr(backends.cpu, "isa", isa)
+        assert backends.cpu.isa == isa
     return select
 
 
@@ -40,29 +45,76 @@ def test_isa_list():
     assert ISAS == sorted(ISAS, key=KNOWN.index)  # best first
 
 
-def test_default_is_best(monkeypatch):
-    monkeypatch.delenv("RBD_CPU_ISA", raising=False)
-    assert rbd_cuda.cpu_isa() == ISAS[0]
-    for value in ("", "auto"):
-        monkeypatch.setenv("RBD_CPU_ISA", value)
-        assert rbd_cuda.cpu_isa() == ISAS[0]
+def test_auto_is_best(use_isa):
+    use_isa("baseline")
+    backends.cpu.isa = "auto"
+    assert backends.cpu.isa == ISAS[0]
 
 
-def test_bad_isa_names_the_variable(monkeypatch):
-    monkeypatch.setenv("RBD_CPU_ISA", "sse9")
-    with pytest.raises(ValueError, match="RBD_CPU_ISA must be .* got 'sse9'"):
-        rbd_cuda.cpu_isa()
-    with pytest.raises(ValueError, match="RBD_CPU_ISA"):
-        rbd_cuda.project(torch.ones(8), 4, seed=0)
+def test_bad_settings_are_refused_and_change_nothing(use_isa):
+    use_isa("baseline")
+    with pytest.raises(ValueError, match="the CPU ISA must be 'avx512', 'avx2', 'baseline' or 'auto', got 'sse9'"):
+        backends.cpu.isa = "sse9"
+    with pytest.raises(TypeError, match="rbd_cuda.backends.cpu.isa must be a str, got int"):
+        backends.cpu.isa = 2
+    assert backends.cpu.isa == "baseline"
+    kernels = backends.cuda.kernels
+    with pytest.raises(ValueError, match="the CUDA kernels must be 'v1' or 'v2', got 'v3'"):
+        backends.cuda.kernels = "v3"
+    with pytest.raises(TypeError, match="rbd_cuda.backends.cuda.kernels must be a str, got NoneType"):
+        backends.cuda.kernels = None
+    assert backends.cuda.kernels == kernels
 
 
 @pytest.mark.parametrize("isa", KNOWN)
-def test_unavailable_isa_is_refused(isa, monkeypatch):
+def test_unavailable_isa_is_refused(isa):
     if isa in ISAS:
         pytest.skip(f"{isa} is available on this CPU")
-    monkeypatch.setenv("RBD_CPU_ISA", isa)
-    with pytest.raises(ValueError, match=f"RBD_CPU_ISA='{isa}' is not available.*baseline"):
-        rbd_cuda.expand(torch.ones(4), 8, seed=0)
+    with pytest.raises(ValueError, match=f"the CPU ISA '{isa}' is not available.*baseline"):
+        backends.cpu.isa = isa
+
+
+def test_the_settings_are_attributes_and_context_managers(monkeypatch):
+    monkeypatch.setattr(backends.cpu, "isa", ISAS[0])
+    monkeypatch.setattr(backends.cuda, "kernels", "v1")
+    with backends.cpu.use_isa("baseline"), backends.cuda.use_kernels("v2"):
+        assert (backends.cpu.isa, backends.cuda.kernels) == ("baseline", "v2")
+    assert (backends.cpu.isa, backends.cuda.kernels) == (ISAS[0], "v1")
+    with pytest.raises(KeyError), backends.cpu.use_isa("baseline"):
+        raise KeyError  # restored on the way out of an exception too
+    assert backends.cpu.isa == ISAS[0]
+    backends.cuda.kernels = "v2"
+    assert backends.cuda.kernels == "v2"
+
+
+def _python(code: str, **env) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter importing this copy of rbd_cuda, with ``env`` set (None: unset)."""
+    environ = {k: v for k, v in os.environ.items() if k not in ("RBD_CPU_ISA", "RBD_CUDA_KERNELS")}
+    root = os.path.dirname(os.path.dirname(rbd_cuda.__file__))
+    environ["PYTHONPATH"] = os.pathsep.join([root, environ.get("PYTHONPATH", "")])
+    environ.update(env)
+    return subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True, timeout=120,
+                          check=False)
+
+
+def test_the_environment_gives_the_initial_values_once_at_import():
+    code = """import os, torch, rbd_cuda
+from rbd_cuda import backends
+print(backends.cpu.isa, backends.cuda.kernels)
+# Read once: changing the variables afterwards changes nothing, and no op call reads them.
+os.environ["RBD_CPU_ISA"], os.environ["RBD_CUDA_KERNELS"] = "sse9", "v3"
+rbd_cuda.project(torch.ones(8), 4, seed=0)
+print(backends.cpu.isa, backends.cuda.kernels)"""
+    run = _python(code)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == [ISAS[0], "v1"] * 2  # the defaults: the best ISA, v1
+    run = _python(code, RBD_CPU_ISA="baseline", RBD_CUDA_KERNELS="v2")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["baseline", "v2"] * 2
+    run = _python("import rbd_cuda", RBD_CPU_ISA="sse9")
+    assert run.returncode != 0
+    assert ("RBD_CPU_ISA='sse9' sets rbd_cuda.backends.cpu.isa: the CPU ISA must be 'avx512', 'avx2', "
+            "'baseline' or 'auto', got 'sse9'") in run.stderr
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -72,14 +124,14 @@ def test_philox_words(isa, rounds, use_isa):
     # 1003 counters leave a partial vector at the end.
     use_isa(isa)
     rows = [r for r in KAT if r[0] == rounds]
-    out = rbd_cuda.philox4x32(torch.tensor([r[1] for r in rows]), torch.tensor([r[2] for r in rows]), rounds)
+    out = rbd_cuda.ops.philox4x32(torch.tensor([r[1] for r in rows]), torch.tensor([r[2] for r in rows]), rounds)
     assert out.tolist() == [r[3] for r in rows]
     gen = torch.Generator().manual_seed(17 + rounds)
     counter = torch.randint(0, 2**32, (1003, 4), generator=gen, dtype=torch.int64)
     key = torch.randint(0, 2**32, (1003, 2), generator=gen, dtype=torch.int64)
     counter[:5] = 2**32 - 1
     key[3:9] = 2**32 - 1  # the key schedule wraps mod 2**32
-    assert torch.equal(rbd_cuda.philox4x32(counter, key, rounds), reference.philox4x32(counter, key, rounds))
+    assert torch.equal(rbd_cuda.ops.philox4x32(counter, key, rounds), reference.philox4x32(counter, key, rounds))
 
 
 # (numel, dim, row_offset, col_offset): partial tiles and groups, a row range with many row
@@ -105,7 +157,7 @@ def _run_all(isa, use_isa, numel, dim, kw, dtype):
     results = {"project": rbd_cuda.project(g, dim, **kw), "expand": rbd_cuda.expand(c, numel, **kw),
                "expand_": out}
     if numel * dim <= 2_000_000:
-        results["materialize"] = rbd_cuda.materialize(numel, dim, **kw)
+        results["materialize"] = rbd_cuda.ops.materialize(numel, dim, **kw)
     return results
 
 
@@ -129,7 +181,7 @@ def test_paths_match_reference(isa, dist, use_isa):
     use_isa(isa)
     numel, dim = 1030, 97
     kw = {**STREAM, "distribution": dist, "row_offset": 3, "col_offset": 1000}
-    m = rbd_cuda.materialize(numel, dim, **kw)
+    m = rbd_cuda.ops.materialize(numel, dim, **kw)
     ref = ref_matrix(numel, dim, **kw)
     if dist == "normal":
         assert (m.double() - ref).abs().max().item() <= 1e-6

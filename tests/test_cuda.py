@@ -29,13 +29,13 @@ ERR = (ValueError, RuntimeError)
 
 @pytest.fixture(autouse=True)
 def _require_cuda_kernels():
-    if not rbd_cuda.built_with_cuda():
+    if not rbd_cuda.backends.built_with_cuda():
         pytest.fail("a CUDA GPU is present but rbd_cuda was built without its CUDA kernels "
                     "(rebuild with RBD_CUDA=1)")
 
 
 def test_built_with_cuda():
-    assert rbd_cuda.built_with_cuda()
+    assert rbd_cuda.backends.built_with_cuda()
 
 
 # (numel, dim, row_offset, col_offset): sizes 1, 3, 4097, 1_000_003 and dims 1, 7, 33, 256, with
@@ -106,7 +106,7 @@ def test_philox_known_answers(rounds):
     rows = [r for r in KAT if r[0] == rounds]
     counter = torch.tensor([r[1] for r in rows], dtype=torch.int64, device=CUDA)
     key = torch.tensor([r[2] for r in rows], dtype=torch.int64, device=CUDA)
-    out = rbd_cuda.philox4x32(counter, key, rounds)
+    out = rbd_cuda.ops.philox4x32(counter, key, rounds)
     assert out.device.type == torch.device(CUDA).type and out.dtype == torch.int64
     assert out.cpu().tolist() == [r[3] for r in rows]
 
@@ -116,8 +116,8 @@ def test_philox_random_words_match_cpu(rounds):
     gen = torch.Generator().manual_seed(rounds)
     counter = torch.randint(0, 2**32, (100_003, 4), generator=gen, dtype=torch.int64)
     key = torch.randint(0, 2**32, (100_003, 2), generator=gen, dtype=torch.int64)
-    got = rbd_cuda.philox4x32(counter.to(CUDA), key.to(CUDA), rounds)
-    assert torch.equal(got.cpu(), rbd_cuda.philox4x32(counter, key, rounds))
+    got = rbd_cuda.ops.philox4x32(counter.to(CUDA), key.to(CUDA), rounds)
+    assert torch.equal(got.cpu(), rbd_cuda.ops.philox4x32(counter, key, rounds))
 
 
 MAT_SHAPES = [(1, 1, 0, 0), (3, 7, 1, 3), (4097, 33, 2, 31), (257, 256, 5, 61),
@@ -131,8 +131,8 @@ def test_materialize_matches_cpu(shape, dist):
     numel, dim, r0, c0 = shape
     kw = dict(distribution=dist, row_offset=r0, col_offset=c0, **STREAM)
     poison_cache(numel * dim)
-    got = rbd_cuda.materialize(numel, dim, device=CUDA, **kw)
-    cpu = rbd_cuda.materialize(numel, dim, **kw)
+    got = rbd_cuda.ops.materialize(numel, dim, device=CUDA, **kw)
+    cpu = rbd_cuda.ops.materialize(numel, dim, **kw)
     assert got.device.type == torch.device(CUDA).type
     assert got.dtype == torch.float32 and got.shape == (numel, dim)
     got = got.cpu()
@@ -146,9 +146,9 @@ def test_materialize_matches_cpu(shape, dist):
 @pytest.mark.parametrize("dist", ["uniform", "rademacher"])
 def test_materialize_dtypes_bit_exact(dist, dtype):
     kw = dict(distribution=dist, row_offset=3, col_offset=7, **STREAM)
-    got = rbd_cuda.materialize(1001, 45, dtype=dtype, device=CUDA, **kw)
+    got = rbd_cuda.ops.materialize(1001, 45, dtype=dtype, device=CUDA, **kw)
     assert got.dtype == dtype
-    assert torch.equal(got.cpu(), rbd_cuda.materialize(1001, 45, dtype=dtype, **kw))
+    assert torch.equal(got.cpu(), rbd_cuda.ops.materialize(1001, 45, dtype=dtype, **kw))
 
 
 @pytest.mark.parametrize("seed", [0, -1, 2**63, 2**64 - 1, 0x0123456789ABCDEF])
@@ -156,8 +156,8 @@ def test_materialize_seeds_steps_streams(seed):
     for step, stream in [(0, 0), (1, 2**32 - 1), (2**32 - 1, 5)]:
         kw = {"seed": seed, "step": step, "stream": stream, "distribution": "uniform",
               "row_offset": 1, "col_offset": 2}
-        got = rbd_cuda.materialize(33, 40, device=CUDA, **kw)
-        assert torch.equal(got.cpu(), rbd_cuda.materialize(33, 40, **kw))
+        got = rbd_cuda.ops.materialize(33, 40, device=CUDA, **kw)
+        assert torch.equal(got.cpu(), rbd_cuda.ops.materialize(33, 40, **kw))
 
 
 # ---- products ---------------------------------------------------------------------------------
@@ -260,7 +260,7 @@ def test_poison(dist, dtype):
         got = rbd_cuda.expand(c.to(CUDA), numel, **kw)
         assert_matches_cpu(got, rbd_cuda.expand(c, numel, **kw), f"fresh expand {numel}")
         poison_cache(numel * 33)
-        m = rbd_cuda.materialize(numel, 33, device=CUDA, **kw)
+        m = rbd_cuda.ops.materialize(numel, 33, device=CUDA, **kw)
         assert torch.isfinite(m).all()
 
 
@@ -277,7 +277,7 @@ def test_mixed_devices_rejected():
         rbd_cuda.expand_(out_cpu, torch.ones(4, device=CUDA), seed=0)
     assert torch.equal(out_cpu, torch.zeros(10))
     with pytest.raises(RuntimeError, match=r"counter.*key|key.*counter"):
-        rbd_cuda.philox4x32(torch.zeros(1, 4, dtype=torch.int64, device=CUDA),
+        rbd_cuda.ops.philox4x32(torch.zeros(1, 4, dtype=torch.int64, device=CUDA),
                             torch.zeros(1, 2, dtype=torch.int64))
 
 
@@ -296,18 +296,18 @@ def test_bad_input_cuda():
     with pytest.raises(ERR, match=r"\bout must be contiguous"):
         rbd_cuda.expand_(torch.zeros(10, 4, device=CUDA).T, torch.ones(4, device=CUDA), seed=0)
     with pytest.raises(ERR, match="rounds"):
-        rbd_cuda.philox4x32(torch.zeros(1, 4, dtype=torch.int64, device=CUDA),
+        rbd_cuda.ops.philox4x32(torch.zeros(1, 4, dtype=torch.int64, device=CUDA),
                             torch.zeros(1, 2, dtype=torch.int64, device=CUDA), 8)
 
 
-# ---- the v2 kernels and the one-launch grouped ops (RBD_CUDA_KERNELS) -------------------------
+# ---- the v2 kernels and the one-launch grouped ops (rbd_cuda.backends.cuda.kernels) --------------
 
 
 @pytest.fixture(params=["v1", "v2"])
 def kernels(request, monkeypatch):
-    """Both CUDA kernel families in one run, whatever RBD_CUDA_KERNELS says outside."""
-    monkeypatch.setenv("RBD_CUDA_KERNELS", request.param)
-    assert rbd_cuda.cuda_kernels() == request.param
+    """Both CUDA kernel families in one run, whatever the setting is outside (RBD_CUDA_KERNELS)."""
+    monkeypatch.setattr(rbd_cuda.backends.cuda, "kernels", request.param)
+    assert rbd_cuda.backends.cuda.kernels == request.param
     return request.param
 
 
@@ -368,7 +368,7 @@ def test_grouped_one_launch_with_v2(kernels, dist):
 def test_expand_keeps_the_integer_stream(kernels, dist):
     """Uniform and Rademacher entries are exact functions of the Philox words: expanding a unit
     coefficient reads out one column of P, which must equal materialize's (no switch changes it)."""
-    m = rbd_cuda.materialize(10_001, 70, distribution=dist, row_offset=3, col_offset=5, device=CUDA, **STREAM)
+    m = rbd_cuda.ops.materialize(10_001, 70, distribution=dist, row_offset=3, col_offset=5, device=CUDA, **STREAM)
     for col in (0, 5, 31, 63):
         e = torch.zeros(70, device=CUDA)
         e[col] = 1.0

@@ -309,7 +309,7 @@ def hook_error_feedback(rank, world):
 
 def hook_trains(rank, world, error_feedback):
     model = torch.nn.parallel.DistributedDataParallel(mlp())
-    state = RandomBasesHook(dim=rbd_cuda.optim.Compression(4, minimum=8), seed=9, error_feedback=error_feedback)
+    state = RandomBasesHook(dim=rbd_cuda.layout.Compression(4, minimum=8), seed=9, error_feedback=error_feedback)
     model.register_comm_hook(state, random_bases_hook)
     opt = torch.optim.SGD(model.parameters(), lr=1.0 if error_feedback else 0.4)
     x, y = batch(0, world)  # a fixed task: loss on the whole batch before and after
@@ -387,7 +387,7 @@ def test_independent_bases_apply_every_ranks_update(results, reduction):
         before = runs[0]["before"][k].double().reshape(-1)
         update = torch.zeros_like(before)
         for r, run in enumerate(runs):
-            P = rbd_cuda.materialize(before.numel(), dim, seed=11, step=0, stream=r * n_tensors + k,
+            P = rbd_cuda.ops.materialize(before.numel(), dim, seed=11, step=0, stream=r * n_tensors + k,
                                      dtype=torch.float64)
             update += P @ (P.T @ run["grads"][k].double().reshape(-1))
         expected = before - lr / dim * weight * update
@@ -423,7 +423,7 @@ def test_hook_all_reduces_coefficients_and_expands_them(results):
     assert by_rank[0], "the hook saw no bucket"
     for index, bucket in by_rank[0].items():
         numel = bucket["in"].numel()
-        P = rbd_cuda.materialize(numel, 20, seed=9, step=0, stream=index, dtype=torch.float64)
+        P = rbd_cuda.ops.materialize(numel, 20, seed=9, step=0, stream=index, dtype=torch.float64)
         mean_c = sum(P.T @ ranks[index]["in"].double() for ranks in by_rank) / WORLD
         torch.testing.assert_close(bucket["out"].double(), P @ mean_c / 20, rtol=1e-5, atol=1e-6)
         for ranks in by_rank:
@@ -440,7 +440,7 @@ def test_hook_output_equals_the_float64_formula_for_each_normalisation(results, 
     assert by_rank[0]
     for index, bucket in by_rank[0].items():
         n = bucket["in"].numel()
-        P = rbd_cuda.materialize(n, 20, seed=5, step=0, stream=index, distribution="uniform", dtype=torch.float64)
+        P = rbd_cuda.ops.materialize(n, 20, seed=5, step=0, stream=index, distribution="uniform", dtype=torch.float64)
         s = {"unbiased": 3 / 20, "paper": 1 / n, "dim": 1 / 20, "none": 1.0, "projection": 3 / n}[normalize]
         mean_c = sum(P.T @ ranks[index]["in"].double() for ranks in by_rank) / WORLD
         torch.testing.assert_close(bucket["out"].double(), s * (P @ mean_c), rtol=1e-5, atol=1e-6)
@@ -489,7 +489,7 @@ def test_hook_error_feedback_carries_the_residual_to_the_next_step(results):
             torch.testing.assert_close(mine["residual"].double(), x - mine["out"].double(), rtol=1e-5, atol=1e-6)
             xs.append(x)
         numel = rec["in"].numel()
-        P = rbd_cuda.materialize(numel, 20, seed=4, step=rec["step"], stream=rec["index"], dtype=torch.float64)
+        P = rbd_cuda.ops.materialize(numel, 20, seed=4, step=rec["step"], stream=rec["index"], dtype=torch.float64)
         mean_c = sum(P.T @ x for x in xs) / WORLD
         torch.testing.assert_close(rec["out"].double(), P @ mean_c / numel, rtol=1e-5, atol=1e-6)
     assert reused >= WORLD  # at least one step after the rebuild added its residual back
@@ -529,7 +529,7 @@ def test_optimizer_arguments_are_checked(kw, error, match):
 
 
 @pytest.mark.parametrize(("kw", "error", "match"), [
-    ({"dim": rbd_cuda.optim.Proportional(10)}, TypeError, "hook's dim must be"),
+    ({"dim": rbd_cuda.layout.Proportional(10)}, TypeError, "hook's dim must be"),
     ({"dim": 0}, ValueError, "dim must be positive"),
     ({"normalize": "sqrt"}, ValueError, "normalize must be one of"),
     ({"distribution": "bernoulli"}, ValueError, "distribution must be one of"),

@@ -2,7 +2,7 @@
 
 project_grouped sums each compartment's per-segment projections in list order, and
 expand_grouped_ gives every segment what expand_ gives it, on every device: with the v2 CUDA
-kernels (RBD_CUDA_KERNELS=v2) that is one launch per op instead of one per segment.
+kernels (rbd_cuda.backends.cuda.kernels = "v2") that is one launch per op instead of one per segment.
 """
 
 import itertools
@@ -181,17 +181,6 @@ def test_expand_grouped_bad_input(device, direct):
         fn([torch.zeros(4, 2, device=device).t(), out[1]], c, [1.0, 1.0], **_table(), seed=0)
     with pytest.raises((ValueError, RuntimeError), match="distribution"):
         fn(out, c, [1.0, 1.0], **_table(), seed=0, distribution="cauchy")
-
-
-def test_cuda_kernels_switch(monkeypatch):
-    monkeypatch.delenv("RBD_CUDA_KERNELS", raising=False)
-    assert rbd_cuda.cuda_kernels() == "v1"
-    for name in ("v1", "v2"):
-        monkeypatch.setenv("RBD_CUDA_KERNELS", name)
-        assert rbd_cuda.cuda_kernels() == name
-    monkeypatch.setenv("RBD_CUDA_KERNELS", "v3")
-    with pytest.raises(ValueError, match="RBD_CUDA_KERNELS must be 'v1' or 'v2'"):
-        rbd_cuda.cuda_kernels()
 
 
 @pytest.mark.parametrize("dist", DISTRIBUTIONS)

@@ -35,7 +35,7 @@ def _kw(seed, step, stream, dist, row_offset, col_offset):
 def test_matches_reference(dist, case, seed):
     numel, dim, r0, c0, step, stream = case
     kw = _kw(seed, step, stream, dist, r0, c0)
-    got = rbd_cuda.materialize(numel, dim, **kw)
+    got = rbd_cuda.ops.materialize(numel, dim, **kw)
     assert got.shape == (numel, dim) and got.dtype == torch.float32
     ref = reference.materialize(numel, dim, **kw)
     if dist == "normal":
@@ -50,8 +50,8 @@ def test_matches_reference(dist, case, seed):
 def test_seed_signed_unsigned_equivalence(dist):
     # A seed >= 2**63 and its two's-complement negative are the same key.
     for s in (2**63, 2**64 - 1, 2**63 + 12345):
-        a = rbd_cuda.materialize(9, 11, seed=s, distribution=dist)
-        b = rbd_cuda.materialize(9, 11, seed=s - 2**64, distribution=dist)
+        a = rbd_cuda.ops.materialize(9, 11, seed=s, distribution=dist)
+        b = rbd_cuda.ops.materialize(9, 11, seed=s - 2**64, distribution=dist)
         assert torch.equal(a, b)
 
 
@@ -59,9 +59,9 @@ def test_seed_signed_unsigned_equivalence(dist):
 @pytest.mark.parametrize("dist", DISTRIBUTIONS)
 def test_dtypes_are_casts_of_fp32(dist, dtype):
     kw = {"seed": 3, "step": 1, "distribution": dist, "row_offset": 2, "col_offset": 5}
-    got = rbd_cuda.materialize(13, 19, dtype=dtype, **kw)
+    got = rbd_cuda.ops.materialize(13, 19, dtype=dtype, **kw)
     assert got.dtype == dtype
-    assert torch.equal(got, rbd_cuda.materialize(13, 19, **kw).to(dtype))
+    assert torch.equal(got, rbd_cuda.ops.materialize(13, 19, **kw).to(dtype))
 
 
 @pytest.mark.parametrize("dist", DISTRIBUTIONS)
@@ -69,19 +69,19 @@ def test_materialize_inplace_and_device_arg(dist):
     kw = {"seed": 5, "step": 2, "stream": 3, "distribution": dist, "row_offset": 6, "col_offset": 7}
     out = torch.full((10, 12), float("nan"))
     torch.ops.rbd_cuda.materialize_(out, **kw)
-    assert torch.equal(out, rbd_cuda.materialize(10, 12, device="cpu", **kw))
+    assert torch.equal(out, rbd_cuda.ops.materialize(10, 12, device="cpu", **kw))
 
 
 @pytest.mark.parametrize("dist", DISTRIBUTIONS)
 def test_prefix_and_submatrix_exact(dist):
     kw = {"seed": -77, "step": 4, "stream": 1, "distribution": dist}
-    big = rbd_cuda.materialize(50, 70, **kw)
-    assert torch.equal(rbd_cuda.materialize(10, 5, **kw), big[:10, :5])
-    assert torch.equal(rbd_cuda.materialize(50, 1, **kw), big[:, :1])
+    big = rbd_cuda.ops.materialize(50, 70, **kw)
+    assert torch.equal(rbd_cuda.ops.materialize(10, 5, **kw), big[:10, :5])
+    assert torch.equal(rbd_cuda.ops.materialize(50, 1, **kw), big[:, :1])
     for r, c in [(1, 1), (3, 31), (5, 33), (17, 64), (49, 69)]:
-        sub = rbd_cuda.materialize(50 - r, 70 - c, row_offset=r, col_offset=c, **kw)
+        sub = rbd_cuda.ops.materialize(50 - r, 70 - c, row_offset=r, col_offset=c, **kw)
         assert torch.equal(sub, big[r:, c:]), (r, c)
-        one = rbd_cuda.materialize(1, 1, row_offset=r, col_offset=c, **kw)
+        one = rbd_cuda.ops.materialize(1, 1, row_offset=r, col_offset=c, **kw)
         assert torch.equal(one, big[r:r + 1, c:c + 1])
 
 
@@ -97,7 +97,7 @@ N_ROWS, N_COLS = 2**16, 32  # 2**21 entries
 @pytest.fixture(scope="module")
 def samples():
     return {
-        d: rbd_cuda.materialize(N_ROWS, N_COLS, seed=20240601, step=3, stream=1, distribution=d,
+        d: rbd_cuda.ops.materialize(N_ROWS, N_COLS, seed=20240601, step=3, stream=1, distribution=d,
                                 row_offset=1, col_offset=3, dtype=torch.float64)
         for d in DISTRIBUTIONS
     }
@@ -217,9 +217,9 @@ def test_different_keys_uncorrelated(dist):
         dict(base, row_offset=4),  # the next blocks of rows
         dict(base, col_offset=64),  # the next columns
     ]
-    p0 = rbd_cuda.materialize(numel, dim, **base)
+    p0 = rbd_cuda.ops.materialize(numel, dim, **base)
     for v in variants:
-        p1 = rbd_cuda.materialize(numel, dim, **v)
+        p1 = rbd_cuda.ops.materialize(numel, dim, **v)
         assert not torch.equal(p0, p1)
         r = _corr(p0, p1)
         assert abs(r) < 5 / math.sqrt(n), (v, r)
@@ -227,16 +227,16 @@ def test_different_keys_uncorrelated(dist):
 
 def test_different_seeds_differ_everywhere():
     # Not a single shared entry pattern: two seeds agree only as often as chance allows.
-    a = rbd_cuda.materialize(256, 64, seed=1, distribution="uniform")
-    b = rbd_cuda.materialize(256, 64, seed=2, distribution="uniform")
+    a = rbd_cuda.ops.materialize(256, 64, seed=1, distribution="uniform")
+    b = rbd_cuda.ops.materialize(256, 64, seed=2, distribution="uniform")
     assert (a == b).double().mean() < 1e-3
 
 
 @pytest.mark.parametrize("dist", DISTRIBUTIONS)
 def test_materialize_deterministic(dist):
     kw = _kw(99, 1, 2, dist, 3, 29)
-    a = rbd_cuda.materialize(3001, 45, **kw)
-    b = rbd_cuda.materialize(3001, 45, **kw)
+    a = rbd_cuda.ops.materialize(3001, 45, **kw)
+    b = rbd_cuda.ops.materialize(3001, 45, **kw)
     assert torch.equal(a, b)
 
 

@@ -2,6 +2,7 @@
 
 import copy
 import io
+import json
 import math
 
 import pytest
@@ -10,8 +11,9 @@ from torch import nn
 from torch.func import functional_call
 
 import rbd_cuda
+from rbd_cuda.layout import Proportional
 from rbd_cuda.nn import RandomSubspace
-from rbd_cuda.optim import FPD, Proportional
+from rbd_cuda.optim import FPD
 
 VARIANCE = {"normal": 1.0, "uniform": 1.0 / 3.0, "rademacher": 1.0}
 NORMALIZATIONS = ("unbiased", "paper", "dim", "none", "projection")
@@ -65,7 +67,7 @@ def reference_theta(named, mode, dims, c, lambdas=None, *, seed, distribution="n
     offset = 0
     for k, (pieces, d) in enumerate(zip(reference_compartments(named, mode), dims, strict=True)):
         rows = sum(stop - start for _, start, stop in pieces)
-        P = rbd_cuda.materialize(rows, d, seed=seed, stream=k, distribution=distribution).double()
+        P = rbd_cuda.ops.materialize(rows, d, seed=seed, stream=k, distribution=distribution).double()
         s = {"unbiased": 1 / (d * VARIANCE[distribution]), "paper": 1 / total, "dim": 1 / d, "none": 1.0,
              "projection": 1 / (rows * VARIANCE[distribution])}[normalize]
         u = math.sqrt(s) * (P @ c[offset: offset + d])
@@ -312,23 +314,162 @@ def test_state_dict_round_trip():
     state = torch.load(buffer, weights_only=True)
     assert set(state) == {"c", "_extra_state"} | {f"module.{n}" for n in ("0.weight", "0.bias", "2.weight",
                                                                            "2.bias", "4.weight", "4.bias")}
-    assert state["_extra_state"]["seed"] == 9
+    assert json.loads(bytes(state["_extra_state"].tolist()))["seed"] == 9
     restored = RandomSubspace(mlp(seed=2), 6, seed=9, compartments="tensor")
     restored.load_state_dict(state)
     x, _ = data()
     assert torch.equal(restored(x), wrapper(x))
 
 
-@pytest.mark.parametrize(("changed", "name"), [
-    ({"seed": 10}, "seed"), ({"distribution": "uniform"}, "distribution"), ({"normalize": "paper"}, "normalize"),
-    ({"compartments": "global"}, "compartments"), ({"dim": 5}, "compartments"), ({"said": True}, "said"),
+def test_the_state_dict_is_tensors_only_and_safetensors_round_trips_it(tmp_path):
+    safetensors = pytest.importorskip("safetensors.torch", reason="safetensors is in requirements-dev.txt")
+    wrapper = RandomSubspace(Tied(), 3, seed=2, said=True)
+    with torch.no_grad():
+        wrapper.c.normal_()
+        wrapper.lambdas.mul_(0.5)
+    state = wrapper.state_dict()
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    # The tied matrix once (safetensors refuses two names for one storage), plus c, λ and the configuration.
+    assert set(state) == {"c", "lambdas", "_extra_state", "module.embed.weight"}
+    assert json.loads(bytes(state["_extra_state"].tolist())) == wrapper.subspace_config()
+    safetensors.save_file(state, tmp_path / "w.safetensors")
+    restored = RandomSubspace(Tied(), 3, seed=2, said=True)
+    restored.load_state_dict(safetensors.load_file(tmp_path / "w.safetensors"))
+    tokens = torch.tensor([1, 5])
+    assert torch.equal(restored(tokens), wrapper(tokens))
+    assert restored.module.out.weight is restored.module.embed.weight
+
+
+def test_subspace_config_does_not_take_the_name_config():
+    # Frameworks read model.config as a transformers configuration (the Trainer sets model.config.use_cache).
+    wrapper = RandomSubspace(mlp(), 4, seed=3)
+    assert getattr(wrapper, "config", None) is None
+    assert wrapper.subspace_config()["seed"] == 3
+
+
+@pytest.mark.parametrize(("changed", "field"), [
+    ({"seed": 10}, "seed: 9 saved, 10 here"), ({"distribution": "uniform"}, "distribution: 'normal' saved"),
+    ({"normalize": "paper"}, "normalize: 'unbiased' saved"), ({"compartments": "global"}, r"compartments\[0\].numel: 30 saved, 74 here"),
+    ({"dim": 5}, r"compartments\[0\].dim: 6 saved, 5 here"), ({"said": True}, "said: False saved, True here"),
 ], ids=repr)
-def test_a_state_from_another_wrapper_is_refused_naming_the_difference(changed, name):
+def test_a_state_from_another_wrapper_is_refused_naming_the_difference(changed, field):
     kw = {"dim": 6, "seed": 9, "compartments": "tensor"}
     state = RandomSubspace(mlp(seed=1), **kw).state_dict()
     other = RandomSubspace(mlp(seed=1), **{**kw, **changed})
-    with pytest.raises(ValueError, match=f"other arguments, whose weights differ: .*{name}: "):
+    with pytest.raises(ValueError, match=f"other arguments, whose weights differ: {field}"):
         other.load_state_dict(state, strict=False)  # strict=False: SAID adds a parameter
+
+
+def test_the_difference_message_is_bounded():
+    # 3000 compartments of one entry each against one: the message names the first difference only.
+    wide = nn.Sequential(nn.Linear(1000, 3))
+    state = RandomSubspace(wide, 1, seed=0, compartments=1).state_dict()
+    with pytest.raises(ValueError, match=r"differ: compartments\[0\].numel: 1 saved, 3003 here$") as error:
+        RandomSubspace(nn.Sequential(nn.Linear(1000, 3)), 1, seed=0).load_state_dict(state, strict=False)
+    assert len(str(error.value)) < 200
+
+
+def _spoiled(state, key, value):
+    return {**state, key: value}
+
+
+def _config(**changes):
+    wrapper = RandomSubspace(mlp(seed=1), 5, seed=4, compartments="layer", said=True)
+    text = json.dumps({**wrapper.subspace_config(), **changes})
+    return torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8)
+
+
+BAD_STATES = {
+    "c from another seed": (lambda s: {**RandomSubspace(mlp(seed=1), 5, seed=5, compartments="layer", said=True)
+                                       .state_dict(), "c": torch.ones(15)}, ValueError, "seed: 5 saved, 4 here"),
+    "non-finite c": (lambda s: _spoiled(s, "c", torch.full((15,), math.nan)), ValueError, "'c' holds non-finite"),
+    "infinite lambda": (lambda s: _spoiled(s, "lambdas", torch.tensor([1.0, math.inf, 1.0])), ValueError,
+                        "'lambdas' holds non-finite"),
+    "non-finite theta0": (lambda s: _spoiled(s, "module.2.bias", torch.full((4,), math.nan)), ValueError,
+                          "'module.2.bias' holds non-finite"),
+    "c of another length": (lambda s: _spoiled(s, "c", torch.zeros(16)), ValueError, r"'c' has shape \(16,\)"),
+    "float64 c": (lambda s: _spoiled(s, "c", torch.zeros(15, dtype=torch.float64)), ValueError,
+                  "coefficients are loaded into fp32 from float32, float16 or bfloat16 only"),
+    "integer c": (lambda s: _spoiled(s, "c", torch.zeros(15, dtype=torch.int64)), ValueError, "'c' has dtype torch.int64"),
+    "bf16 theta0": (lambda s: _spoiled(s, "module.0.weight", s["module.0.weight"].bfloat16()), ValueError,
+                    r"\(θ₀\) has dtype torch.bfloat16"),
+    "a list for c": (lambda s: _spoiled(s, "c", [0.0] * 15), TypeError, "'c' must be a tensor, got list"),
+    "no configuration": (lambda s: {k: v for k, v in s.items() if k != "_extra_state"}, ValueError,
+                         "no '_extra_state'.* required even with strict=False"),
+    "garbage configuration": (lambda s: _spoiled(s, "_extra_state", torch.tensor([1, 2, 3], dtype=torch.uint8)),
+                              ValueError, "not a RandomSubspace configuration"),
+    "configuration of another format": (lambda s: _spoiled(s, "_extra_state", _config(format=3)), ValueError,
+                                        "not a format-2 RandomSubspace configuration"),
+    "configuration with another layout": (lambda s: _spoiled(s, "_extra_state", _config(compartments=[])),
+                                          ValueError, r"len\(compartments\): 0 saved, 3 here"),
+    "an unexpected entry": (lambda s: _spoiled(s, "module.9.weight", torch.zeros(2)), ValueError,
+                            r"unexpected entries \['module.9.weight'\]"),
+    "a missing entry": (lambda s: {k: v for k, v in s.items() if k != "module.4.bias"}, ValueError,
+                        r"lacks \['module.4.bias'\]"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_STATES)
+def test_a_refused_state_changes_nothing(case):
+    spoil, error, match = BAD_STATES[case]
+    source = RandomSubspace(mlp(seed=1), 5, seed=4, compartments="layer", said=True)
+    with torch.no_grad():
+        source.c.normal_()
+    target = RandomSubspace(mlp(seed=2), 5, seed=4, compartments="layer", said=True)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(error, match=match):
+        target.load_state_dict(spoil(source.state_dict()))
+    after = target.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before), case
+
+
+def test_strict_false_leaves_missing_entries_as_they_are():
+    source = RandomSubspace(mlp(seed=1), 5, seed=4)
+    with torch.no_grad():
+        source.c.normal_()
+    target = RandomSubspace(mlp(seed=2), 5, seed=4)
+    bias = target.get_buffer("module.4.bias").clone()
+    state = {k: v for k, v in source.state_dict().items() if k != "module.4.bias"}
+    result = target.load_state_dict(state, strict=False)
+    assert result.missing_keys == ["module.4.bias"]
+    assert torch.equal(target.c, source.c) and torch.equal(target.get_buffer("module.4.bias"), bias)
+
+
+def test_assign_keeps_tied_weights_tied_and_coefficients_fp32():
+    source = RandomSubspace(Tied(), 3, seed=2)
+    with torch.no_grad():
+        source.c.normal_()
+    target = RandomSubspace(Tied(), 3, seed=2)
+    target.load_state_dict({k: v.clone() for k, v in source.state_dict().items()}, assign=True)
+    assert target.module.out.weight is target.module.embed.weight
+    tokens = torch.tensor([0, 3, 6])
+    assert torch.equal(target(tokens), source(tokens))
+    with pytest.raises(ValueError, match="with assign=True the coefficients must be float32"):
+        target.load_state_dict({**source.state_dict(), "c": source.c.detach().half()}, assign=True)
+    assert target.c.dtype == torch.float32
+
+
+def test_a_state_of_format_1_still_loads():
+    # fcd40d6 saved the configuration as a dict and θ₀ of a tied parameter under each name.
+    wrapper = RandomSubspace(Tied(), 3, seed=2)
+    with torch.no_grad():
+        wrapper.c.normal_()
+    config = wrapper.subspace_config()
+    old = {"format": 1, **{k: config[k] for k in ("seed", "distribution", "normalize", "said")},
+           "compartments": [[c["stream"], c["dim"], c["numel"],
+                             [[g["param"], g["start"], g["numel"], g["row_offset"]] for g in c["segments"]]]
+                            for c in config["compartments"]]}
+    theta0 = wrapper.get_buffer("module.embed.weight")
+    state = {"c": wrapper.c.detach().clone(), "module.embed.weight": theta0, "module.out.weight": theta0,
+             "_extra_state": old}
+    restored = RandomSubspace(Tied(), 3, seed=2)
+    restored.load_state_dict(state)
+    assert torch.equal(restored.c, wrapper.c)
+    refused = RandomSubspace(Tied(), 3, seed=7)
+    with pytest.raises(ValueError, match="seed: 2 saved, 7 here"):
+        refused.load_state_dict(state)
+    with pytest.raises(ValueError, match="'module.out.weight' must equal 'module.embed.weight'"):
+        restored.load_state_dict({**state, "module.out.weight": theta0 + 1})
 
 
 def test_frozen_parameters_stay_outside_the_subspace():
@@ -368,6 +509,34 @@ def test_tied_weights_share_one_slice_of_the_subspace():
     plain = wrapper.export()
     assert plain.out.weight is plain.embed.weight
     torch.testing.assert_close(plain(tokens), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_coefficients_stay_fp32_through_dtype_conversions(dtype):
+    wrapper = RandomSubspace(mlp(seed=1), 8, seed=1, said=True)
+    x, y = data()
+    nn.functional.cross_entropy(wrapper(x), y).backward()
+    with torch.no_grad():
+        wrapper.c.normal_()
+    c = wrapper.c.detach().clone()
+    assert wrapper.to(dtype) is wrapper
+    assert wrapper.c.dtype == wrapper.lambdas.dtype == wrapper.c.grad.dtype == torch.float32
+    assert torch.equal(wrapper.c, c)  # not rounded on the way
+    assert wrapper.get_buffer("module.0.weight").dtype == dtype
+    assert wrapper(x.to(dtype)).dtype == dtype
+    wrapper.half().float()
+    assert torch.equal(wrapper.c, c)
+
+
+def test_tied_weights_stay_tied_through_conversions():
+    wrapper = RandomSubspace(Tied(), 3, seed=2)
+    with torch.no_grad():
+        wrapper.c.normal_()
+    wrapper.to(torch.bfloat16)
+    assert wrapper.module.out.weight is wrapper.module.embed.weight
+    tokens = torch.tensor([0, 3, 6])
+    weight = wrapper.weights()["embed.weight"]
+    torch.testing.assert_close(wrapper(tokens), weight[tokens] @ weight.T)
 
 
 def test_bfloat16_module():

@@ -11,8 +11,8 @@ import torch
 
 from rbd_cuda import reference
 from rbd_cuda.basis import NORMALIZATIONS
-from rbd_cuda.layout import plan
-from rbd_cuda.optim import FPD, NES, RBD, Compression, Fixed, Proportional, replay
+from rbd_cuda.layout import Compression, Fixed, Proportional, plan
+from rbd_cuda.optim import FPD, NES, RBD, replay
 
 DATA = Path(__file__).parent / "data"
 VARIANCE = {"normal": 1.0, "uniform": 1.0 / 3.0, "rademacher": 1.0}

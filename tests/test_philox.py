@@ -21,7 +21,7 @@ def kat_tensors(rounds):
 def test_known_answers(rounds, impl):
     counter, key, expected = kat_tensors(rounds)
     assert len(counter) == 3
-    fn = rbd_cuda.philox4x32 if impl == "op" else reference.philox4x32
+    fn = rbd_cuda.ops.philox4x32 if impl == "op" else reference.philox4x32
     out = fn(counter, key, rounds)
     assert out.dtype == torch.int64 and out.shape == (3, 4)
     assert out.tolist() == expected.tolist()
@@ -29,7 +29,7 @@ def test_known_answers(rounds, impl):
 
 def test_default_rounds_is_10():
     counter, key, expected = kat_tensors(10)
-    assert rbd_cuda.philox4x32(counter, key).tolist() == expected.tolist()
+    assert rbd_cuda.ops.philox4x32(counter, key).tolist() == expected.tolist()
     assert reference.philox4x32(counter, key).tolist() == expected.tolist()
 
 
@@ -41,7 +41,7 @@ def test_op_matches_reference_on_random_words(rounds):
     key = torch.randint(0, 2**32, (n, 2), generator=gen, dtype=torch.int64)
     counter[:8] = 2**32 - 1  # edge words, where a careless 32x32 product would overflow int64
     key[:4] = 2**32 - 1
-    out = rbd_cuda.philox4x32(counter, key, rounds)
+    out = rbd_cuda.ops.philox4x32(counter, key, rounds)
     assert ((out >= 0) & (out < 2**32)).all()
     assert torch.equal(out, reference.philox4x32(counter, key, rounds))
 
@@ -67,10 +67,10 @@ def test_stream_block_is_philox10_of_layout():
                 torch.tensor([[seed & 0xFFFFFFFF, seed >> 32]]),
             )[0, i & 3].item()
             expected = (x >> 8) * 2.0**-23 - 1.0
-            got = rbd_cuda.materialize(1, 1, seed=seed, step=step, stream=stream,
+            got = rbd_cuda.ops.materialize(1, 1, seed=seed, step=step, stream=stream,
                                        distribution="uniform", row_offset=i, col_offset=j)
             assert got.item() == expected
 
 
 def test_stream_version():
-    assert rbd_cuda.stream_version() == 1
+    assert rbd_cuda.backends.stream_version() == 1

@@ -45,7 +45,7 @@ def test_products_match_reference(numel, dim, kw, dtype, data_seed):
     check_expand(c, numel, **kw)
     out = random_vector(numel, dtype, seed=data_seed + 2)
     check_expand_(out, c, -0.75, **kw)
-    m = rbd_cuda.materialize(numel, dim, **kw)
+    m = rbd_cuda.ops.materialize(numel, dim, **kw)
     ref = ref_matrix(numel, dim, **kw)
     if kw["distribution"] == "normal":
         torch.testing.assert_close(m.double(), ref, atol=1e-5, rtol=1e-5)

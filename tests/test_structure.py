@@ -1,5 +1,6 @@
 """The library (rbd_cuda) never imports the paper's applications (rbd_experiments), nor what only
-applications need (argparse, tqdm): trainers import the library, not the other way round."""
+applications need (argparse, tqdm): trainers import the library, not the other way round. Its
+top level is the products and the subpackages, and each public name has one home."""
 
 from __future__ import annotations
 
@@ -53,3 +54,34 @@ def test_the_check_sees_relative_and_absolute_imports():
     assert forbidden_imports("from tqdm.auto import tqdm\nimport argparse", where) == {
         "tqdm.auto", "tqdm.auto.tqdm", "argparse"}
     assert forbidden_imports("from .. import nn\nfrom ..ops import project\nimport torch", where) == set()
+
+
+def test_the_top_level_is_the_products_and_the_subpackages():
+    products = {"project", "expand", "expand_", "project_grouped", "expand_grouped_"}
+    subpackages = {"backends", "basis", "layout", "nn", "ops", "optim"}
+    assert set(rbd_cuda.__all__) == products | subpackages
+    public = {name for name in vars(rbd_cuda) if not name.startswith("_")}
+    # Submodules imported anywhere in the process (distributed, reference) also appear as attributes.
+    assert {name for name in public if not isinstance(getattr(rbd_cuda, name), type(rbd_cuda))} == products
+    for name in products:
+        assert getattr(rbd_cuda, name) is getattr(rbd_cuda.ops, name)
+
+
+def test_each_name_has_one_home():
+    from rbd_cuda import backends, basis, layout, ops, optim
+    from rbd_cuda.optim import rbd
+
+    homes = {ops: ["DISTRIBUTIONS", "materialize", "philox4x32"],
+             backends: ["cpu", "cuda", "built_with_cuda", "stream_version"],
+             basis: ["NORMALIZATIONS", "ENTRY_VARIANCE"],
+             layout: ["Fixed", "Proportional", "Compression", "Compartment", "Segment"]}
+    former = {rbd_cuda: ["DISTRIBUTIONS", "materialize", "philox4x32", "cpu_isa", "cpu_isas", "cuda_kernels",
+                         "built_with_cuda", "stream_version"],
+              ops: ["cpu_isa", "cpu_isas", "cuda_kernels", "built_with_cuda", "stream_version"],
+              basis: ["DISTRIBUTIONS"],
+              optim: ["NORMALIZATIONS", "Fixed", "Proportional", "Compression", "Compartment", "Segment"]}
+    for module, names in homes.items():
+        assert all(hasattr(module, name) for name in names), module.__name__
+    for module, names in former.items():
+        assert [name for name in names if hasattr(module, name)] == [], module.__name__
+    assert not {"ENTRY_VARIANCE", "NORMALIZATIONS"} & set(rbd.__all__)

@@ -131,7 +131,7 @@ GRAD_KW = {"seed": 77, "step": 4, "stream": 2, "row_offset": 5, "col_offset": 33
 @pytest.mark.parametrize("distribution", ["normal", "uniform", "rademacher"])
 def test_gradients_are_products_with_the_same_matrix(distribution):
     kw = {**GRAD_KW, "distribution": distribution}
-    P = rbd_cuda.materialize(300, 9, **kw).double()
+    P = rbd_cuda.ops.materialize(300, 9, **kw).double()
     g = random_vector(300, seed=1).reshape(20, 15).requires_grad_()
     w = random_vector(9, seed=2)
     (rbd_cuda.project(g, 9, **kw) * w).sum().backward()
@@ -150,7 +150,7 @@ def test_gradient_keeps_the_input_dtype_and_double_backward_works():
     c = random_vector(4, seed=6).requires_grad_()
     (gc,) = torch.autograd.grad(rbd_cuda.expand(c, 50, seed=1).pow(2).sum(), c, create_graph=True)
     (hvp,) = torch.autograd.grad(gc.sum(), c)  # d²/dc² of |P c|² is 2 PᵀP
-    P = rbd_cuda.materialize(50, 4, seed=1).double()
+    P = rbd_cuda.ops.materialize(50, 4, seed=1).double()
     torch.testing.assert_close(hvp.double(), 2 * P.T @ P @ torch.ones(4, dtype=torch.float64),
                                rtol=1e-5, atol=1e-4)
 

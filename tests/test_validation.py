@@ -32,7 +32,7 @@ def _expand_(**kw):
 def _materialize(**kw):
     args = {"numel": 10, "dim": 4, "seed": 0}
     args.update(kw)
-    return rbd_cuda.materialize(args.pop("numel"), args.pop("dim"), **args)
+    return rbd_cuda.ops.materialize(args.pop("numel"), args.pop("dim"), **args)
 
 
 OPS = {"project": _project, "expand": _expand, "expand_": _expand_, "materialize": _materialize}
@@ -129,7 +129,7 @@ def test_fractional_sizes_are_refused():
     with pytest.raises(TypeError, match="numel"):
         _expand(numel=10.0)
     with pytest.raises(TypeError, match="rounds"):
-        rbd_cuda.philox4x32(torch.zeros(1, 4, dtype=torch.int64), torch.zeros(1, 2, dtype=torch.int64), 10.0)
+        rbd_cuda.ops.philox4x32(torch.zeros(1, 4, dtype=torch.int64), torch.zeros(1, 2, dtype=torch.int64), 10.0)
 
 
 @pytest.mark.parametrize("dim", [0, -1])
@@ -207,7 +207,7 @@ def test_failed_expand_inplace_leaves_out_untouched():
 def test_philox_bad_rounds(rounds):
     counter, key = torch.zeros(1, 4, dtype=torch.int64), torch.zeros(1, 2, dtype=torch.int64)
     with pytest.raises(ERR, match="rounds"):
-        rbd_cuda.philox4x32(counter, key, rounds)
+        rbd_cuda.ops.philox4x32(counter, key, rounds)
     with pytest.raises(ValueError, match="rounds"):
         reference.philox4x32(counter, key, rounds)
 
@@ -217,21 +217,21 @@ def test_philox_bad_shapes():
         return torch.zeros(*shape, dtype=dtype)
 
     with pytest.raises(ERR, match="counter"):
-        rbd_cuda.philox4x32(z(1, 3), z(1, 2))
+        rbd_cuda.ops.philox4x32(z(1, 3), z(1, 2))
     with pytest.raises(ERR, match="counter"):
-        rbd_cuda.philox4x32(z(1, 4, dtype=torch.int32), z(1, 2))
+        rbd_cuda.ops.philox4x32(z(1, 4, dtype=torch.int32), z(1, 2))
     with pytest.raises(ERR, match="key"):
-        rbd_cuda.philox4x32(z(2, 4), z(1, 2))
+        rbd_cuda.ops.philox4x32(z(2, 4), z(1, 2))
     with pytest.raises(ERR, match="key"):
-        rbd_cuda.philox4x32(z(1, 4), z(1, 3))
+        rbd_cuda.ops.philox4x32(z(1, 4), z(1, 3))
 
 
 @pytest.mark.parametrize("words", [[-1, 0, 0, 0], [2**32, 0, 0, 0]])
 def test_philox_words_out_of_range(words):
     with pytest.raises(ValueError, match="counter"):
-        rbd_cuda.philox4x32(torch.tensor([words]), torch.zeros(1, 2, dtype=torch.int64))
+        rbd_cuda.ops.philox4x32(torch.tensor([words]), torch.zeros(1, 2, dtype=torch.int64))
     with pytest.raises(ValueError, match="key"):
-        rbd_cuda.philox4x32(torch.zeros(1, 4, dtype=torch.int64), torch.tensor([words[:2]]))
+        rbd_cuda.ops.philox4x32(torch.zeros(1, 4, dtype=torch.int64), torch.tensor([words[:2]]))
 
 
 def test_reference_rejects_the_same():

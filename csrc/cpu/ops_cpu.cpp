@@ -57,21 +57,13 @@ const std::vector<const cpu::Kernels*>& usable() {
   return tables;
 }
 
-// The best table, or the one RBD_CPU_ISA names (read on every call, so it can change at run time).
+// The table the ops use: nullptr for the best this CPU runs. Process-wide, set by
+// rbd_cuda.backends.cpu.isa (through set_cpu_isa below), never read from the environment here.
+std::atomic<const cpu::Kernels*> selected{nullptr};
+
 const cpu::Kernels& select_kernels() {
-  const char* env = std::getenv("RBD_CPU_ISA");
-  const std::string want = env ? env : "";
-  if (want.empty() || want == "auto") return *usable().front();
-  TORCH_CHECK_VALUE(want == "avx512" || want == "avx2" || want == "baseline",
-                    "rbd_cuda: RBD_CPU_ISA must be 'avx512', 'avx2', 'baseline' or 'auto' (or unset), "
-                    "got '", want, "'");
-  std::string names;
-  for (const cpu::Kernels* k : usable()) {
-    if (want == k->name) return *k;
-    names += std::string(names.empty() ? "" : ", ") + k->name;
-  }
-  TORCH_CHECK_VALUE(false, "rbd_cuda: RBD_CPU_ISA='", want, "' is not available on this CPU "
-                    "(or was not compiled); available: ", names);
+  const cpu::Kernels* k = selected.load(std::memory_order_relaxed);
+  return k ? *k : *usable().front();
 }
 
 // Runs fn(task) for every task in [0, n_tasks) on torch's intra-op threads, each thread taking
@@ -252,6 +244,25 @@ at::Tensor philox_cpu(const at::Tensor& counter, const at::Tensor& key, int64_t 
 }  // namespace
 
 std::string cpu_isa() { return select_kernels().name; }
+
+void set_cpu_isa(const std::string& want) {
+  if (want == "auto") {
+    selected.store(nullptr, std::memory_order_relaxed);
+    return;
+  }
+  TORCH_CHECK_VALUE(want == "avx512" || want == "avx2" || want == "baseline",
+                    "rbd_cuda: the CPU ISA must be 'avx512', 'avx2', 'baseline' or 'auto', got '", want, "'");
+  std::string names;
+  for (const cpu::Kernels* k : usable()) {
+    if (want == k->name) {
+      selected.store(k, std::memory_order_relaxed);
+      return;
+    }
+    names += std::string(names.empty() ? "" : ", ") + k->name;
+  }
+  TORCH_CHECK_VALUE(false, "rbd_cuda: the CPU ISA '", want, "' is not available on this CPU "
+                    "(or was not compiled); available: ", names);
+}
 
 std::vector<std::string> cpu_isas() {
   std::vector<std::string> names;

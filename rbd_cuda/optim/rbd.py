@@ -25,11 +25,11 @@ from typing import ClassVar
 
 import torch
 
-from ..basis import ENTRY_VARIANCE, NORMALIZATIONS, expand_compartment, project_compartment
+from ..basis import expand_compartment, project_compartment
 from ..layout import Compartment
 from .base import RandomBasesOptimizer
 
-__all__ = ["ENTRY_VARIANCE", "FPD", "NORMALIZATIONS", "RBD", "Exchange", "replay"]
+__all__ = ["FPD", "RBD", "Exchange", "replay"]
 
 RECORD_FORMAT = 1
 # (coefficients, stream of their basis, indices of the compartment's segments they update)
@@ -76,7 +76,7 @@ class RBD(RandomBasesOptimizer):
             compartments of at most that many entries, splitting large tensors) or a list of
             parameter lists. Each compartment draws its own basis (its own stream id).
         distribution: ``"normal"``, ``"uniform"`` or ``"rademacher"`` entries.
-        normalize: one of ``NORMALIZATIONS`` (module docstring).
+        normalize: one of ``rbd_cuda.basis.NORMALIZATIONS`` (module docstring).
         momentum: the paper's EMA form, v ← m v + (1 − m) u, θ ← θ − lr v (0 disables it; per
             param group, read at every step).
         seed: 64-bit seed of the bases; with the step count it fixes every basis of the run.
