@@ -62,7 +62,7 @@ def check_normalize(normalize, allowed: Sequence[str] = NORMALIZATIONS) -> str:
 def check_finite(name: str, value, *, low: float = 0.0, high: float = math.inf, open_high: bool = False) -> float:
     """A finite real ``value`` in [low, high] (or [low, high) with ``open_high``) as a float."""
     try:
-        if isinstance(value, bool):
+        if isinstance(value, (bool, str, bytes)):  # float("0.1") would take a string
             raise TypeError
         value = float(value)
     except (TypeError, ValueError):
