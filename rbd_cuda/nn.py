@@ -28,7 +28,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .basis import Basis, check_distribution, check_normalize, check_seed, expand_compartment, scale
-from .layout import layer_of, plan, split_name
+from .layout import check_saved, layer_of, plan, split_name
 
 __all__ = ["RandomSubspace", "SubspaceCompartment"]
 
@@ -157,11 +157,8 @@ class RandomSubspace(nn.Module):
         return self.config()
 
     def set_extra_state(self, state: dict) -> None:
-        differ = [f"{key}: {state.get(key)!r} saved, {value!r} here" for key, value in self.config().items()
-                  if state.get(key) != value]
-        if differ:
-            raise ValueError("rbd_cuda: this RandomSubspace state was saved by a wrapper built with other "
-                             "arguments, whose weights differ: " + "; ".join(differ))
+        check_saved(state, self.config(), "this RandomSubspace state was saved by a wrapper built with other "
+                    "arguments, whose weights differ")
 
     def weights(self) -> dict[str, torch.Tensor]:
         """θ₀ + P c for every reparametrised parameter, by name (differentiable in c and λ)."""
