@@ -47,6 +47,20 @@ def check_seed(seed) -> int:
     return seed
 
 
+def check_count(name: str, value) -> int:
+    """``value`` as a plain int >= 0 (numpy integers accepted; floats, bools and strings refused):
+    a saved step count."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        count = operator.index(value)
+    except (TypeError, RuntimeError):
+        count = -1
+    if count < 0:
+        raise ValueError(f"rbd_cuda: {name} must be an int >= 0, got {value!r}")
+    return count
+
+
 def check_distribution(distribution) -> str:
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"rbd_cuda: distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")

@@ -8,7 +8,6 @@ the trajectory and is checked on load.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -16,6 +15,7 @@ import torch
 
 from ..basis import (
     Basis,
+    check_count,
     check_distribution,
     check_finite,
     check_normalize,
@@ -195,15 +195,7 @@ class RandomBasesOptimizer(torch.optim.Optimizer):
                         "which would give another trajectory")
         else:
             raise ValueError(f"rbd_cuda: state_dict format {version!r} is not one this version reads (1 to {FORMAT})")
-        steps = saved.get("steps_taken")
-        try:
-            if isinstance(steps, bool):
-                raise TypeError
-            steps = operator.index(steps)
-        except (TypeError, RuntimeError):
-            steps = -1
-        if steps < 0:
-            raise ValueError(f"rbd_cuda: the state_dict's steps_taken must be an int >= 0, got {saved.get('steps_taken')!r}")
+        steps = check_count("the state_dict's steps_taken", saved.get("steps_taken"))
 
         groups = state_dict.get("param_groups")
         if not isinstance(groups, list) or len(groups) != len(self.param_groups):
