@@ -324,6 +324,25 @@ def test_a_refused_load_changes_nothing(what):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("what", ["state", "steps", "lr", "weight_decay"])
+def test_nes_and_fpd_loads_are_checked_too(what):
+    for opt in (NES(mlp().parameters(), lr=0.1, population=4, seed=1),
+                FPD(mlp().parameters(), lr=0.1, dim=4, seed=1)):
+        sd = opt.state_dict()
+        sd = {**sd, "rbd": dict(sd["rbd"]), "param_groups": [dict(g) for g in sd["param_groups"]]}
+        if what == "state":
+            if isinstance(opt, FPD):
+                continue  # FPD keeps momentum buffers: test_a_refused_load_changes_nothing
+            sd["state"] = {0: {"momentum_buffer": torch.zeros(16, 20)}}
+        elif what == "steps":
+            sd["rbd"]["steps_taken"] = 1.5
+        else:
+            sd["param_groups"][0][what] = -1.0
+        with pytest.raises(ValueError, match="rbd_cuda: "):
+            opt.load_state_dict(sd)
+        assert opt.steps_taken == 0 and opt.param_groups[0]["lr"] == 0.1 and not opt.state
+
+
 def test_a_momentum_buffer_changed_by_hand_fails_the_step_before_it_changes_anything():
     model = mlp()
     opt = RBD(model.named_parameters(), lr=0.2, dim=6, compartments="tensor", momentum=0.5)
