@@ -72,11 +72,10 @@ class RandomBasesOptimizer(torch.optim.Optimizer):
         self.compartments: list[Compartment] = plan(
             [(name or f"param{i}", p) for i, (name, p) in enumerate(named)], compartments, dim)
         self._params = [p for _, p in named]
-        group_of = {id(p): k for k, group in enumerate(self.param_groups) for p in group["params"]}
-        self._param_group_index = [group_of[id(p)] for p in self._params]
-        # Group index of every segment: groups are looked up at step time, since load_state_dict
-        # and schedulers replace or change the group dicts.
-        self._segment_groups = [[group_of[id(s.param)] for s in c.segments] for c in self.compartments]
+        # Group index of every parameter and segment: groups are looked up at step time, since
+        # load_state_dict and schedulers replace or change the group dicts.
+        self._group_of = {id(p): k for k, group in enumerate(self.param_groups) for p in group["params"]}
+        self._segment_groups = [[self._group_of[id(s.param)] for s in c.segments] for c in self.compartments]
         self.total_numel = sum(p.numel() for p in self._params)
         self.steps_taken = 0
         self._planned = True
@@ -112,9 +111,8 @@ class RandomBasesOptimizer(torch.optim.Optimizer):
     def _decay(self, params: Sequence[torch.Tensor], hyper: list[dict[str, float]]) -> None:
         """Decoupled weight decay (AdamW's): θ ← θ · (1 − lr · weight_decay) with each parameter's
         group values, on ``params`` (those the step updates), before the subspace update."""
-        index = {id(p): k for k, p in enumerate(self._params)}
         for p in params:
-            group = hyper[self._param_group_index[index[id(p)]]]
+            group = hyper[self._group_of[id(p)]]
             if group.get("weight_decay"):
                 p.mul_(1.0 - group["lr"] * group["weight_decay"])
 
