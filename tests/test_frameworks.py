@@ -64,15 +64,16 @@ def hf_train(hf, out, *, max_steps=6, weight_decay=0.1, resume=None, **args):
     return trainer, initial, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def test_hf_trainer_trains_clips_and_resumes_bit_identically(hf, tmp_path):
-    trainer, initial, final = hf_train(hf, tmp_path / "run")
+def test_hf_trainer_trains_clips_accumulates_and_resumes_bit_identically(hf, tmp_path):
+    trainer, initial, final = hf_train(hf, tmp_path / "run", gradient_accumulation_steps=2)
     opt = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
     assert isinstance(opt, RBD) and opt.steps_taken == 6
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
     assert opt.param_groups[0]["lr"] == 0.0  # the linear schedule ran to its end
     assert any(not torch.equal(initial[n], final[n]) for n in final)
     # A second Trainer resumes from the first one's checkpoint at step 3.
-    resumed, _, resumed_final = hf_train(hf, tmp_path / "resumed", resume=str(tmp_path / "run" / "checkpoint-3"))
+    resumed, _, resumed_final = hf_train(hf, tmp_path / "resumed", resume=str(tmp_path / "run" / "checkpoint-3"),
+                                         gradient_accumulation_steps=2)
     assert resumed.state.global_step == 6
     for n in final:
         assert torch.equal(final[n], resumed_final[n]), n
@@ -93,6 +94,18 @@ def test_hf_trainer_weight_decay_follows_the_decoupled_rule(hf, tmp_path):
             assert not torch.equal(p, plain[n]), n
         else:
             assert torch.equal(p, plain[n]), n
+
+
+def test_nes_under_the_hf_trainer_fails_at_its_first_step_naming_the_closure(hf, tmp_path):
+    model = gpt2(hf)
+    before = [p.detach().clone() for p in model.parameters()]
+    training = hf.TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4,
+                                    report_to="none", use_cpu=True, disable_tqdm=True, save_strategy="no")
+    trainer = hf.Trainer(model=model, args=training, train_dataset=TokenData(), optimizer_cls_and_kwargs=(
+        NES, {"lr": 0.1, "population": 4}))
+    with pytest.raises(ValueError, match="NES.step needs a closure"):
+        trainer.train()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
 def test_hf_trainer_bf16_autocast(hf, tmp_path):
@@ -159,21 +172,22 @@ def weights(module):
     return [p.detach().clone() for p in module.parameters()]
 
 
-def test_lightning_trains_clips_and_resumes_bit_identically(L, tmp_path):
+def test_lightning_trains_clips_accumulates_and_resumes_bit_identically(L, tmp_path):
     uninterrupted = rbd_module(L)
     before = weights(uninterrupted)
-    trainer = lightning_fit(L, uninterrupted, max_epochs=2, gradient_clip_val=0.5)
+    fit = {"gradient_clip_val": 0.5, "accumulate_grad_batches": 2}
+    trainer = lightning_fit(L, uninterrupted, max_epochs=2, **fit)
     opt = trainer.optimizers[0]
-    assert isinstance(opt, RBD) and opt.steps_taken == 6
-    assert opt.param_groups[0]["lr"] == 0.3 * 0.5**3
+    assert isinstance(opt, RBD) and opt.steps_taken == 4  # 3 batches an epoch: steps after batches 2 and 3
+    assert opt.param_groups[0]["lr"] == 0.3 * 0.5**2
     assert not all(torch.equal(a, b) for a, b in zip(before, uninterrupted.parameters(), strict=True))
 
     first = rbd_module(L)
-    trainer = lightning_fit(L, first, max_epochs=1, gradient_clip_val=0.5)
+    trainer = lightning_fit(L, first, max_epochs=1, **fit)
     trainer.save_checkpoint(tmp_path / "epoch1.ckpt")
     resumed = rbd_module(L)
-    trainer = lightning_fit(L, resumed, ckpt_path=tmp_path / "epoch1.ckpt", max_epochs=2, gradient_clip_val=0.5)
-    assert trainer.optimizers[0].steps_taken == 6
+    trainer = lightning_fit(L, resumed, ckpt_path=tmp_path / "epoch1.ckpt", max_epochs=2, **fit)
+    assert trainer.optimizers[0].steps_taken == 4
     for a, b in zip(uninterrupted.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
 

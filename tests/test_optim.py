@@ -195,6 +195,25 @@ def test_momentum_keeps_a_buffer_and_descends():
     assert all("momentum_buffer" in opt.state[p] for p in model.parameters())
 
 
+def test_a_step_gradscaler_skips_changes_nothing_and_is_not_counted():
+    model = mlp()
+    opt = RBD(model.parameters(), lr=0.3, dim=6, momentum=0.5, seed=1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x, y = classification_data()
+    for step in range(3):
+        opt.zero_grad()
+        scaler.scale(torch.nn.functional.cross_entropy(model(x), y)).backward()
+        if step == 1:  # an overflow: the scaler skips opt.step and halves its scale
+            model[0].weight.grad[0, 0] = float("inf")
+            before = [p.detach().clone() for p in model.parameters()]
+        scaler.step(opt)
+        scaler.update()
+        if step == 1:
+            assert opt.steps_taken == 1 and scaler.get_scale() == 2.0**9
+            assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert opt.steps_taken == 2
+
+
 # ---- weight decay and the keys of param groups ---------------------------------------------------
 
 
@@ -386,6 +405,40 @@ def test_nes_lowers_the_loss(antithetic):
     for _ in range(60):
         opt.step(closure)
     assert closure().item() < 0.8 * start
+
+
+def test_nes_step_without_a_closure_fails_before_any_work():
+    model = mlp()
+    opt = NES(model.parameters(), lr=0.1, population=4, seed=1)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="NES.step needs a closure that returns the loss"):
+        opt.step()
+    assert opt.steps_taken == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_nes_refuses_a_closure_that_runs_a_backward_pass_at_its_first_call():
+    model = mlp()
+    x, y = classification_data()
+    opt = NES(model.parameters(), lr=0.1, population=4, seed=1)
+    before = [p.detach().clone() for p in model.parameters()]
+    calls = []
+
+    def closure():  # what Lightning's automatic optimization hands a step
+        calls.append(1)
+        opt.zero_grad()
+        with torch.enable_grad():
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+        return loss
+
+    with pytest.raises(ValueError, match="closure ran a backward pass"):
+        opt.step(closure)
+    assert len(calls) == 1 and opt.steps_taken == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    # A closure that only clears the gradients (or leaves them) is fine.
+    opt.step(lambda: (opt.zero_grad(), torch.nn.functional.cross_entropy(model(x), y))[1])
+    assert opt.steps_taken == 1
 
 
 def test_nes_step_moves_along_the_better_direction():
