@@ -116,6 +116,42 @@ def test_hf_trainer_bf16_autocast(hf, tmp_path):
     assert any(not torch.equal(initial[n], final[n]) for n in final)
 
 
+def accelerate_run(accelerate, micro_batches, *, load=None, save=None, save_after=None):
+    """An accelerate loop: 2 micro-batches per step, clipping, a scheduler; ``save_state`` after
+    micro-batch ``save_after``, ``load_state`` before the first."""
+    accelerator = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=2)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    opt = RBD(model.named_parameters(), lr=0.3, dim=8, compartments="layer", momentum=0.5, weight_decay=0.01, seed=2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.8)
+    model, opt, sched = accelerator.prepare(model, opt, sched)
+    if load is not None:
+        accelerator.load_state(load)
+    data = list(batches())
+    for i in micro_batches:
+        x, y = data[i % len(data)]
+        with accelerator.accumulate(model):
+            accelerator.backward(F.cross_entropy(model(x), y))
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), 0.5)
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+        if i == save_after:
+            accelerator.save_state(save)
+    return opt.optimizer, weights(model)
+
+
+def test_accelerate_loop_accumulates_clips_and_resumes_bit_identically(hf, tmp_path):
+    import accelerate
+
+    opt, uninterrupted = accelerate_run(accelerate, range(12), save=tmp_path / "state", save_after=5)
+    assert opt.steps_taken == 6 and opt.param_groups[0]["lr"] == pytest.approx(0.3 * 0.8**6)
+    resumed_opt, resumed = accelerate_run(accelerate, range(6, 12), load=tmp_path / "state")
+    assert resumed_opt.steps_taken == 6
+    assert all(torch.equal(a, b) for a, b in zip(uninterrupted, resumed, strict=True))
+
+
 # ---- Lightning -------------------------------------------------------------------------------------
 
 
