@@ -153,7 +153,7 @@ def _agree(fields: dict[str, object], group, what: str, device: torch.device, er
     return mine.numel() * 8
 
 
-def _agree_on_load(fields: dict[str, object], problem: ValueError | None, group, what: str,
+def _agree_on_load(fields: dict[str, object], problem: Exception | None, group, what: str,
                    device: torch.device) -> int:
     """The agreement of a distributed ``load_state_dict``, in one collective: every rank checked
     its state dict (``problem``: why it is refused, or None) and the ranks must agree on that and
@@ -258,7 +258,7 @@ class Collective(Exchange):
             terms.append(comp_terms)
         return terms
 
-    def agree_on_load(self, optimizer, checked: tuple[dict, int] | None, problem: ValueError | None) -> None:
+    def agree_on_load(self, optimizer, checked: tuple[dict, int] | None, problem: Exception | None) -> None:
         """Every rank's ``load_state_dict``: one all-gather of hashes of what each rank loads (step
         count, groups' values, state tensors), as construction checks the configuration."""
         fields = dict.fromkeys(("steps_taken", "param groups' values", "state tensors"))
@@ -337,7 +337,7 @@ class DistributedRBD(RBD):
     def load_state_dict(self, state_dict: dict) -> None:
         try:
             checked, problem = self.check_state_dict(state_dict), None
-        except ValueError as error:
+        except (ValueError, TypeError) as error:  # raised on every rank after the agreement
             checked, problem = None, error
         self.exchange.agree_on_load(self, checked, problem)
         self._load_checked(checked)
@@ -419,7 +419,7 @@ class RandomBasesHook:
             check_saved(state, {"format": 1, **self.config()}, "this RandomBasesHook state was saved by a hook "
                         "built with other arguments")
             step, problem = check_count("the hook state's step", state.get("step")), None
-        except ValueError as error:
+        except (ValueError, TypeError) as error:
             step, problem = None, error
         if not (dist.is_available() and dist.is_initialized()):  # no other rank to agree with
             if problem is not None:

@@ -248,11 +248,11 @@ def _compartment_differences(saved, mine: list) -> list[str]:
     found = [] if len(saved) == len(mine) else [f"{len(saved)} compartments saved, {len(mine)} here"]
     differing = 0
     for k, (theirs, ours) in enumerate(zip(saved, mine)):
-        for field, a, b in zip(COMPARTMENT_FIELDS, theirs, ours):
+        for name, a, b in zip(COMPARTMENT_FIELDS, theirs, ours):
             if a != b:
                 differing += 1
                 if differing <= SHOWN:
-                    found.append(f"compartment {k}'s {field}: {_short(a)} saved, {_short(b)} here")
+                    found.append(f"compartment {k}'s {name}: {_short(a)} saved, {_short(b)} here")
                 break
     if differing > SHOWN:
         found.append(f"{differing - SHOWN} more compartments differ")
@@ -265,7 +265,7 @@ def check_saved(saved, mine: dict, what: str, *, saved_as: str = "saved") -> Non
     a02b069's ``"layout"``) the first differing field of each compartment; values are shortened,
     ``saved_as`` is the word for ``saved``'s side ("saved", "recorded")."""
     if not isinstance(saved, dict):
-        raise ValueError(f"rbd_cuda: {what}: expected a dict, got {type(saved).__name__}")
+        raise TypeError(f"rbd_cuda: {what}: expected a dict, got {type(saved).__name__}")
     differ = []
     for key, value in mine.items():
         theirs = saved.get(key)

@@ -7,10 +7,9 @@ excluded from tracing, so they run eagerly inside the compiled code."""
 
 import pytest
 import torch
+from test_optim import classification_data, mlp
 
 from rbd_cuda.optim import FPD, NES, RBD
-
-from test_optim import classification_data, mlp
 
 
 def build(cls, model):

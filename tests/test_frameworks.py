@@ -156,7 +156,7 @@ def test_accelerate_loop_accumulates_clips_and_resumes_bit_identically(hf, tmp_p
 
 
 @pytest.fixture(scope="module")
-def L():  # noqa: N802 (Lightning's customary name)
+def L():  # Lightning's customary name
     lightning = pytest.importorskip("lightning", reason=f"the Lightning tests need lightning ({INSTALL})")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     return lightning

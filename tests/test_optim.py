@@ -248,7 +248,7 @@ def test_weight_decay_keyword_and_nes():
     for wd in (0.0, 0.5):
         model = mlp()
         NES(model.parameters(), lr=0.1, population=4, sigma=0.1, weight_decay=wd, seed=2).step(
-            lambda: torch.nn.functional.cross_entropy(model(x), y))
+            lambda model=model: torch.nn.functional.cross_entropy(model(x), y))
         runs.append([p.detach().clone() for p in model.parameters()])
     initial = list(mlp().parameters())
     for plain, decayed, p0 in zip(*runs, initial, strict=True):

@@ -175,14 +175,15 @@ class RandomBasesOptimizer(torch.optim.Optimizer):
 
     def check_state_dict(self, state_dict: dict) -> tuple[dict, int]:
         """``state_dict`` as torch's ``load_state_dict`` takes it (groups completed and validated)
-        and its step count, or a ``ValueError`` naming what is wrong; changes nothing."""
+        and its step count, or a ``ValueError`` (``TypeError`` for a value of the wrong type)
+        naming what is wrong; changes nothing."""
         if not isinstance(state_dict, dict):
-            raise ValueError(f"rbd_cuda: a state_dict must be a dict, got {type(state_dict).__name__}")
+            raise TypeError(f"rbd_cuda: a state_dict must be a dict, got {type(state_dict).__name__}")
         state_dict = dict(state_dict)
         saved = state_dict.pop("rbd", None)
         name = type(self).__name__
         if not isinstance(saved, dict):
-            raise ValueError(f"rbd_cuda: this state_dict has no 'rbd' entry (not saved by {name})")
+            raise ValueError(f"rbd_cuda: this state_dict has no 'rbd' entry (not saved by {name})")  # noqa: TRY004
         version = saved.get("format", 1)  # a02b069 wrote no format; its layout entries are [stream, dim, numel]
         if version == 1:
             mine = [entry[:3] for entry in describe(self.compartments, self._params)]
@@ -221,17 +222,17 @@ class RandomBasesOptimizer(torch.optim.Optimizer):
 
         state = state_dict.get("state")
         if not isinstance(state, dict):
-            raise ValueError(f"rbd_cuda: the state_dict's state must be a dict, got {type(state).__name__}")
+            raise TypeError(f"rbd_cuda: the state_dict's state must be a dict, got {type(state).__name__}")
         for key, entry in state.items():
             if key not in param_of:
                 raise ValueError(f"rbd_cuda: the state_dict has state for {key!r}, which is none of its groups' "
                                  "parameters")
             p = param_of[key]
             if not isinstance(entry, dict):
-                raise ValueError(f"rbd_cuda: the state of parameter {key} must be a dict, got {type(entry).__name__}")
-            for field, value in entry.items():
-                where = f"the state_dict's {field!r} of parameter {key}"
-                if field not in self.STATE_KEYS:
+                raise TypeError(f"rbd_cuda: the state of parameter {key} must be a dict, got {type(entry).__name__}")
+            for entry_name, value in entry.items():
+                where = f"the state_dict's {entry_name!r} of parameter {key}"
+                if entry_name not in self.STATE_KEYS:
                     raise ValueError(f"rbd_cuda: {where} is not state {name} keeps "
                                      f"({', '.join(self.STATE_KEYS) or 'it keeps none'})")
                 if not isinstance(value, torch.Tensor) or not value.is_floating_point():
