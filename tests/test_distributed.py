@@ -402,6 +402,9 @@ def loads(rank, world):
     bad["param_groups"][0]["lr"] = float("nan")
     out["invalid"] = refusal(lambda: other.load_state_dict(bad if rank == 0 else late))
     out["both-invalid"] = refusal(lambda: other.load_state_dict(bad))
+    mistyped = copy.deepcopy(late)
+    mistyped["param_groups"][0]["lr"] = "0.2"  # a TypeError on rank 0, agreed on like the others
+    out["mistyped"] = refusal(lambda: other.load_state_dict(mistyped if rank == 0 else late))
     out["after-refusals"] = (other.steps_taken, other.param_groups[0]["lr"])
     # The hook's state, loaded with another step on one rank.
     hook = RandomBasesHook(20, seed=3)
@@ -424,6 +427,7 @@ def test_distributed_loads_are_agreed_by_every_rank(tmp_path):
         assert res["older-steps"] == 0
         assert "ranks disagree on whether the state_dict is valid: rank(s) [1]" in res["invalid"]
         assert "lr (param group 0) must be finite" in res["both-invalid"]
+        assert "ranks disagree on whether the state_dict is valid: rank(s) [1]" in res["mistyped"]
         assert res["after-refusals"] == (0, 0.2)
         assert "the load of the hook's state: ranks disagree on step: rank(s) [1]" in res["hook"]
         assert res["hook-step"] == 0 and res["hook-same"] == 7
