@@ -64,3 +64,14 @@ def test_compiled_train_step_equals_eager():
         assert opt.steps_taken == 3
         results.append([p.detach().clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
+def test_a_compiled_graph_without_breaks_is_refused_with_the_reason():
+    torch._dynamo.reset()
+    model = mlp()
+    opt = build(RBD, model)
+    x, y = classification_data()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    with pytest.raises(Exception, match="a traced step would lose its step count"):
+        torch.compile(opt.step, fullgraph=True, backend="eager")()
+    assert opt.steps_taken == 0

@@ -30,6 +30,12 @@ from ..layout import Compartment, check_saved, describe, plan
 # decay (whose groups may hold a "weight_decay" that was ignored). Both still load.
 FORMAT = 3
 PARAMETER_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Why the steps are excluded from torch.compile's tracing (torch.compiler.disable): Dynamo drops
+# the attribute mutations of optimizers, so a traced step would keep steps_taken at 0 and reuse
+# the first basis at every step. A compiled train step breaks its graph at the step, which runs
+# eagerly; with fullgraph=True Dynamo refuses it, showing this reason.
+EAGER_STEP = ("rbd_cuda: the optimizers' step runs eagerly, since a traced step would lose its step count "
+              "(and freeze the basis)")
 # Keys torch.optim.Optimizer itself puts in a param group.
 TORCH_GROUP_KEYS = ("params", "param_names")
 

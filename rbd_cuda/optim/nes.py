@@ -10,7 +10,7 @@ from typing import ClassVar
 import torch
 
 from ..basis import check_finite
-from .base import RandomBasesOptimizer
+from .base import EAGER_STEP, RandomBasesOptimizer
 
 
 class NES(RandomBasesOptimizer):
@@ -73,7 +73,7 @@ class NES(RandomBasesOptimizer):
     def _grad_marks(params) -> list:
         return [None if p.grad is None else (id(p.grad), p.grad._version) for p in params]
 
-    @torch.compiler.disable  # see RBD.step
+    @torch.compiler.disable(reason=EAGER_STEP)
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
         if closure is None:

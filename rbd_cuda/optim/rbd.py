@@ -27,7 +27,7 @@ import torch
 
 from ..basis import ENTRY_VARIANCE, NORMALIZATIONS, expand_compartment, project_compartment
 from ..layout import Compartment, check_saved
-from .base import RandomBasesOptimizer
+from .base import EAGER_STEP, RandomBasesOptimizer
 
 __all__ = ["ENTRY_VARIANCE", "FPD", "NORMALIZATIONS", "RBD", "Exchange", "replay"]
 
@@ -201,10 +201,7 @@ class RBD(RandomBasesOptimizer):
                    for _, _, segments in comp_terms for k in segments}
         return [p for p in self._params if id(p) in touched]
 
-    # Excluded from torch.compile's tracing: Dynamo drops the attribute mutations of optimizers
-    # (steps_taken would stay 0, every step reusing the first basis). A compiled train step
-    # breaks its graph here and runs the step eagerly.
-    @torch.compiler.disable
+    @torch.compiler.disable(reason=EAGER_STEP)
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
         loss = None
