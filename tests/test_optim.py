@@ -145,7 +145,7 @@ def test_rbd_descends_faster_than_fpd():
 def test_low_precision_parameters(dtype):
     model = mlp().to(dtype)
     x, y = classification_data()
-    opt = RBD(model.parameters(), lr=0.5, dim=16, compartments="tensor", seed=1)
+    opt = RBD(model.parameters(), lr=0.5, dim=16, compartments="tensor", momentum=0.5, weight_decay=0.01, seed=1)
     first = None
     for _ in range(60):
         opt.zero_grad()
@@ -735,10 +735,12 @@ def test_state_dicts_written_by_a02b069_resume_bit_identically(name):
     blocks of 100, Proportional(30), momentum 0.9, seed 11; FPD: tensors, d 8, "paper", seed 12;
     NES: population 6 antithetic, sigma 0.05, lr 0.05, seed 13).
 
-    The 3 more steps are fed what the task gave them on the machine that wrote the file
-    (tests/data/a02b069_inputs.pt: each step's gradients; NES's closure losses, in call order),
-    not recomputed: torch's matrix products differ in their last bits across CPUs, the
-    optimizers' products must not (they are the project's, the same on every ISA and thread count)."""
+    The 3 more steps are fed stored inputs (tests/data/a02b069_inputs.pt: each step's gradients;
+    NES's closure losses, in call order), not recomputed: torch's matrix products differ in their
+    last bits across CPUs, the optimizers' products must not (they are the project's, the same on
+    every ISA and thread count). The inputs were computed on this task by fcd40d6 on a machine
+    whose products reproduced a02b069's "after" weights bit for bit, which was checked when they
+    were written."""
     saved = torch.load(DATA / "a02b069_states.pt", weights_only=True)[name]
     inputs = torch.load(DATA / "a02b069_inputs.pt", weights_only=True)[name]
     assert "format" not in saved["optimizer"]["rbd"]
