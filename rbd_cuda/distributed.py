@@ -301,7 +301,7 @@ class DistributedRBD(RBD):
             E[Δθ] = −lr·ḡ, the mean gradient) or ``"sum"`` (summed, as in the paper's code).
         group: the process group (default: the world).
         check_every: every that many steps, check (one all-gather of three hashes) that the
-            parameters, every group's lr and momentum and the step count are identical across
+            parameters, every group's values (lr, momentum, weight decay) and the step count are identical across
             ranks, and raise on every rank if not; 0 never checks.
         broadcast: copy the parameters of the group's rank 0 to all ranks at construction (as
             DDP does), so the ranks start identical.
