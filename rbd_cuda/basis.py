@@ -46,6 +46,20 @@ def check_seed(seed) -> int:
     return seed
 
 
+def check_count(name: str, value) -> int:
+    """``value`` as a plain int >= 0 (numpy integers accepted; floats, bools and strings refused):
+    a saved step count."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        count = operator.index(value)
+    except (TypeError, RuntimeError):
+        count = -1
+    if count < 0:
+        raise ValueError(f"rbd_cuda: {name} must be an int >= 0, got {value!r}")
+    return count
+
+
 def check_distribution(distribution) -> str:
     if distribution not in ops.DISTRIBUTIONS:
         raise ValueError(f"rbd_cuda: distribution must be one of {ops.DISTRIBUTIONS}, got {distribution!r}")
@@ -61,7 +75,7 @@ def check_normalize(normalize, allowed: Sequence[str] = NORMALIZATIONS) -> str:
 def check_finite(name: str, value, *, low: float = 0.0, high: float = math.inf, open_high: bool = False) -> float:
     """A finite real ``value`` in [low, high] (or [low, high) with ``open_high``) as a float."""
     try:
-        if isinstance(value, bool):
+        if isinstance(value, (bool, str, bytes)):  # float("0.1") would take a string
             raise TypeError
         value = float(value)
     except (TypeError, ValueError):

@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 from .basis import (
     Basis,
+    check_count,
     check_distribution,
     check_normalize,
     check_seed,
@@ -42,7 +43,7 @@ from .basis import (
     project_compartment,
     scale,
 )
-from .layout import Compression, Fixed, as_dim_rule
+from .layout import Compression, Fixed, as_dim_rule, check_saved
 from .optim import FPD, RBD, Exchange
 
 SCHEMES = ("shared", "independent")
@@ -127,14 +128,6 @@ def fingerprint(tensors: Iterable[torch.Tensor]) -> int:
     return int.from_bytes(h.digest(), "little", signed=True)
 
 
-def check_consistency(tensors: Iterable[torch.Tensor], group=None, what: str = "parameters") -> None:
-    """Raise ``ValueError`` on every rank when ``tensors`` are not bit-identical on all ranks of
-    ``group`` (one all-gather of a 64-bit hash per rank)."""
-    tensors = list(tensors)
-    device = tensors[0].device if tensors else torch.device("cpu")
-    _agree({what: fingerprint(tensors)}, group, "the consistency check", device, RuntimeError, DIVERGED)
-
-
 def _hash(value) -> int:
     """A 64-bit hash of a plain value (ints, floats, strings and lists of them) by its repr."""
     return int.from_bytes(hashlib.blake2b(repr(value).encode(), digest_size=8).digest(), "little", signed=True)
@@ -158,6 +151,23 @@ def _agree(fields: dict[str, object], group, what: str, device: torch.device, er
             raise error(f"rbd_cuda: {what}: ranks disagree on {name}: rank(s) {differ} differ from rank 0 "
                         f"(this is rank {dist.get_rank(group)}, with {fields[name]!r}); {hint}")
     return mine.numel() * 8
+
+
+def _agree_on_load(fields: dict[str, object], problem: Exception | None, group, what: str,
+                   device: torch.device) -> int:
+    """The agreement of a distributed ``load_state_dict``, in one collective: every rank checked
+    its state dict (``problem``: why it is refused, or None) and the ranks must agree on that and
+    on ``fields`` (what was loaded), else every rank raises; a state dict refused on every rank
+    raises each rank's own reason. Returns the bytes sent."""
+    fields = {"whether the state_dict is valid": problem is None,
+              **{name: value if problem is None else None for name, value in fields.items()}}
+    try:
+        sent = _agree(fields, group, what, device, hint="every rank must load the same state_dict")
+    except ValueError as error:
+        raise error from problem
+    if problem is not None:
+        raise problem
+    return sent
 
 
 class Collective(Exchange):
@@ -202,7 +212,7 @@ class Collective(Exchange):
             offset += len(comp.segments)
         self._buffer_numel = offset
         fields = {**optimizer.config(), "steps_taken": optimizer.steps_taken,
-                  "param groups (lr, momentum)": optimizer.hyperparameters()}
+                  "param groups' values": optimizer.hyperparameters()}
         self.comm.setup_bytes += _agree(fields, self.group, "the configuration check", self.device)
         if self.broadcast:
             src = dist.get_global_rank(self.group, 0) if self.group else 0
@@ -248,6 +258,21 @@ class Collective(Exchange):
             terms.append(comp_terms)
         return terms
 
+    def agree_on_load(self, optimizer, checked: tuple[dict, int] | None, problem: Exception | None) -> None:
+        """Every rank's ``load_state_dict``: one all-gather of hashes of what each rank loads (step
+        count, groups' values, state tensors), as construction checks the configuration."""
+        fields = dict.fromkeys(("steps_taken", "param groups' values", "state tensors"))
+        if checked is not None:
+            state_dict, steps = checked
+            state = state_dict["state"]
+            fields = {"steps_taken": steps,
+                      "param groups' values": [{name: group[name] for name in optimizer.HYPERPARAMETERS}
+                                               for group in state_dict["param_groups"]],
+                      "state tensors": fingerprint(state[key][field] for key in sorted(state)
+                                                   for field in sorted(state[key]))}
+        self.comm.setup_bytes += _agree_on_load(fields, problem, self.group, "the load of the state_dict",
+                                                self.device)
+
     def after_step(self, optimizer) -> None:
         self.comm.steps += 1
         self.comm.dense_bytes += self._grad_bytes
@@ -255,11 +280,11 @@ class Collective(Exchange):
             self.check_consistency(optimizer)
 
     def check_consistency(self, optimizer) -> None:
-        """Raise on every rank if the parameters, the groups' lr and momentum or the step count
-        differ across ranks (one all-gather of three hashes)."""
+        """Raise on every rank if the parameters, the groups' values (lr, momentum, weight decay)
+        or the step count differ across ranks (one all-gather of three hashes)."""
         params = [p for group in optimizer.param_groups for p in group["params"]]
         # The causes first: a differing lr is named as such, not as the parameters it moved.
-        fields = {"param groups (lr, momentum)": optimizer.hyperparameters(), "steps_taken": optimizer.steps_taken,
+        fields = {"param groups' values": optimizer.hyperparameters(), "steps_taken": optimizer.steps_taken,
                   "parameters": fingerprint(params)}
         self.comm.setup_bytes += _agree(fields, self.group, "the consistency check", self.device, RuntimeError,
                                         DIVERGED)
@@ -276,14 +301,17 @@ class DistributedRBD(RBD):
             E[Δθ] = −lr·ḡ, the mean gradient) or ``"sum"`` (summed, as in the paper's code).
         group: the process group (default: the world).
         check_every: every that many steps, check (one all-gather of three hashes) that the
-            parameters, every group's lr and momentum and the step count are identical across
+            parameters, every group's values (lr, momentum, weight decay) and the step count are identical across
             ranks, and raise on every rank if not; 0 never checks.
         broadcast: copy the parameters of the group's rank 0 to all ranks at construction (as
             DDP does), so the ranks start identical.
 
     At construction the ranks also check that they agree on everything in ``config()`` (seed,
-    distribution, normalisation, layout, scheme, reduction), on every group's lr and momentum
-    and on the step count, and raise ``ValueError`` naming what differs. ``opt.comm``
+    distribution, normalisation, layout, scheme, reduction), on every group's values (lr,
+    momentum, weight decay) and on the step count, and raise ``ValueError`` naming what differs.
+    ``load_state_dict`` is a collective (every rank calls it): the ranks agree, in one all-gather,
+    that each one's state dict is valid and that they load the same step count, groups and state
+    tensors, else every rank raises and none loads. ``opt.comm``
     (``CommStats``) counts the bytes communicated; ``opt.exchange`` is the ``Collective``.
     """
 
@@ -303,8 +331,16 @@ class DistributedRBD(RBD):
         return {**super().config(), "scheme": self.exchange.scheme, "reduction": self.exchange.reduction}
 
     def check_consistency(self) -> None:
-        """Raise on every rank if the parameters (or lr, momentum, step count) differ across ranks."""
+        """Raise on every rank if the parameters (or the groups' values, step count) differ across ranks."""
         self.exchange.check_consistency(self)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        try:
+            checked, problem = self.check_state_dict(state_dict), None
+        except (ValueError, TypeError) as error:  # raised on every rank after the agreement
+            checked, problem = None, error
+        self.exchange.agree_on_load(self, checked, problem)
+        self._load_checked(checked)
 
 
 class DistributedFPD(DistributedRBD, FPD):
@@ -343,8 +379,9 @@ class RandomBasesHook:
 
     At its first bucket the hook checks (one all-gather of hashes) that the ranks agree on
     ``config()`` and raises on every rank, naming what differs. ``state_dict()`` holds the
-    configuration and the step count (``load_state_dict`` checks the one, restores the other);
-    error-feedback residuals are not saved and restart at zero. ``stats`` (``CommStats``)
+    configuration and the step count; ``load_state_dict`` checks the one, and, a collective
+    (every rank calls it: one all-gather of hashes), that every rank loads the same step count,
+    before it restores it; error-feedback residuals are not saved and restart at zero. ``stats`` (``CommStats``)
     counts the coefficients' bytes and those of the dense all-reduce.
     """
 
@@ -378,12 +415,23 @@ class RandomBasesHook:
         return {"format": 1, **self.config(), "step": self.step}
 
     def load_state_dict(self, state: dict) -> None:
-        differ = [f"{key}: {state.get(key)!r} saved, {value!r} here" for key, value in
-                  {"format": 1, **self.config()}.items() if state.get(key) != value]
-        if differ:
-            raise ValueError("rbd_cuda: this RandomBasesHook state was saved by a hook built with other "
-                             "arguments: " + "; ".join(differ))
-        self.step = int(state["step"])
+        try:
+            check_saved(state, {"format": 1, **self.config()}, "this RandomBasesHook state was saved by a hook "
+                        "built with other arguments")
+            step, problem = check_count("the hook state's step", state.get("step")), None
+        except (ValueError, TypeError) as error:
+            step, problem = None, error
+        if not (dist.is_available() and dist.is_initialized()):  # no other rank to agree with
+            if problem is not None:
+                raise problem
+            self.step = step
+            return
+        group = self.group if self.group is not None else dist.group.WORLD
+        device = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl"
+                  else torch.device("cpu"))
+        self.stats.setup_bytes += _agree_on_load({"step": step}, problem, group, "the load of the hook's state",
+                                                 device)
+        self.step = step
 
 
 def random_bases_hook(state: RandomBasesHook, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -438,5 +486,5 @@ def random_bases_hook(state: RandomBasesHook, bucket: dist.GradBucket) -> torch.
     return fut.then(expand_back)
 
 
-__all__ = ["Collective", "CommStats", "DistributedFPD", "DistributedRBD", "RandomBasesHook", "check_consistency",
-           "fingerprint", "init_process_group", "random_bases_hook"]
+__all__ = ["Collective", "CommStats", "DistributedFPD", "DistributedRBD", "RandomBasesHook", "fingerprint",
+           "init_process_group", "random_bases_hook"]

@@ -99,11 +99,21 @@ def as_dim_rule(dim) -> Fixed | Proportional | Compression:
         except TypeError:
             raise TypeError(f"rbd_cuda: dim must be an int, Fixed, Proportional or Compression, "
                             f"got {dim!r}") from None
-    value = getattr(rule, "dim", getattr(rule, "total", None))
-    if value is not None and value <= 0:
-        raise ValueError(f"rbd_cuda: dim must be positive, got {value}")
-    if isinstance(rule, Compression) and (rule.factor <= 0 or rule.minimum <= 0):
-        raise ValueError(f"rbd_cuda: Compression needs factor > 0 and minimum > 0, got {rule}")
+    for name in ("dim", "total", "minimum"):
+        if hasattr(rule, name):
+            value = getattr(rule, name)
+            try:
+                if isinstance(value, bool):
+                    raise TypeError
+                value = operator.index(value)
+            except TypeError:
+                raise TypeError(f"rbd_cuda: {type(rule).__name__}'s {name} must be an int, got {value!r}") from None
+            if value <= 0:
+                raise ValueError(f"rbd_cuda: {type(rule).__name__}'s {name} must be positive, got {value}")
+    if isinstance(rule, Compression):
+        factor = rule.factor
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < math.inf:
+            raise ValueError(f"rbd_cuda: Compression's factor must be a finite number > 0, got {factor!r}")
     return rule
 
 
@@ -209,3 +219,63 @@ def describe(compartments: Sequence[Compartment], params: Sequence[torch.Tensor]
     index = {id(p): k for k, p in enumerate(params)}
     return [[c.stream, c.dim, c.numel, [[index[id(s.param)], s.start, s.numel, s.row_offset] for s in c.segments]]
             for c in compartments]
+
+
+# ---- "the saved configuration differs from mine" --------------------------------------------
+# Optimizer state dicts, records, RandomSubspace's extra state and the DDP hook's state all save
+# a plain configuration (``config()``: seed, distribution, layout, ...) and refuse to load one
+# that differs. The message names the first differing field of each compartment, for a few
+# compartments: its length does not grow with the model.
+
+COMPARTMENT_FIELDS = ("stream", "dim", "numel", "segments")
+SHOWN = 3  # compartments named in a message; the others are counted
+
+
+def _plain(value):
+    """Tuples as lists (state dicts round-trip through torch.save), recursively."""
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _compartment_differences(saved, mine: list) -> list[str]:
+    saved, mine = _plain(saved), _plain(mine)
+    # A compartment is a list of COMPARTMENT_FIELDS (the optimizers) or a dict (RandomSubspace).
+    kind = dict if mine and isinstance(mine[0], dict) else list
+    if not isinstance(saved, list) or not all(isinstance(entry, kind) for entry in saved):
+        return [f"compartments: {_short(saved)} saved, not a list of compartments"]
+    found = [] if len(saved) == len(mine) else [f"{len(saved)} compartments saved, {len(mine)} here"]
+    differing = 0
+    for k, (theirs, ours) in enumerate(zip(saved, mine)):
+        fields = ([(name, theirs.get(name), value) for name, value in ours.items()] if kind is dict
+                  else zip(COMPARTMENT_FIELDS, theirs, ours))
+        for name, a, b in fields:
+            if a != b:
+                differing += 1
+                if differing <= SHOWN:
+                    found.append(f"compartment {k}'s {name}: {_short(a)} saved, {_short(b)} here")
+                break
+    if differing > SHOWN:
+        found.append(f"{differing - SHOWN} more compartments differ")
+    return ["compartments: " + ", ".join(found)] if found else []
+
+
+def check_saved(saved, mine: dict, what: str, *, saved_as: str = "saved") -> None:
+    """Raise ``ValueError("rbd_cuda: {what}: ...")`` naming every key of ``mine`` (a ``config()``)
+    whose value in ``saved`` differs, and for the compartment table (key ``"compartments"`` or
+    a02b069's ``"layout"``) the first differing field of each compartment; values are shortened,
+    ``saved_as`` is the word for ``saved``'s side ("saved", "recorded")."""
+    if not isinstance(saved, dict):
+        raise TypeError(f"rbd_cuda: {what}: expected a dict, got {type(saved).__name__}")
+    differ = []
+    for key, value in mine.items():
+        theirs = saved.get(key)
+        if key in ("compartments", "layout"):
+            differ += [d.replace(" saved", f" {saved_as}") for d in _compartment_differences(theirs, value)]
+        elif _plain(theirs) != _plain(value):
+            differ.append(f"{key}: {_short(theirs)} {saved_as}, {_short(value)} here")
+    if differ:
+        raise ValueError(f"rbd_cuda: {what}: " + "; ".join(differ))

@@ -30,7 +30,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .basis import Basis, check_distribution, check_normalize, check_seed, expand_compartment, scale
-from .layout import layer_of, plan, split_name
+from .layout import check_saved, layer_of, plan, split_name
 
 __all__ = ["RandomSubspace", "SubspaceCompartment"]
 
@@ -190,10 +190,8 @@ class RandomSubspace(nn.Module):
     def _check_config(self, saved: dict) -> None:
         here = self.subspace_config()
         del here["format"]
-        difference = _first_difference(saved, here)
-        if difference is not None:
-            raise ValueError("rbd_cuda: this RandomSubspace state was saved by a wrapper built with other arguments, "
-                             "whose weights differ: " + difference)
+        check_saved(saved, here, "this RandomSubspace state was saved by a wrapper built with other arguments, "
+                    "whose weights differ")
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         # torch hands every module strict=True and checks the keys only after loading them all:
@@ -401,29 +399,3 @@ def _read_config(value, key: str) -> dict:
         raise ValueError(f"rbd_cuda: state entry {key!r} must be a RandomSubspace configuration (a uint8 tensor, "
                          f"or the dict of format 1), got {type(value).__name__}")
     return {k: v for k, v in config.items() if k != "format"}
-
-
-def _first_difference(saved, here, path: str = "") -> str | None:
-    """The first field where ``saved`` and ``here`` differ, with both values shortened, or None."""
-    if isinstance(saved, dict) and isinstance(here, dict):
-        for key in [*here, *(k for k in saved if k not in here)]:
-            inner = f"{path}.{key}" if path else str(key)
-            if key not in saved:
-                return f"{inner}: missing in the state, {_SHORT.repr(here[key])} here"
-            if key not in here:
-                return f"{inner}: {_SHORT.repr(saved[key])} saved, unknown here"
-            found = _first_difference(saved[key], here[key], inner)
-            if found is not None:
-                return found
-        return None
-    if isinstance(saved, list) and isinstance(here, list):
-        for i, (a, b) in enumerate(zip(saved, here)):
-            found = _first_difference(a, b, f"{path}[{i}]")
-            if found is not None:
-                return found
-        if len(saved) != len(here):
-            return f"len({path}): {len(saved)} saved, {len(here)} here"
-        return None
-    if type(saved) is type(here) and saved == here:
-        return None
-    return f"{path}: {_SHORT.repr(saved)} saved, {_SHORT.repr(here)} here"

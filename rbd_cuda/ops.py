@@ -89,7 +89,20 @@ def _stream_kwargs(numel, dim, seed, step, stream, distribution, row_offset, col
     return kw
 
 
+def _dense(name: str, t: torch.Tensor) -> torch.Tensor:
+    """``t`` if the kernels can read it: a dense (strided), unquantized tensor (the dispatcher
+    would raise NotImplementedError for the others, naming no argument)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"rbd_cuda: {name} must be a tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise ValueError(f"rbd_cuda: {name} must be a dense tensor, got a {t.layout} one (use .to_dense())")
+    if t.is_quantized:
+        raise ValueError(f"rbd_cuda: {name} must not be quantized (use .dequantize())")
+    return t
+
+
 def _coefficient_count(c: torch.Tensor) -> int:
+    _dense("c", c)
     if c.dim() != 1:
         raise ValueError(f"rbd_cuda: c must be 1-D (one coefficient per direction), got shape {tuple(c.shape)}")
     if c.numel() == 0:
@@ -114,7 +127,7 @@ def project(
     of length ``dim`` with ``g``'s dtype and device, accumulated in fp32:
     ``c[j] = sum_i P[row_offset + i, col_offset + j] * g[i]``. P is generated on the fly.
     """
-    kw = _stream_kwargs(g.numel(), dim, seed, step, stream, distribution, row_offset, col_offset)
+    kw = _stream_kwargs(_dense("g", g).numel(), dim, seed, step, stream, distribution, row_offset, col_offset)
     return _differentiable("project", g, _integer("dim", dim), kw)
 
 
@@ -153,8 +166,11 @@ def expand_(
     """In place ``out += alpha * P c`` (``out`` contiguous, any shape, flattened); returns ``out``.
 
     No temporary of ``out``'s size is created: this is the optimizer's update.
-    The sum is formed in fp32 and rounded to ``out``'s dtype once per element.
+    The sum is formed in fp32 and rounded to ``out``'s dtype once per element. ``c`` gets no
+    gradient (use ``expand`` to differentiate): a ``c`` that requires one is refused in grad mode.
     """
+    _dense("out", out)
+    _no_gradient_to("expand_", c)
     torch.ops.rbd_cuda.expand_(
         out,
         c,
@@ -163,6 +179,13 @@ def expand_(
                          col_offset),
     )
     return out
+
+
+def _no_gradient_to(op: str, c: torch.Tensor) -> None:
+    # The in-place ops are not differentiable: c.grad would stay None without a word.
+    if c.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"rbd_cuda: {op} does not carry a gradient to c, which requires grad: use expand "
+                         "(out + expand(c, ...)) to differentiate, or pass c.detach()")
 
 
 def materialize(
@@ -333,6 +356,7 @@ def _segment_table(tensors, name, row_offsets, compartments, dims, streams, seed
         if not 0 <= x < 2**32:
             raise ValueError(f"rbd_cuda: streams[{k}] must be in [0, 2**32), got {x}")
     for s, (t, r, k) in enumerate(zip(tensors, row_offsets, compartments, strict=True)):
+        _dense(f"{name}[{s}]", t)
         if t.device != tensors[0].device or t.dtype != tensors[0].dtype:
             raise ValueError(f"rbd_cuda: every tensor of {name} must have the device and dtype of {name}[0]; "
                              f"{name}[{s}] is {t.dtype} on {t.device}")
@@ -368,6 +392,7 @@ def expand_grouped_(out, c: torch.Tensor, alphas, row_offsets, compartments, dim
     must not overlap.
     """
     table = _segment_table(out, "out", row_offsets, compartments, dims, streams, seed, step, distribution)
+    _no_gradient_to("expand_grouped_", _dense("c", c))
     alphas = [float(a) for a in alphas]
     if len(alphas) != len(table["row_offsets"]):
         raise ValueError(f"rbd_cuda: alphas needs one entry per segment (len(out)={len(table['row_offsets'])}), "

@@ -8,6 +8,7 @@ kills what is still running at its deadline and fails the test.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import io
 import multiprocessing
@@ -357,6 +358,81 @@ def one_rank_raises(rank, world):
     return {"error": None}
 
 
+def loads(rank, world):
+    """load_state_dict of the optimizer and of the hook's state, on 2 ranks (a collective each)."""
+    kw = {"lr": 0.2, "dim": 5, "compartments": "tensor", "momentum": 0.5, "weight_decay": 0.1, "seed": 4,
+          "check_every": 2}
+
+    def run(model, opt, steps):
+        for t in steps:
+            x, y = local(t, rank, world)
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+
+    def refusal(load):
+        try:
+            load()
+        except ValueError as error:
+            return str(error)
+        return None
+
+    out = {}
+    model = mlp()
+    opt = DistributedRBD(model.parameters(), **kw)
+    run(model, opt, range(1))
+    early = copy.deepcopy(opt.state_dict())
+    run(model, opt, range(1, 3))
+    late, late_model = copy.deepcopy(opt.state_dict()), copy.deepcopy(model.state_dict())
+    run(model, opt, range(3, 5))
+    out["uninterrupted"] = flat(model)
+    # Every rank resumes from the same checkpoint: the uninterrupted run, bit for bit.
+    resumed = mlp(seed=9)
+    resumed.load_state_dict(late_model)
+    resumed_opt = DistributedRBD(resumed.parameters(), **kw)
+    resumed_opt.load_state_dict(late)
+    run(resumed, resumed_opt, range(3, 5))
+    out["resumed"] = flat(resumed)
+    # Rank 1 loads an older checkpoint: refused on both ranks, nothing loaded.
+    other = DistributedRBD(mlp().parameters(), **kw)
+    out["older"] = refusal(lambda: other.load_state_dict(early if rank == 1 else late))
+    out["older-steps"] = other.steps_taken
+    # Rank 0's state dict is invalid: both ranks raise (none waits in a later collective).
+    bad = copy.deepcopy(late)
+    bad["param_groups"][0]["lr"] = float("nan")
+    out["invalid"] = refusal(lambda: other.load_state_dict(bad if rank == 0 else late))
+    out["both-invalid"] = refusal(lambda: other.load_state_dict(bad))
+    mistyped = copy.deepcopy(late)
+    mistyped["param_groups"][0]["lr"] = "0.2"  # a TypeError on rank 0, agreed on like the others
+    out["mistyped"] = refusal(lambda: other.load_state_dict(mistyped if rank == 0 else late))
+    out["after-refusals"] = (other.steps_taken, other.param_groups[0]["lr"])
+    # The hook's state, loaded with another step on one rank.
+    hook = RandomBasesHook(20, seed=3)
+    out["hook"] = refusal(lambda: hook.load_state_dict({**hook.state_dict(), "step": 7 if rank == 0 else 5}))
+    out["hook-step"] = hook.step
+    hook.load_state_dict({**hook.state_dict(), "step": 7})
+    out["hook-same"] = hook.step
+    return out
+
+
+def test_distributed_loads_are_agreed_by_every_rank(tmp_path):
+    results, _ = launch(tmp_path, 2, loads)
+    for r, res in enumerate(results):
+        assert "ok" in res, f"rank {r} raised:\n{res.get('traceback')}"
+    results = [res["ok"] for res in results]
+    for res in results:
+        assert torch.equal(res["resumed"], res["uninterrupted"])
+        assert torch.equal(res["uninterrupted"], results[0]["uninterrupted"])
+        assert "the load of the state_dict: ranks disagree on steps_taken: rank(s) [1]" in res["older"]
+        assert res["older-steps"] == 0
+        assert "ranks disagree on whether the state_dict is valid: rank(s) [1]" in res["invalid"]
+        assert "lr (param group 0) must be finite" in res["both-invalid"]
+        assert "ranks disagree on whether the state_dict is valid: rank(s) [1]" in res["mistyped"]
+        assert res["after-refusals"] == (0, 0.2)
+        assert "the load of the hook's state: ranks disagree on step: rank(s) [1]" in res["hook"]
+        assert res["hook-step"] == 0 and res["hook-same"] == 7
+
+
 # ---- the tests ----------------------------------------------------------------------------------
 
 
@@ -448,13 +524,13 @@ def test_hook_output_equals_the_float64_formula_for_each_normalisation(results, 
 
 def test_ranks_with_different_learning_rates_are_refused(results):
     for res in results:
-        assert res["lr"] is not None and "ranks disagree on param groups (lr, momentum)" in res["lr"]
+        assert res["lr"] is not None and "ranks disagree on param groups' values" in res["lr"]
 
 
 def test_a_learning_rate_changed_on_one_rank_is_found_by_the_periodic_check(results):
     for r, res in enumerate(results):
         assert res["lr-later"] is not None, f"rank {r} did not see the difference"
-        assert "ranks disagree on param groups (lr, momentum): rank(s) [1]" in res["lr-later"]
+        assert "ranks disagree on param groups' values: rank(s) [1]" in res["lr-later"]
 
 
 def test_hooks_with_different_seeds_are_refused_on_every_rank(results):
@@ -569,3 +645,7 @@ def test_hook_state_dict_round_trip_and_refusal():
     assert resumed.step == 7
     with pytest.raises(ValueError, match="other arguments: seed: 3 saved, 4 here"):
         RandomBasesHook(30, seed=4, distribution="rademacher", error_feedback=True).load_state_dict(saved)
+    for step in ("x", -1, 2.5, None):
+        with pytest.raises(ValueError, match="the hook state's step must be an int >= 0"):
+            resumed.load_state_dict({**saved, "step": step})
+    assert resumed.step == 7

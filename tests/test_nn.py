@@ -349,22 +349,22 @@ def test_subspace_config_does_not_take_the_name_config():
 
 @pytest.mark.parametrize(("changed", "field"), [
     ({"seed": 10}, "seed: 9 saved, 10 here"), ({"distribution": "uniform"}, "distribution: 'normal' saved"),
-    ({"normalize": "paper"}, "normalize: 'unbiased' saved"), ({"compartments": "global"}, r"compartments\[0\].numel: 30 saved, 74 here"),
-    ({"dim": 5}, r"compartments\[0\].dim: 6 saved, 5 here"), ({"said": True}, "said: False saved, True here"),
+    ({"normalize": "paper"}, "normalize: 'unbiased' saved"), ({"compartments": "global"}, "compartment 0's numel: 30 saved, 74 here"),
+    ({"dim": 5}, "compartment 0's dim: 6 saved, 5 here"), ({"said": True}, "said: False saved, True here"),
 ], ids=repr)
 def test_a_state_from_another_wrapper_is_refused_naming_the_difference(changed, field):
     kw = {"dim": 6, "seed": 9, "compartments": "tensor"}
     state = RandomSubspace(mlp(seed=1), **kw).state_dict()
     other = RandomSubspace(mlp(seed=1), **{**kw, **changed})
-    with pytest.raises(ValueError, match=f"other arguments, whose weights differ: {field}"):
+    with pytest.raises(ValueError, match=f"other arguments, whose weights differ: .*{field}"):
         other.load_state_dict(state, strict=False)  # strict=False: SAID adds a parameter
 
 
 def test_the_difference_message_is_bounded():
-    # 3000 compartments of one entry each against one: the message names the first difference only.
+    # 3003 compartments of one entry each against one: the message names the count and the first difference.
     wide = nn.Sequential(nn.Linear(1000, 3))
     state = RandomSubspace(wide, 1, seed=0, compartments=1).state_dict()
-    with pytest.raises(ValueError, match=r"differ: compartments\[0\].numel: 1 saved, 3003 here$") as error:
+    with pytest.raises(ValueError, match=r"differ: compartments: 3003 compartments saved, 1 here, compartment 0's numel: 1 saved, 3003 here$") as error:
         RandomSubspace(nn.Sequential(nn.Linear(1000, 3)), 1, seed=0).load_state_dict(state, strict=False)
     assert len(str(error.value)) < 200
 
@@ -401,7 +401,7 @@ BAD_STATES = {
     "configuration of another format": (lambda s: _spoiled(s, "_extra_state", _config(format=3)), ValueError,
                                         "not a format-2 RandomSubspace configuration"),
     "configuration with another layout": (lambda s: _spoiled(s, "_extra_state", _config(compartments=[])),
-                                          ValueError, r"len\(compartments\): 0 saved, 3 here"),
+                                          ValueError, "compartments: 0 compartments saved, 3 here"),
     "an unexpected entry": (lambda s: _spoiled(s, "module.9.weight", torch.zeros(2)), ValueError,
                             r"unexpected entries \['module.9.weight'\]"),
     "a missing entry": (lambda s: {k: v for k, v in s.items() if k != "module.4.bias"}, ValueError,

@@ -5,6 +5,8 @@ import torch
 
 import rbd_cuda
 from rbd_cuda import reference
+from rbd_cuda.layout import Compression, Fixed, Proportional
+from rbd_cuda.optim import RBD
 
 ERR = (ValueError, RuntimeError)
 G = torch.ones(10)
@@ -194,6 +196,50 @@ def test_out_not_contiguous():
         torch.ops.rbd_cuda.materialize_(torch.zeros(40), seed=0)
 
 
+def _grouped(which: str, tensor: torch.Tensor):
+    if which == "project_grouped":
+        return rbd_cuda.project_grouped([G, tensor], [0, 10], [0, 0], [4], [0], seed=0)
+    return rbd_cuda.expand_grouped_([torch.zeros(10), tensor], C, [1.0, 1.0], [0, 10], [0, 0], [4], [0], seed=0)
+
+
+@pytest.mark.filterwarnings("ignore:.*(beta state|deprecated):UserWarning")
+@pytest.mark.parametrize("kind", ["sparse_coo", "sparse_csr", "quantized"])
+def test_sparse_and_quantized_inputs_are_refused_naming_the_argument(kind):
+    def convert(t):
+        if kind == "sparse_coo":
+            return t.to_sparse()
+        if kind == "sparse_csr":
+            return t.reshape(2, -1).to_sparse_csr()
+        return torch.quantize_per_tensor(t, 0.1, 0, torch.qint8)
+
+    match = "must be a dense tensor" if kind.startswith("sparse") else "must not be quantized"
+    with pytest.raises(ValueError, match=rf"\bg {match}"):
+        _project(g=convert(G))
+    with pytest.raises(ValueError, match=rf"\bc {match}"):
+        _expand(c=convert(C))
+    with pytest.raises(ValueError, match=rf"\bc {match}"):
+        _expand_(c=convert(C))
+    with pytest.raises(ValueError, match=rf"\bout {match}"):
+        _expand_(out=convert(torch.zeros(10)))
+    with pytest.raises(ValueError, match=rf"\bg\[1\] {match}"):
+        _grouped("project_grouped", convert(torch.ones(10)))
+    with pytest.raises(ValueError, match=rf"\bout\[1\] {match}"):
+        _grouped("expand_grouped_", convert(torch.zeros(10)))
+
+
+def test_the_in_place_expands_refuse_a_c_that_requires_grad():
+    c = torch.ones(4, requires_grad=True)
+    out = torch.zeros(10)
+    with pytest.raises(ValueError, match="expand_ does not carry a gradient to c"):
+        _expand_(out=out, c=c)
+    with pytest.raises(ValueError, match="expand_grouped_ does not carry a gradient to c"):
+        rbd_cuda.expand_grouped_([out], c, [1.0], [0], [0], [4], [0], seed=0)
+    assert torch.equal(out, torch.zeros(10))
+    with torch.no_grad():  # no gradient is asked for: the update of an optimizer
+        _expand_(out=out, c=c)
+    assert out.abs().sum() > 0
+
+
 def test_failed_expand_inplace_leaves_out_untouched():
     out = torch.arange(10.0)
     with pytest.raises(ERR):
@@ -243,3 +289,17 @@ def test_reference_rejects_the_same():
         reference.materialize(3, 1, seed=0, distribution="gauss")
     with pytest.raises(ValueError, match="rows"):
         reference.materialize(3, 1, seed=0, row_offset=2**34 - 2)
+
+
+@pytest.mark.parametrize(("rule", "match"), [
+    (Compression(float("nan")), "Compression's factor must be a finite number > 0, got nan"),
+    (Compression(float("inf")), "Compression's factor must be a finite number > 0, got inf"),
+    (Compression(0), "Compression's factor must be a finite number > 0, got 0"),
+    (Compression(10, minimum=2.5), "Compression's minimum must be an int, got 2.5"),
+    (Compression(10, minimum=0), "Compression's minimum must be positive"),
+    (Fixed(2.5), "Fixed's dim must be an int, got 2.5"),
+    (Proportional(0), "Proportional's total must be positive"),
+], ids=repr)
+def test_bad_dimension_rules_name_the_argument(rule, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        RBD(torch.nn.Linear(3, 2).parameters(), lr=0.1, dim=rule)

@@ -15,6 +15,7 @@ import torch
 
 from ..basis import (
     Basis,
+    check_count,
     check_distribution,
     check_finite,
     check_normalize,
@@ -22,12 +23,21 @@ from ..basis import (
     expand_compartment_,
     scale,
 )
-from ..layout import Compartment, describe, plan
+from ..layout import Compartment, check_saved, describe, plan
 
 # Version of the "rbd" entry of state_dict(). Entries without "format" were written by a02b069
-# (whose optimizer kept only steps_taken and a layout check); they still load.
-FORMAT = 2
+# (whose optimizer kept only steps_taken and a layout check); format 2 is from before weight
+# decay (whose groups may hold a "weight_decay" that was ignored). Both still load.
+FORMAT = 3
 PARAMETER_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Why the steps are excluded from torch.compile's tracing (torch.compiler.disable): Dynamo drops
+# the attribute mutations of optimizers, so a traced step would keep steps_taken at 0 and reuse
+# the first basis at every step. A compiled train step breaks its graph at the step, which runs
+# eagerly; with fullgraph=True Dynamo refuses it, showing this reason.
+EAGER_STEP = ("rbd_cuda: the optimizers' step runs eagerly, since a traced step would lose its step count "
+              "(and freeze the basis)")
+# Keys torch.optim.Optimizer itself puts in a param group.
+TORCH_GROUP_KEYS = ("params", "param_names")
 
 
 class RandomBasesOptimizer(torch.optim.Optimizer):
@@ -39,6 +49,8 @@ class RandomBasesOptimizer(torch.optim.Optimizer):
 
     # name -> (low, high, high excluded) of each param-group hyperparameter
     HYPERPARAMETERS: ClassVar[dict[str, tuple[float, float, bool]]] = {"lr": (0.0, float("inf"), False)}
+    # names of the per-parameter state entries (self.state[p]) a step keeps
+    STATE_KEYS: ClassVar[tuple[str, ...]] = ()
     redraw = True
 
     def __init__(self, params, defaults: dict, dim, *, compartments, distribution: str, normalize: str, seed):
@@ -66,10 +78,10 @@ class RandomBasesOptimizer(torch.optim.Optimizer):
         self.compartments: list[Compartment] = plan(
             [(name or f"param{i}", p) for i, (name, p) in enumerate(named)], compartments, dim)
         self._params = [p for _, p in named]
-        group_of = {id(p): k for k, group in enumerate(self.param_groups) for p in group["params"]}
-        # Group index of every segment: groups are looked up at step time, since load_state_dict
-        # and schedulers replace or change the group dicts.
-        self._segment_groups = [[group_of[id(s.param)] for s in c.segments] for c in self.compartments]
+        # Group index of every parameter and segment: groups are looked up at step time, since
+        # load_state_dict and schedulers replace or change the group dicts.
+        self._group_of = {id(p): k for k, group in enumerate(self.param_groups) for p in group["params"]}
+        self._segment_groups = [[self._group_of[id(s.param)] for s in c.segments] for c in self.compartments]
         self.total_numel = sum(p.numel() for p in self._params)
         self.steps_taken = 0
         self._planned = True
@@ -79,19 +91,36 @@ class RandomBasesOptimizer(torch.optim.Optimizer):
             raise ValueError("rbd_cuda: add_param_group is not supported once the optimizer is built: the "
                              "compartments and their bases are planned over all parameters at construction; "
                              "build a new optimizer with every param group instead")
+        if isinstance(param_group, dict):
+            # A key no step reads would be kept and silently ignored (HF Trainer's weight_decay was).
+            unknown = [key for key in param_group if key not in TORCH_GROUP_KEYS and key not in self.HYPERPARAMETERS]
+            if unknown:
+                raise ValueError(f"rbd_cuda: param group {len(self.param_groups)} has the key {unknown[0]!r}, "
+                                 f"which {type(self).__name__} does not implement; its groups take "
+                                 f"{', '.join(self.HYPERPARAMETERS)}")
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         # Plain floats (not numpy scalars), so state dicts load with weights_only=True.
-        group.update(zip(self.HYPERPARAMETERS, self._check_group(len(self.param_groups) - 1, group), strict=True))
+        group.update(self._check_group(len(self.param_groups) - 1, group))
 
-    def _check_group(self, index: int, group: dict) -> tuple[float, ...]:
-        return tuple(check_finite(f"{name} (param group {index})", group[name], low=low, high=high, open_high=open_)
-                     for name, (low, high, open_) in self.HYPERPARAMETERS.items())
+    def _check_group(self, index: int, group: dict) -> dict[str, float]:
+        return {name: check_finite(f"{name} (param group {index})", group[name], low=low, high=high,
+                                   open_high=open_)
+                for name, (low, high, open_) in self.HYPERPARAMETERS.items()}
 
-    def hyperparameters(self) -> list[tuple[float, ...]]:
+    def hyperparameters(self) -> list[dict[str, float]]:
         """Every group's ``HYPERPARAMETERS`` values now (validated: a step changes nothing when one
         is not finite)."""
         return [self._check_group(k, group) for k, group in enumerate(self.param_groups)]
+
+    @torch.no_grad()
+    def _decay(self, params: Sequence[torch.Tensor], hyper: list[dict[str, float]]) -> None:
+        """Decoupled weight decay (AdamW's): θ ← θ · (1 − lr · weight_decay) with each parameter's
+        group values, on ``params`` (those the step updates), before the subspace update."""
+        for p in params:
+            group = hyper[self._group_of[id(p)]]
+            if group.get("weight_decay"):
+                p.mul_(1.0 - group["lr"] * group["weight_decay"])
 
     # ---- bases ------------------------------------------------------------------------------
 
@@ -146,23 +175,84 @@ class RandomBasesOptimizer(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict of this optimizer (formats 1–3); everything is checked (configuration,
+        groups, step count, state tensors) before anything changes."""
+        self._load_checked(self.check_state_dict(state_dict))
+
+    def check_state_dict(self, state_dict: dict) -> tuple[dict, int]:
+        """``state_dict`` as torch's ``load_state_dict`` takes it (groups completed and validated)
+        and its step count, or a ``ValueError`` (``TypeError`` for a value of the wrong type)
+        naming what is wrong; changes nothing."""
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"rbd_cuda: a state_dict must be a dict, got {type(state_dict).__name__}")
         state_dict = dict(state_dict)
         saved = state_dict.pop("rbd", None)
-        if saved is None:
-            raise ValueError(f"rbd_cuda: this state_dict has no 'rbd' entry (not saved by {type(self).__name__})")
-        if "format" not in saved:  # a02b069: its layout entries are [stream, dim, numel]
+        name = type(self).__name__
+        if not isinstance(saved, dict):
+            raise ValueError(f"rbd_cuda: this state_dict has no 'rbd' entry (not saved by {name})")  # noqa: TRY004
+        version = saved.get("format", 1)  # a02b069 wrote no format; its layout entries are [stream, dim, numel]
+        if version == 1:
             mine = [entry[:3] for entry in describe(self.compartments, self._params)]
-            if [list(x) for x in saved["layout"]] != mine:
-                raise ValueError("rbd_cuda: the saved compartments (stream, dim, numel) differ from this "
-                                 f"optimizer's: {saved['layout']} vs {mine}")
+            check_saved(saved, {"layout": mine}, "the saved compartments (stream, dim, numel) differ from this "
+                        "optimizer's")
+        elif version in (2, FORMAT):
+            check_saved(saved, self.config(), "the state_dict is from an optimizer built with other arguments, "
+                        "which would give another trajectory")
         else:
-            if saved["format"] != FORMAT:
-                raise ValueError(f"rbd_cuda: state_dict format {saved['format']} is not this version's ({FORMAT})")
-            differ = [f"{key}: {saved.get(key)!r} saved, {value!r} here" for key, value in self.config().items()
-                      if saved.get(key) != value]
-            if differ:
-                raise ValueError("rbd_cuda: the state_dict is from an optimizer built with other arguments, "
-                                 "which would give another trajectory: " + "; ".join(differ))
+            raise ValueError(f"rbd_cuda: state_dict format {version!r} is not one this version reads (1 to {FORMAT})")
+        steps = check_count("the state_dict's steps_taken", saved.get("steps_taken"))
+
+        groups = state_dict.get("param_groups")
+        if not isinstance(groups, list) or len(groups) != len(self.param_groups):
+            raise ValueError(f"rbd_cuda: the state_dict must hold {len(self.param_groups)} param groups, as this "
+                             f"optimizer does; it holds {len(groups) if isinstance(groups, list) else groups!r}")
+        completed, param_of = [], {}
+        for k, (group, mine) in enumerate(zip(groups, self.param_groups, strict=True)):
+            if not isinstance(group, dict) or len(group.get("params", ())) != len(mine["params"]):
+                raise ValueError(f"rbd_cuda: the state_dict's param group {k} does not hold "
+                                 f"{len(mine['params'])} parameters, as this optimizer's does")
+            group = dict(group)
+            if version < FORMAT and "weight_decay" in self.HYPERPARAMETERS:
+                if group.get("weight_decay", 0.0) != 0.0:
+                    raise ValueError(f"rbd_cuda: param group {k} of this state_dict (format {version}) holds "
+                                     f"weight_decay={group['weight_decay']!r}, which the version that saved it "
+                                     "ignored: set it to 0.0 in the state_dict to continue that trajectory, or "
+                                     "build a new optimizer to train with weight decay")
+                group["weight_decay"] = 0.0
+            missing = [key for key in self.HYPERPARAMETERS if key not in group]
+            if missing:
+                raise ValueError(f"rbd_cuda: the state_dict's param group {k} has no {missing[0]!r}")
+            group.update(self._check_group(k, group))
+            completed.append(group)
+            param_of.update(zip(group["params"], mine["params"]))
+
+        state = state_dict.get("state")
+        if not isinstance(state, dict):
+            raise TypeError(f"rbd_cuda: the state_dict's state must be a dict, got {type(state).__name__}")
+        for key, entry in state.items():
+            if key not in param_of:
+                raise ValueError(f"rbd_cuda: the state_dict has state for {key!r}, which is none of its groups' "
+                                 "parameters")
+            p = param_of[key]
+            if not isinstance(entry, dict):
+                raise TypeError(f"rbd_cuda: the state of parameter {key} must be a dict, got {type(entry).__name__}")
+            for entry_name, value in entry.items():
+                where = f"the state_dict's {entry_name!r} of parameter {key}"
+                if entry_name not in self.STATE_KEYS:
+                    raise ValueError(f"rbd_cuda: {where} is not state {name} keeps "
+                                     f"({', '.join(self.STATE_KEYS) or 'it keeps none'})")
+                if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+                    raise ValueError(f"rbd_cuda: {where} must be a floating-point tensor, got "
+                                     f"{type(value).__name__ if not isinstance(value, torch.Tensor) else value.dtype}")
+                if value.shape != p.shape:
+                    raise ValueError(f"rbd_cuda: {where} has shape {tuple(value.shape)}; the parameter has "
+                                     f"{tuple(p.shape)}")
+                if not bool(torch.isfinite(value).all()):
+                    raise ValueError(f"rbd_cuda: {where} holds non-finite values")
+        return {**state_dict, "param_groups": completed}, steps
+
+    def _load_checked(self, checked: tuple[dict, int]) -> None:
+        """Load what ``check_state_dict`` returned."""
+        state_dict, steps = checked
         super().load_state_dict(state_dict)
-        self.hyperparameters()  # the loaded groups must hold valid values too
-        self.steps_taken = int(saved["steps_taken"])
+        self.steps_taken = steps

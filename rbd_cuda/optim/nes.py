@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 
 from ..basis import check_finite
-from .base import RandomBasesOptimizer
+from .base import EAGER_STEP, RandomBasesOptimizer
 
 
 class NES(RandomBasesOptimizer):
@@ -27,15 +28,25 @@ class NES(RandomBasesOptimizer):
     ``antithetic`` the population is n/2 directions evaluated at θ ± σ ε.
 
     ``step(closure)`` needs a closure that returns the loss at the current parameters (no
-    backward needed; it runs under ``torch.no_grad``) and returns the population's mean loss.
+    backward: it runs under ``torch.no_grad``; a closure that runs one, as Lightning's automatic
+    optimization passes, is refused at its first call) and returns the population's mean loss.
+    Under Lightning use manual optimization (docs/optimizers.md); the HF Trainer, which calls
+    ``step()`` without a closure, cannot drive it.
     The paper gives each population member its own minibatch: a closure that draws a new batch
     per call does that. Whatever the closure does (raises, is interrupted), the parameters are
     restored exactly before ``step`` returns or raises; a non-finite loss is refused (the step
     then changes nothing).
+
+    ``weight_decay`` (per param group, as ``lr``): the update first multiplies the parameters
+    by 1 − lr · weight_decay (decoupled, as in ``RBD``), after the population is evaluated.
+    ``step`` runs eagerly under ``torch.compile`` (excluded from tracing, as ``RBD.step``).
     """
 
+    HYPERPARAMETERS: ClassVar[dict[str, tuple[float, float, bool]]] = {
+        "lr": (0.0, float("inf"), False), "weight_decay": (0.0, float("inf"), False)}
+
     def __init__(self, params, lr: float, population: int, sigma: float = 0.01, *, antithetic: bool = False,
-                 distribution: str = "normal", normalize: str = "paper", seed: int = 0):
+                 weight_decay: float = 0.0, distribution: str = "normal", normalize: str = "paper", seed: int = 0):
         try:
             if isinstance(population, bool):
                 raise TypeError
@@ -50,7 +61,7 @@ class NES(RandomBasesOptimizer):
         if sigma == 0:
             raise ValueError("rbd_cuda: sigma must be positive, got 0.0")
         directions = population // 2 if antithetic else population
-        super().__init__(params, {"lr": lr}, directions, compartments="global", distribution=distribution,
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay}, directions, compartments="global", distribution=distribution,
                          normalize=normalize, seed=seed)
         self.population, self.sigma, self.antithetic = population, sigma, bool(antithetic)
 
@@ -58,10 +69,16 @@ class NES(RandomBasesOptimizer):
         return {**super().config(), "population": self.population, "sigma": self.sigma,
                 "antithetic": self.antithetic}
 
+    @staticmethod
+    def _grad_marks(params) -> list:
+        return [None if p.grad is None else (id(p.grad), p.grad._version) for p in params]
+
+    @torch.compiler.disable(reason=EAGER_STEP)
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
         if closure is None:
-            raise ValueError("rbd_cuda: NES.step needs a closure that returns the loss")
+            raise ValueError("rbd_cuda: NES.step needs a closure that returns the loss (step(closure)); "
+                             "under Lightning use manual optimization (docs/optimizers.md)")
         hyper = self.hyperparameters()
         comp = self.compartments[0]
         basis = self.basis(comp)
@@ -69,6 +86,7 @@ class NES(RandomBasesOptimizer):
         saved = [v.clone() for v in views]
         members = [(j, sign) for j in range(comp.dim) for sign in ((1.0, -1.0) if self.antithetic else (1.0,))]
         losses = []
+        marks = self._grad_marks(self._params)
         for j, sign in members:
             coeff = torch.full((1,), sign * self.sigma, device=views[0].device)
             self._expand(basis, coeff, [(view, seg.row_offset, 1.0) for view, seg in zip(views, comp.segments,
@@ -76,6 +94,13 @@ class NES(RandomBasesOptimizer):
                          col_offset=j)
             try:
                 losses.append(float(closure()))
+                if len(losses) == 1 and any(m is not None and m != before for m, before in
+                                            zip(self._grad_marks(self._params), marks, strict=True)):
+                    # Each member would cost a wasted backward pass (Lightning's automatic optimization).
+                    raise ValueError("rbd_cuda: NES.step's closure ran a backward pass (the parameters' gradients "
+                                     "changed); NES needs only the loss. Under Lightning set "
+                                     "self.automatic_optimization = False and call opt.step(closure) in "
+                                     "training_step with a closure that returns the loss (docs/optimizers.md)")
             finally:  # exact restore (no drift from adding and subtracting), whatever the closure did
                 for view, original in zip(views, saved, strict=True):
                     view.copy_(original)
@@ -93,7 +118,8 @@ class NES(RandomBasesOptimizer):
             c[j] += sign * a / (self.sigma * n)
         root_s = self.scale(comp, root=True)
         groups = self._segment_groups[0]
-        self._expand(basis, c, [(view, seg.row_offset, hyper[groups[k]][0] * root_s)
+        self._decay(self._params, hyper)
+        self._expand(basis, c, [(view, seg.row_offset, hyper[groups[k]]["lr"] * root_s)
                                 for k, (view, seg) in enumerate(zip(views, comp.segments, strict=True))])
         self.steps_taken += 1
         return sum(losses) / n

@@ -26,12 +26,13 @@ from typing import ClassVar
 import torch
 
 from ..basis import expand_compartment, project_compartment
-from ..layout import Compartment
-from .base import RandomBasesOptimizer
+from ..layout import Compartment, check_saved
+from .base import EAGER_STEP, RandomBasesOptimizer
 
 __all__ = ["FPD", "RBD", "Exchange", "replay"]
 
-RECORD_FORMAT = 1
+# Version of RBD(record=True).record; format 1 (before weight decay) still replays.
+RECORD_FORMAT = 2
 # (coefficients, stream of their basis, indices of the compartment's segments they update)
 Term = tuple[torch.Tensor, int, list[int]]
 
@@ -79,6 +80,9 @@ class RBD(RandomBasesOptimizer):
         normalize: one of ``rbd_cuda.basis.NORMALIZATIONS`` (module docstring).
         momentum: the paper's EMA form, v ← m v + (1 − m) u, θ ← θ − lr v (0 disables it; per
             param group, read at every step).
+        weight_decay: decoupled weight decay (AdamW's): each step first multiplies every parameter
+            it updates by 1 − lr · weight_decay, outside the subspace and the momentum (per param
+            group, read at every step; 0 disables it).
         seed: 64-bit seed of the bases; with the step count it fixes every basis of the run.
         diagnostics: after each step, ``opt.diagnostics`` holds per compartment the cosine between
             the update direction P Pᵀ g and the gradient g (costs one extra expand per
@@ -89,19 +93,22 @@ class RBD(RandomBasesOptimizer):
         exchange: how coefficients are combined before the update (``Exchange``; distributed
             training passes its own).
 
-    Parameters whose ``grad`` is None are skipped (neither projected nor updated), as in SGD.
-    A step is all-or-nothing: the groups' values and every gradient are checked before any
-    parameter changes.
+    Param groups take ``lr``, ``momentum`` and ``weight_decay``; any other key is refused.
+    Parameters whose ``grad`` is None are skipped (neither projected, decayed nor updated), as in
+    SGD. A step is all-or-nothing: the groups' values, every gradient and momentum buffer are
+    checked before any parameter changes. ``step`` runs eagerly under ``torch.compile`` (it is
+    excluded from tracing, so its step count and bases advance as in eager mode).
     """
 
     HYPERPARAMETERS: ClassVar[dict[str, tuple[float, float, bool]]] = {
-        "lr": (0.0, float("inf"), False), "momentum": (0.0, 1.0, True)}
+        "lr": (0.0, float("inf"), False), "momentum": (0.0, 1.0, True), "weight_decay": (0.0, float("inf"), False)}
+    STATE_KEYS = ("momentum_buffer",)
 
     def __init__(self, params, lr: float, dim, *, compartments="global", distribution: str = "normal",
-                 normalize: str = "unbiased", momentum: float = 0.0, seed: int = 0,
+                 normalize: str = "unbiased", momentum: float = 0.0, weight_decay: float = 0.0, seed: int = 0,
                  diagnostics: bool = False, record: bool = False, exchange: Exchange | None = None):
-        super().__init__(params, {"lr": lr, "momentum": momentum}, dim, compartments=compartments,
-                         distribution=distribution, normalize=normalize, seed=seed)
+        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}, dim,
+                         compartments=compartments, distribution=distribution, normalize=normalize, seed=seed)
         self.track_diagnostics = diagnostics
         self.diagnostics: list[dict] = []
         self.record: dict | None = {"format": RECORD_FORMAT, **self.config(), "steps": []} if record else None
@@ -125,6 +132,17 @@ class RBD(RandomBasesOptimizer):
             present.append(segments)
         return present
 
+    def _check_buffers(self, present: list[list[int]]) -> None:
+        """Momentum buffers the step will use must match their parameter (a state changed by hand)."""
+        for comp, segments in zip(self.compartments, present, strict=True):
+            for k in segments:
+                p = comp.segments[k].param
+                buf = self.state[p].get("momentum_buffer") if p in self.state else None
+                if buf is not None and (buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device):
+                    raise ValueError(f"rbd_cuda: the momentum buffer of parameter {comp.segments[k].name} is "
+                                     f"{buf.dtype} {tuple(buf.shape)} on {buf.device}; the parameter is {p.dtype} "
+                                     f"{tuple(p.shape)} on {p.device}")
+
     def _project(self, comp: Compartment, segments: list[int]) -> torch.Tensor | None:
         if not segments:
             return None
@@ -135,7 +153,7 @@ class RBD(RandomBasesOptimizer):
             rows.append(seg.row_offset)
         return project_compartment(self.basis(comp, self.exchange.stream(comp)), comp.dim, pieces, rows)
 
-    def _apply(self, index: int, terms: Sequence[Term], hyper: list[tuple[float, ...]]) -> None:
+    def _apply(self, index: int, terms: Sequence[Term], hyper: list[dict[str, float]]) -> None:
         """θ ← θ − lr · s · Σₜ Pₜ cₜ on compartment ``index``, terms (cₜ, stream, segment
         indices); momentum sees their sum as the step's one update."""
         comp, groups = self.compartments[index], self._segment_groups[index]
@@ -144,7 +162,7 @@ class RBD(RandomBasesOptimizer):
         buffers = {}
         for k in touched:
             seg = comp.segments[k]
-            momentum = hyper[groups[k]][1]
+            momentum = hyper[groups[k]]["momentum"]
             if momentum:
                 state = self.state[seg.param]
                 if "momentum_buffer" not in state:
@@ -154,7 +172,7 @@ class RBD(RandomBasesOptimizer):
             targets = []
             for k in segments:
                 seg = comp.segments[k]
-                lr, momentum = hyper[groups[k]]
+                lr, momentum = hyper[groups[k]]["lr"], hyper[groups[k]]["momentum"]
                 if k in buffers:
                     targets.append((buffers[k], seg.row_offset, (1.0 - momentum) * s))
                 else:
@@ -162,7 +180,7 @@ class RBD(RandomBasesOptimizer):
             self._expand(self.basis(comp, stream), c, targets)
         for k, buf in buffers.items():
             seg = comp.segments[k]
-            seg.view(seg.param).add_(buf, alpha=-hyper[groups[k]][0])
+            seg.view(seg.param).add_(buf, alpha=-hyper[groups[k]]["lr"])
 
     def _diagnose(self, comp: Compartment, c: torch.Tensor, segments: list[int]) -> dict:
         segs = [comp.segments[k] for k in segments]
@@ -177,6 +195,13 @@ class RBD(RandomBasesOptimizer):
                 "coeff_mean": float(c.mean()), "coeff_std": float(c.std()) if c.numel() > 1 else 0.0,
                 "coeff_absmax": float(c.abs().max())}
 
+    def _updated(self, terms: Sequence[Sequence[Term]]) -> list[torch.Tensor]:
+        """The parameters ``terms`` update (with distributed training: those any rank updates)."""
+        touched = {id(comp.segments[k].param) for comp, comp_terms in zip(self.compartments, terms, strict=True)
+                   for _, _, segments in comp_terms for k in segments}
+        return [p for p in self._params if id(p) in touched]
+
+    @torch.compiler.disable(reason=EAGER_STEP)
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
         loss = None
@@ -186,19 +211,21 @@ class RBD(RandomBasesOptimizer):
         # Everything that can be refused is checked before the first parameter changes.
         hyper = self.hyperparameters()
         present = self._present()
+        self._check_buffers(present)
         coeffs = [self._project(comp, segments) for comp, segments in zip(self.compartments, present, strict=True)]
         terms = self.exchange.combine(self.compartments, coeffs, present, self.steps_taken)
         if self.track_diagnostics:
             self.diagnostics = [self._diagnose(comp, c, segments) for comp, c, segments
                                 in zip(self.compartments, coeffs, present, strict=True) if c is not None]
-        if self.record is not None:
-            self.record["steps"].append({
-                "step": self.steps_taken, "lr": [h[0] for h in hyper], "momentum": [h[1] for h in hyper],
-                "coefficients": {comp.stream: (c.detach().cpu(), segments) for comp, c, segments
-                                 in zip(self.compartments, coeffs, present, strict=True) if c is not None}})
+        self._decay(self._updated(terms), hyper)
         for index, comp_terms in enumerate(terms):
             if comp_terms:
                 self._apply(index, comp_terms, hyper)
+        if self.record is not None:
+            self.record["steps"].append({
+                "step": self.steps_taken, **{name: [h[name] for h in hyper] for name in self.HYPERPARAMETERS},
+                "coefficients": {comp.stream: (c.detach().cpu(), segments) for comp, c, segments
+                                 in zip(self.compartments, coeffs, present, strict=True) if c is not None}})
         self.steps_taken += 1
         self.exchange.after_step(self)
         return loss
@@ -224,21 +251,25 @@ def replay(optimizer: RBD, record: dict) -> None:
     coefficients per compartment: a model update that ships as d floats per step instead of D.
     An optimizer that differs from the recorded one in any of these is refused.
     """
-    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
-        raise ValueError(f"rbd_cuda: replay needs a record of this version (format {RECORD_FORMAT}), as "
+    if not isinstance(record, dict) or record.get("format") not in (1, RECORD_FORMAT):
+        raise ValueError(f"rbd_cuda: replay needs a record of this version (format {RECORD_FORMAT}, or 1), as "
                          "RBD(..., record=True) keeps in opt.record")
-    differ = [f"{key}: {record.get(key)!r} recorded, {value!r} here" for key, value in optimizer.config().items()
-              if record.get(key) != value]
-    if differ:
-        raise ValueError("rbd_cuda: replay: the optimizer is not built as the recorded one was: " + "; ".join(differ))
+    check_saved(record, optimizer.config(), "replay: the optimizer is not built as the recorded one was", saved_as="recorded")
     index_of = {comp.stream: k for k, comp in enumerate(optimizer.compartments)}
     for entry in record["steps"]:
         if entry["step"] != optimizer.steps_taken:
             raise ValueError(f"rbd_cuda: the record continues at step {entry['step']}, the optimizer "
                              f"is at step {optimizer.steps_taken}")
-        for group, lr, momentum in zip(optimizer.param_groups, entry["lr"], entry["momentum"], strict=True):
-            group["lr"], group["momentum"] = lr, momentum
+        # Format 1 records predate weight decay: their runs had none.
+        decay = entry.get("weight_decay", [0.0] * len(optimizer.param_groups))
+        for group, lr, momentum, wd in zip(optimizer.param_groups, entry["lr"], entry["momentum"], decay, strict=True):
+            group["lr"], group["momentum"], group["weight_decay"] = lr, momentum, wd
         hyper = optimizer.hyperparameters()
+        terms = [[] for _ in optimizer.compartments]
         for stream, (c, segments) in entry["coefficients"].items():
-            optimizer._apply(index_of[stream], [(c, stream, segments)], hyper)
+            terms[index_of[stream]].append((c, stream, segments))
+        optimizer._decay(optimizer._updated(terms), hyper)
+        for index, comp_terms in enumerate(terms):
+            if comp_terms:
+                optimizer._apply(index, comp_terms, hyper)
         optimizer.steps_taken += 1
