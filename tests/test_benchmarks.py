@@ -156,3 +156,30 @@ def test_bad_arguments_are_named(capsys):
     with pytest.raises(SystemExit):
         ops_bench.main(["--quick", "--preset", "cpu"])
     assert "--quick conflicts with --preset cpu" in capsys.readouterr().err
+
+
+def _sass(name: str, body: list[str]) -> str:
+    lines = [f"\t\tFunction : {name}"]
+    lines += [f"        /*{16 * k:04x}*/                   {ins} ;   /* 0x0 */" for k, ins in enumerate(body)]
+    return "\n".join(lines) + "\n"
+
+
+def test_sass_count_finds_the_unrolled_loop():
+    """benchmarks/sass_count.py on a made-up listing: an outer loop around two inner loops, a main
+    loop of two Philox calls (36 multiplies: 2 hoisted per call) and a one-call tail loop."""
+    from benchmarks import sass_count
+
+    main_loop = ["IMAD.WIDE.U32 R0, R1, R2, RZ"] * 36 + ["LOP3.LUT R3, R4, R5, R6, 0x96, !PT"] * 27
+    tail = ["IMAD.WIDE.U32 R0, R1, R2, RZ"] * 18 + ["FFMA R7, R8, R9, R7"] * 3
+    listing = ["MOV R1, c[0x0][0x28]", "NOP"]                         # 0x00, 0x10
+    listing += main_loop + ["@P0 BRA 0x20"]                          # 0x20 .. branch back to 0x20
+    listing += tail + [f"@P1 BRA {hex(16 * (len(listing)))}"]         # tail loop
+    listing += ["@P2 BRA 0x10", "EXIT"]                               # the outer loop
+    name = "_ZN3rbd2v213expand_kernelILNS_12DistributionE0EfEEvPKNS0_9ExpandSegEijNS0_4KeysE"
+    kernels = sass_count.functions(_sass(name, listing))
+    assert list(kernels) == [name] and len(kernels[name]) == len(listing)
+    body = sass_count.hot_loop(kernels[name])
+    assert len(body) == len(main_loop) + 1
+    assert sass_count.per_entry(name, body) == (2, 64 / 8)
+    rademacher = name.replace("DistributionE0E", "DistributionE2E")
+    assert sass_count.per_entry(rademacher, body) == (2, 64 / 256)
