@@ -109,15 +109,15 @@ if [ $mode = gpu ]; then
       # shellcheck disable=SC2086
       stage "tests_$k" 120 env RBD_CUDA_KERNELS=$k "$py" -m pytest -q -m cuda tests -p no:cacheprovider $workers
     done
-    bench() {  # bench D d CAP
-      stage "bench_1e8x$2" "$3" "$py" -m benchmarks.ops_bench --device cuda --shapes "$1x$2" --dtypes float32 \
-        --baselines fused_v2 torch torch_chunked --reps 5 --no-memory --out "$out/bench_1e8x$2"
+    bench() {  # bench d CAP: D = 1e8
+      stage "bench_1e8x$1" "$2" "$py" -m benchmarks.ops_bench --device cuda --shapes "100000000x$1" --dtypes float32 \
+        --baselines fused_v2 torch torch_chunked --reps 5 --no-memory --out "$out/bench_1e8x$1"
     }
-    bench 100000000 1000 120
+    bench 1000 120
     stage steps 75 "$py" -m benchmarks.launch_count --out "$out"
     stage probe 45 "$py" -m benchmarks.gpu_probe --out "$out"
-    bench 100000000 128 60
-    bench 100000000 100 60
+    bench 128 60
+    bench 100 60
   fi
   kill "$sampler" 2>/dev/null
 else

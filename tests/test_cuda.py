@@ -370,6 +370,13 @@ def test_products_beyond_2_31_rows(kernels, numel, dtype):
     need = numel * torch.empty((), dtype=dtype).element_size()
     if torch.cuda.mem_get_info()[0] < 1.5 * need:
         pytest.skip(f"needs {need / 2**30:.0f} GiB of free GPU memory")
+    try:
+        _check_sparse_products(kernels, numel, dtype)
+    finally:  # test workers share the GPU: return the memory to it
+        torch.cuda.empty_cache()
+
+
+def _check_sparse_products(kernels: str, numel: int, dtype) -> None:
     dim = 33
     g = torch.zeros(numel, dtype=dtype, device=CUDA)
     rows = _sparse_rows(numel, dtype)
@@ -382,10 +389,12 @@ def test_products_beyond_2_31_rows(kernels, numel, dtype):
         c = rbd_cuda.project(g, dim, **kw)
         assert_matches_cpu(c, (P.T @ gv).to(dtype), f"{kernels} {dist} project over {numel} rows")
         c32 = random_vector(dim, seed=5)
-        before = g[list(rows)].cpu()
+        before, tail = g[list(rows)].cpu(), g[-1000:].to("cpu", copy=True)
         rbd_cuda.expand_(g, c32.to(CUDA), 0.5, **kw)
         want = (before.double() + 0.5 * (P @ c32.double())).to(dtype)
         assert_matches_cpu(g[list(rows)], want, f"{kernels} {dist} expand_ over {numel} rows")
+        want = (tail.double() + 0.5 * rbd_cuda.expand(c32, 1000, **{**kw, "row_offset": 1 + numel - 1000})).to(dtype)
+        assert_matches_cpu(g[-1000:], want, f"{kernels} {dist} expand_, the last 1000 of {numel} rows")
         g.zero_()
         for r, v in rows.items():
             g[r] = v
