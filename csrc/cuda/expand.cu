@@ -14,7 +14,7 @@ namespace {
 template <Distribution D, typename T, int JS>
 __global__ void __launch_bounds__(kThreads) expand_kernel(
     T* __restrict__ out, const float* __restrict__ c_padded, int64_t width, int64_t numel,
-    float alpha, StreamArgs a, StreamKeys rk, int64_t rb_first, int64_t rb_end, int64_t first_col) {
+    float alpha, StreamArgs a, int64_t rb_first, int64_t rb_end, int64_t first_col) {
   constexpr int RBL = kThreads / JS;
   __shared__ __align__(16) float c_s[kCTile];
   __shared__ float red[JS > 1 ? kThreads * 4 : 1];
@@ -28,10 +28,13 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(
     for (int t = threadIdx.x; t < n; t += kThreads) c_s[t] = c_padded[t0 + t];
     __syncthreads();
     if (!active) continue;
+    // The key schedule from (key0, key1) in both loops: with precomputed round keys as parameters
+    // ptxas gives the JS = 1 kernels 53-55 registers instead of 40 on sm_90 (4 blocks per SM
+    // instead of 6) for at most 1 % fewer instructions (docs/performance.md 2.3).
     if constexpr (D == Distribution::Rademacher) {
       for (int q = js; q < n / 32; q += JS) {
         const Philox4 x = stream_block(uint32_t(rb), uint32_t(first_col + (t0 >> 5) + q), a.step,
-                                       a.stream, rk);
+                                       a.stream, a.key0, a.key1);
         const float4* cq = reinterpret_cast<const float4*>(c_s + 32 * q);
 #pragma unroll
         for (int k4 = 0; k4 < 8; ++k4) {
@@ -48,7 +51,7 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(
 #pragma unroll 4
       for (int jl = js; jl < n; jl += JS) {
         const Philox4 x = stream_block(uint32_t(rb), uint32_t(first_col + t0 + jl), a.step,
-                                       a.stream, rk);
+                                       a.stream, a.key0, a.key1);
         float e[4];
         entries4<D>(x, e);
         const float cj = c_s[jl];
@@ -84,7 +87,7 @@ void launch_expand(T* out, const float* c_padded, int64_t width, int64_t numel, 
   constexpr int RBL = kThreads / JS;
   const int64_t blocks = ceil_div(rb_end - rb_first, RBL);
   expand_kernel<D, T, JS><<<unsigned(blocks), kThreads, 0, stream>>>(
-      out, c_padded, width, numel, alpha, a, stream_keys(a.key0, a.key1), rb_first, rb_end, first_col);
+      out, c_padded, width, numel, alpha, a, rb_first, rb_end, first_col);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -28,7 +28,8 @@ constexpr int kLut = kGroupsPerStage * 8 * 16;  // its floats: groups x nibbles 
 static_assert(kLut == kCTile, "the Rademacher table reuses the coefficient stage");
 
 struct Keys {
-  StreamKeys rk;  // the round keys, computed once per launch
+  StreamKeys rk;          // the round keys, computed once per launch
+  uint32_t key0, key1;    // the key they come from (project_rademacher_kernel derives its own)
   uint32_t step;
 };
 
@@ -197,7 +198,9 @@ __global__ void __launch_bounds__(kThreads) project_rademacher_kernel(const Proj
 #pragma unroll
     for (int b = 0; b < 32; ++b) acc[b] = 0.0f;
     walk_rows<T>(s, lo, hi, threadIdx.x, kThreads, [&](uint32_t rb, const float (&gv)[4]) {
-      add_signed_rows(acc, stream_block(rb, group, k.step, s.stream, k.rk), gv);
+      // The key schedule derived here: with the round keys from parameters ptxas gives this kernel
+      // 94 registers instead of 80 on sm_90 (2 blocks per SM instead of 3) for 1 % fewer instructions.
+      add_signed_rows(acc, stream_block(rb, group, k.step, s.stream, k.key0, k.key1), gv);
     });
     group_column_sums(acc, red, red2, [&](int b, float total) {
       const int64_t j = 32 * int64_t(q) + b - s.shift;
@@ -376,7 +379,7 @@ at::Tensor upload(const std::vector<std::pair<const void*, size_t>>& parts, at::
   return host.to(device, /*non_blocking=*/true);
 }
 
-Keys keys_of(const StreamArgs& a) { return Keys{stream_keys(a.key0, a.key1), a.step}; }
+Keys keys_of(const StreamArgs& a) { return Keys{stream_keys(a.key0, a.key1), a.key0, a.key1, a.step}; }
 
 // c (length sum(dims), dtype out_dtype) for the segments g of ga (one dtype, one device).
 at::Tensor project(at::TensorList g, const GroupedArgs& ga, at::IntArrayRef compartments, at::ScalarType out_dtype) {

@@ -35,7 +35,7 @@ __global__ void __launch_bounds__(kThreads) project_dense_kernel(
       load_rows(g, 4 * rb - a.row_offset, numel, vec_ok, gv);
       // The key schedule from (key0, key1), not precomputed round keys: ptxas hoists it out of
       // this loop into registers, while it reloads round keys passed as parameters every iteration
-      // (sm_90 SASS, fp32 normal, loop of 2 calls: 281 instructions against 288).
+      // (sm_90 SASS, fp32 normal, loop of 2 calls: 277 instructions against 288).
       const Philox4 x = stream_block(uint32_t(rb), col, a.step, a.stream, a.key0, a.key1);
       float e[4];
       entries4<D>(x, e);
@@ -52,7 +52,9 @@ __global__ void __launch_bounds__(kThreads) project_dense_kernel(
   if (rr == 0 && j < dim) partial[int64_t(blockIdx.y) * dim + j] = s[jj];
 }
 
-// Block: kThreads row lanes on one 32-column group. Writes partial[chunk, j].
+// Block: kThreads row lanes on one 32-column group. Writes partial[chunk, j]. The round keys come
+// precomputed (rk): deriving them, ptxas re-adds the key schedule in the loop and takes 78
+// registers instead of 61 on sm_90 (3 blocks per SM instead of 4).
 template <typename T>
 __global__ void __launch_bounds__(kThreads) project_rademacher_kernel(
     const T* __restrict__ g, int64_t numel, int64_t dim, StreamArgs a, StreamKeys rk, Launch L, bool vec_ok,
