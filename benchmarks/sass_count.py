@@ -21,6 +21,7 @@ from pathlib import Path
 
 MULS_PER_CALL = 20
 MIN_MULS = 16
+_ARCH = re.compile(r"^\s*arch = (sm_\w+)")
 _FUNC = re.compile(r"Function : (\S+)")
 _INSTR = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 _BRANCH = re.compile(r"\bBRA (?:!?U?P[T\d], )?0x([0-9a-f]+)")
@@ -39,13 +40,18 @@ def cuobjdump() -> str | None:
 
 
 def functions(sass: str) -> dict[str, list[tuple[int, str]]]:
-    """Kernel name -> [(address, instruction)] from ``cuobjdump -sass`` output."""
+    """Kernel -> [(address, instruction)] from ``cuobjdump -sass`` output; a kernel is named
+    "NAME (sm_XY)" where the listing gives its architecture (a build for several has one each)."""
     out: dict[str, list[tuple[int, str]]] = {}
-    current = None
+    current, arch = None, None
     for line in sass.splitlines():
+        m = _ARCH.match(line)
+        if m:
+            arch = m.group(1)
+            continue
         m = _FUNC.search(line)
         if m:
-            current = m.group(1)
+            current = m.group(1) + (f" ({arch})" if arch else "")
             out[current] = []
             continue
         m = _INSTR.match(line)
@@ -83,7 +89,7 @@ def per_entry(name: str, body: list[str]) -> tuple[int, float]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("files", nargs="+", type=Path)
-    ap.add_argument("--match", default="", help="only kernels whose mangled name matches this regex")
+    ap.add_argument("--match", default="", help="only kernels whose mangled name (and architecture) matches this regex")
     args = ap.parse_args(argv)
     tool = cuobjdump()
     if tool is None:

@@ -159,7 +159,7 @@ def test_bad_arguments_are_named(capsys):
 
 
 def _sass(name: str, body: list[str]) -> str:
-    lines = [f"\t\tFunction : {name}"]
+    lines = ["\tarch = sm_90", f"\t\tFunction : {name}"]
     lines += [f"        /*{16 * k:04x}*/                   {ins} ;   /* 0x0 */" for k, ins in enumerate(body)]
     return "\n".join(lines) + "\n"
 
@@ -177,8 +177,8 @@ def test_sass_count_finds_the_unrolled_loop():
     listing += ["@P2 BRA 0x10", "EXIT"]                               # the outer loop
     name = "_ZN3rbd2v213expand_kernelILNS_12DistributionE0EfEEvPKNS0_9ExpandSegEijNS0_4KeysE"
     kernels = sass_count.functions(_sass(name, listing))
-    assert list(kernels) == [name] and len(kernels[name]) == len(listing)
-    body = sass_count.hot_loop(kernels[name])
+    assert list(kernels) == [f"{name} (sm_90)"] and len(kernels[f"{name} (sm_90)"]) == len(listing)
+    body = sass_count.hot_loop(kernels[f"{name} (sm_90)"])
     assert len(body) == len(main_loop) + 1
     assert sass_count.per_entry(name, body) == (2, 64 / 8)
     rademacher = name.replace("DistributionE0E", "DistributionE2E")
