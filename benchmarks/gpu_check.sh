@@ -20,8 +20,9 @@
 #   bash benchmarks/gpu_check.sh [--cpu] [DIR]
 #
 # --cpu (make gpu-check-cpu, and tests/test_benchmarks.py): the rehearsal without a GPU, with the
-# extension as built here: the CUDA tests collected (not run), the probe compiled with nvcc (not
-# run), steps and the bench on the CPU at tiny sizes, the summary and the packing.
+# extension as built here: the test modules imported and the CUDA tests collected as the test
+# stages select them (not run), the probe compiled with nvcc (not run), the bench and the steps on
+# the CPU at tiny sizes, the summary and the packing.
 #
 # Results: DIR, else $RBD_RESULTS_DIR, else results/gpu-check (results/gpu-check-cpu with --cpu).
 # Where the device tool's $OUT is set, DIR is packed into $OUT/gpu-check.tar.gz, with summary.md and
@@ -121,7 +122,7 @@ if [ $mode = gpu ]; then
   fi
   kill "$sampler" 2>/dev/null
 else
-  stage tests_collect 60 "$py" -m pytest -q -m cuda tests/test_cuda.py --collect-only -p no:cacheprovider
+  stage tests_collect 60 "$py" -m pytest -q -m cuda tests --collect-only -p no:cacheprovider
   stage bench 90 "$py" -m benchmarks.ops_bench --device cpu --shapes 2000x1000 2000x128 2000x100 \
     --dtypes float32 --baselines torch torch_chunked --threads 1 --reps 1 --chunk-mib 1 --no-memory --out "$out/bench"
   stage steps 90 "$py" -m benchmarks.launch_count --device cpu --tiny --out "$out"
