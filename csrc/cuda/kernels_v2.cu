@@ -199,7 +199,8 @@ __global__ void __launch_bounds__(kThreads) project_rademacher_kernel(const Proj
     for (int b = 0; b < 32; ++b) acc[b] = 0.0f;
     walk_rows<T>(s, lo, hi, threadIdx.x, kThreads, [&](uint32_t rb, const float (&gv)[4]) {
       // The key schedule derived here: with the round keys from parameters ptxas gives this kernel
-      // 94 registers instead of 80 on sm_90 (2 blocks per SM instead of 3) for 1 % fewer instructions.
+      // 94 registers instead of 80 on sm_90 (2 blocks per SM instead of 3) for under 1 % fewer
+      // instructions.
       add_signed_rows(acc, stream_block(rb, group, k.step, s.stream, k.key0, k.key1), gv);
     });
     group_column_sums(acc, red, red2, [&](int b, float total) {
