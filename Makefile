@@ -9,7 +9,7 @@ TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 RESULTS ?= results
 export MAX_JOBS TORCH_CUDA_ARCH_LIST RBD_CUDA
 
-.PHONY: venv install build test test-gpu reproduce table1-report table1-gpu demo bench bench-optim bench-quick gpu-check lint clean FORCE
+.PHONY: venv install build test test-gpu reproduce table1-report table1-gpu demo bench bench-optim bench-quick gpu-check gpu-check-cpu lint clean FORCE
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -79,9 +79,14 @@ bench-quick: install
 	$(BIN)/python -m benchmarks.ops_bench --device cpu --quick --out $(RESULTS)/ops_bench_quick
 
 # On a GPU machine (uses that machine's python3/torch; builds for the local GPU): CUDA tests with the
-# v1 and v2 kernels, probe, launch count, v1 vs v2 vs torch at D = 1e8; at most 9 minutes.
+# v1 and v2 kernels, v1 vs v2 vs torch at D = 1e8, RBD vs SGD step times and launches, probe;
+# at most 9 minutes (benchmarks/README.md).
 gpu-check:
 	bash benchmarks/gpu_check.sh $(RESULTS)/gpu-check
+
+# Its rehearsal here, without a GPU: every stage that needs none, at tiny sizes (about a minute).
+gpu-check-cpu: install
+	PYTHON=$(BIN)/python bash benchmarks/gpu_check.sh --cpu $(RESULTS)/gpu-check-cpu
 
 lint: venv
 	$(BIN)/pip install -q ruff==0.17.6 && $(BIN)/ruff check rbd_cuda rbd_experiments tests benchmarks examples

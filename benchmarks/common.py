@@ -118,7 +118,8 @@ def machine_info(device: str, argv: list[str]) -> dict:
     info = {
         "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": "python -m benchmarks.ops_bench " + " ".join(argv),
-        "commit": _run(["git", "rev-parse", "--short", "HEAD"]) or "unknown",
+        # A copy without .git (the device machine's): the commit its caller names in RBD_COMMIT.
+        "commit": _run(["git", "rev-parse", "--short", "HEAD"]) or os.environ.get("RBD_COMMIT") or "unknown",
         "dirty": bool(_run(["git", "status", "--porcelain", "--untracked-files=no"])),
         "torch": torch.__version__,
         "python": platform.python_version(),

@@ -1,44 +1,65 @@
 #!/usr/bin/env bash
-# The one prepared GPU check, sized for one device-tool call (about 10 minutes):
-#   build     the extension for the local GPU; ptxas registers/spills per kernel -> ptxas.txt
-#   tests_v1  every CUDA test (-m cuda) with the v1 kernels (the default)
-#   tests_v2  the same with RBD_CUDA_KERNELS=v2 (new kernels, one-launch grouped ops)
-#   probe     instruction rates and the SM clock the rooflines assume (benchmarks/gpu_probe.py)
-#   launches  kernel launches and step time of one ResNet-8 step with a compartment per tensor:
-#             RBD and the grouped ops with v1 and v2, SGD for scale (benchmarks/launch_count.py)
-#   bench_*   the suite at D = 1e8 (d = 1000, 128, 100), fp32, all distributions: fused v1, fused
-#             v2 and torch (materialised where P fits, else chunked) side by side, interleaved
-# Every stage runs under a time cap so that the whole stays within RBD_GPU_CHECK_S seconds
-# (default 540); a stage cut short or failed is marked in summary.md and the next one still runs.
+# The one prepared GPU check, sized for one device-tool call of at most 9 minutes (make gpu-check):
+#   build         the extension for the local GPU only; ptxas registers/spills per kernel -> ptxas.txt
+#   tests_v1      every CUDA test (-m cuda) with the v1 kernels (the default)
+#   tests_v2      the same with RBD_CUDA_KERNELS=v2 (the v2 kernels, one-launch grouped ops)
+#   bench_1e8x1000  the suite at D = 1e8, d = 1000, fp32, every distribution: fused v1, fused v2 and
+#                 torch (materialised where P fits, else chunked) side by side, interleaved
+#   steps         an RBD step against an SGD step (FC-MNIST; ResNet-8, a compartment per tensor; a
+#                 synthetic D = 1e8 model, d = 250) with v1 and v2, and kernel launches per step
+#                 (benchmarks/launch_count.py)
+#   probe         instruction rates and the SM clock the rooflines assume (benchmarks/gpu_probe.py)
+#   bench_1e8x128, bench_1e8x100   the suite at d = 128 and 100
+#   (then)        gpu_check.json: commit, device, every stage's result and JSON, the targets
+#                 (benchmarks/gpu_summary.py); tables appended to summary.md
+# Stages run in this order (most needed first), each under a time cap, so that the whole stays
+# within RBD_GPU_CHECK_S seconds (default 540); a stage that fails, is cut short or finds no time
+# left is marked in summary.md and makes the exit status 1; the next stage still runs.
 # SM clock, temperature and power are sampled every 0.5 s throughout (clocks.csv).
 #
-# Results: DIR = $1, else $RBD_RESULTS_DIR, else results/gpu-check. Where the device tool's $OUT is
-# set, DIR is also packed into $OUT/gpu-check.tar.gz with summary.md beside it (the tool returns at
-# most 8 files). The commit: `git rev-parse HEAD` where .git exists, else $RBD_COMMIT (the device
-# tool copies no .git), so run it there as
-#   RBD_COMMIT=<sha> bash benchmarks/gpu_check.sh /tmp/gpu-check
+#   bash benchmarks/gpu_check.sh [--cpu] [DIR]
+#
+# --cpu (make gpu-check-cpu, and tests/test_benchmarks.py): the rehearsal without a GPU, with the
+# extension as built here: the test modules imported and the CUDA tests collected as the test
+# stages select them (not run), the probe compiled with nvcc (not run), the bench and the steps on
+# the CPU at tiny sizes, the summary and the packing.
+#
+# Results: DIR, else $RBD_RESULTS_DIR, else results/gpu-check (results/gpu-check-cpu with --cpu).
+# Where the device tool's $OUT is set, DIR is packed into $OUT/gpu-check.tar.gz, with summary.md and
+# gpu_check.json beside it (the tool returns at most 8 files, 2 folders deep). The commit: `git
+# rev-parse HEAD` where .git exists, else $RBD_COMMIT (the device tool copies no .git), so run it
+# there as
+#   RBD_COMMIT=<sha> PYTHONUNBUFFERED=1 bash benchmarks/gpu_check.sh /tmp/gpu-check   (timeout_s 600)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:-${RBD_RESULTS_DIR:-results/gpu-check}}
+mode=gpu
+if [ "${1:-}" = "--cpu" ]; then
+  mode=cpu
+  shift
+fi
+out=${1:-${RBD_RESULTS_DIR:-results/gpu-check$([ $mode = cpu ] && echo -cpu)}}
 mkdir -p "$out"
+rm -f "$out/stages.tsv"
 py=${PYTHON:-python3}
 budget=${RBD_GPU_CHECK_S:-540}
 reserve=15  # seconds kept for the summary and the packing
 start=$SECONDS
 summary="$out/summary.md"
 commit=$(git rev-parse HEAD 2>/dev/null || echo "${RBD_COMMIT:-unknown}")
+export RBD_COMMIT=$commit RBD_GPU_CHECK_MODE=$mode
 status=0
 
 note() { echo "$*" | tee -a "$summary"; }
 
-# stage NAME CAP_S CMD...: CMD's output in NAME.log; a row of the summary's stage table.
+# stage NAME CAP_S CMD...: CMD's output in NAME.log; a row of the summary's stage table and of stages.tsv.
 stage() {
   local name=$1 cap=$2
   shift 2
   local avail=$((budget - reserve - (SECONDS - start)))
   ((cap > avail)) && cap=$avail
   if ((cap < 10)); then
-    note "| $name | not run: no time left | 0 s |"
+    note "| $name | FAILED: not run, no time left | 0 s |"
+    printf '%s\tnot run: no time left\t0\t1\n' "$name" >>"$out/stages.tsv"
     status=1
     return 1
   fi
@@ -46,72 +67,73 @@ stage() {
   local t=$SECONDS
   timeout --signal=INT --kill-after=10 "$cap" "$@" >"$out/$name.log" 2>&1
   local rc=$? what=passed
-  ((rc == 124)) && what="cut at $cap s"
-  ((rc != 0 && rc != 124)) && what="failed (exit $rc)"
+  ((rc == 124)) && what="FAILED: cut at $cap s"
+  ((rc != 0 && rc != 124)) && what="FAILED (exit $rc)"
   ((rc != 0)) && status=1
   tail -n 12 "$out/$name.log"
   note "| $name | $what | $((SECONDS - t)) s |"
+  printf '%s\t%s\t%s\t%s\n' "$name" "$what" "$((SECONDS - t))" "$rc" >>"$out/stages.tsv"
   return $rc
 }
 
 {
-  echo "# gpu-check, commit $commit"
+  echo "# gpu-check ($mode), commit $commit"
   echo
   echo '```'
   date -u
-  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw,power.limit --format=csv
-  "$py" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
+  if [ $mode = gpu ]; then
+    nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw,power.limit --format=csv
+  fi
+  "$py" -c "import torch, sys, platform; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, platform.processor())"
   echo '```'
   echo
   echo "| stage | result | time |"
   echo "|---|---|---|"
 } 2>&1 | tee "$summary"
 
-nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,temperature.gpu,power.draw,utilization.gpu \
-  --format=csv -lms 500 >"$out/clocks.csv" 2>&1 &
-sampler=$!
-
-arch=$("$py" -c "import torch; c = torch.cuda.get_device_capability(); print(f'{c[0]}.{c[1]}')" 2>/dev/null)
-[ -n "$arch" ] || { note "| gpu | torch sees no GPU: nothing run | 0 s |"; kill "$sampler" 2>/dev/null; exit 1; }
-if stage build 300 env TORCH_CUDA_ARCH_LIST="$arch" RBD_CUDA=1 RBD_NVCC_VERBOSE=1 MAX_JOBS="${MAX_JOBS:-16}" \
-    "$py" setup.py build_ext --inplace; then
-  # ptxas resource usage per kernel (registers, shared memory, spills), for the record.
-  grep -E "Compiling entry|Used [0-9]+ registers|spill stores" "$out/build.log" >"$out/ptxas.txt" || true
-  # Several workers when pytest-xdist is there: faster, and a crash fails one test, not the run.
-  workers=$("$py" -c "import xdist" 2>/dev/null && echo "-n 8" || true)
-  for k in v1 v2; do
-    # shellcheck disable=SC2086
-    stage "tests_$k" 130 env RBD_CUDA_KERNELS=$k "$py" -m pytest -q -m cuda tests -p no:cacheprovider $workers
-  done
-  stage probe 60 "$py" -m benchmarks.gpu_probe --out "$out"
-  stage launches 60 "$py" -m benchmarks.launch_count --out "$out"
-  for shape in 100000000x1000 100000000x128 100000000x100; do
-    stage "bench_$shape" 120 "$py" -m benchmarks.ops_bench --device cuda --shapes "$shape" --dtypes float32 \
-      --baselines fused_v2 torch torch_chunked --reps 5 --no-memory --out "$out/bench_$shape"
-  done
+if [ $mode = gpu ]; then
+  nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,temperature.gpu,power.draw,utilization.gpu \
+    --format=csv -lms 500 >"$out/clocks.csv" 2>&1 &
+  sampler=$!
+  arch=$("$py" -c "import torch; c = torch.cuda.get_device_capability(); print(f'{c[0]}.{c[1]}')" 2>/dev/null)
+  if [ -z "$arch" ]; then
+    note "| gpu | FAILED: torch sees no GPU, nothing run | 0 s |"
+    printf 'gpu\ttorch sees no GPU\t0\t1\n' >>"$out/stages.tsv"
+    status=1
+  elif stage build 240 env TORCH_CUDA_ARCH_LIST="$arch" RBD_CUDA=1 RBD_NVCC_VERBOSE=1 MAX_JOBS="${MAX_JOBS:-16}" \
+      "$py" setup.py build_ext --inplace; then
+    # ptxas resource usage per kernel (registers, shared memory, spills), for the record.
+    grep -E "Compiling entry|Used [0-9]+ registers|spill stores" "$out/build.log" >"$out/ptxas.txt" || true
+    # Several workers when pytest-xdist is there: faster, and a crash fails one test, not the run.
+    workers=$("$py" -c "import xdist" 2>/dev/null && echo "-n 8" || true)
+    for k in v1 v2; do
+      # shellcheck disable=SC2086
+      stage "tests_$k" 120 env RBD_CUDA_KERNELS=$k "$py" -m pytest -q -m cuda tests -p no:cacheprovider $workers
+    done
+    bench() {  # bench d CAP: D = 1e8
+      stage "bench_1e8x$1" "$2" "$py" -m benchmarks.ops_bench --device cuda --shapes "100000000x$1" --dtypes float32 \
+        --baselines fused_v2 torch torch_chunked --reps 5 --no-memory --out "$out/bench_1e8x$1"
+    }
+    bench 1000 120
+    stage steps 75 "$py" -m benchmarks.launch_count --out "$out"
+    stage probe 45 "$py" -m benchmarks.gpu_probe --out "$out"
+    bench 128 60
+    bench 100 60
+  fi
+  kill "$sampler" 2>/dev/null
+else
+  stage tests_collect 60 "$py" -m pytest -q -m cuda tests --collect-only -p no:cacheprovider
+  stage bench 90 "$py" -m benchmarks.ops_bench --device cpu --shapes 2000x1000 2000x128 2000x100 \
+    --dtypes float32 --baselines torch torch_chunked --threads 1 --reps 1 --chunk-mib 1 --no-memory --out "$out/bench"
+  stage steps 90 "$py" -m benchmarks.launch_count --device cpu --tiny --out "$out"
+  stage probe 60 "$py" -m benchmarks.gpu_probe --compile-only --out "$out"
 fi
 
-kill "$sampler" 2>/dev/null
-{
-  echo
-  for f in "$out/gpu_probe.json" "$out/launch_count.md" "$out"/bench_*/ops_bench.md; do
-    [ -f "$f" ] || continue
-    echo "## ${f#"$out"/}"
-    echo
-    [[ $f == *.json ]] && echo '```'
-    cat "$f"
-    [[ $f == *.json ]] && echo '```'
-    echo
-  done
-  echo "SM clock during the run (MHz, min / median / max of the samples):"
-  awk -F', ' 'NR > 1 && $2 ~ /MHz/ {split($2, a, " "); print a[1]}' "$out/clocks.csv" | sort -n |
-    awk '{v[NR] = $1} END {if (NR) print v[1] " / " v[int((NR + 1) / 2)] " / " v[NR]}'
-  echo
-  echo "gpu-check finished with status $status in $((SECONDS - start)) s"
-} >>"$summary"
-tail -n 5 "$summary"
+"$py" -m benchmarks.gpu_summary "$out" >"$out/gpu_summary.log" 2>&1 || status=1
+tail -n 3 "$summary"
+echo "gpu-check finished with status $status in $((SECONDS - start)) s" | tee -a "$summary"
 
 if [ -n "${OUT:-}" ] && [ "$OUT" != "$out" ]; then
-  tar czf "$OUT/gpu-check.tar.gz" -C "$out" . && cp "$summary" "$OUT/summary.md"
+  tar czf "$OUT/gpu-check.tar.gz" -C "$out" . && cp "$summary" "$out/gpu_check.json" "$OUT/" || status=1
 fi
 exit $status

@@ -17,7 +17,8 @@ median over blocks):
                           or box_muller_polar (v2 kernels)
 
 Needs CuPy (its nvcc backend compiles the probes against the project's header). Writes
-gpu_probe.json and prints a table.
+gpu_probe.json and prints a table. Without a GPU, ``--compile-only`` compiles the same source with
+nvcc for --arch and measures nothing (the CPU rehearsal, make gpu-check-cpu).
 """
 
 from __future__ import annotations
@@ -25,8 +26,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -162,12 +166,38 @@ def run(iters: int, reps: int) -> dict:
             "iters": iters, "probes": results}
 
 
+def compile_only(arch: str, out: Path) -> int:
+    """Compiles the probes' source as CuPy's nvcc backend would, for ``arch``; 0 when it compiles."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        print("gpu_probe: --compile-only needs nvcc on the PATH", file=sys.stderr)
+        return 1
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "gpu_probe.cu"
+        src.write_text(source())
+        cmd = [nvcc, "-cubin", f"-arch={arch}", "-O3", f"-I{ROOT / 'csrc' / 'include'}", str(src),
+               "-o", str(Path(tmp) / "gpu_probe.cubin")]
+        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        print(f"gpu_probe: nvcc failed:\n{result.stderr[-3000:]}", file=sys.stderr)
+        return 1
+    out.mkdir(parents=True, exist_ok=True)
+    res = {"compile_only": True, "arch": arch, "kernels": [f"probe_{n}" for n in [*PROBES, *RNG_BODIES]]}
+    (out / "gpu_probe.json").write_text(json.dumps(res, indent=2) + "\n")
+    print(f"gpu_probe: {len(res['kernels'])} probe kernels compiled for {arch}; nothing measured (--compile-only)")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("RBD_RESULTS_DIR", "results/gpu_probe"))
     ap.add_argument("--iters", type=int, default=16384, help="steps per thread of the one-instruction probes")
     ap.add_argument("--reps", type=int, default=3, help="timed runs per probe (the fastest is kept)")
+    ap.add_argument("--compile-only", action="store_true", help="compile the probes with nvcc, run nothing")
+    ap.add_argument("--arch", default="sm_90", help="the target of --compile-only")
     args = ap.parse_args(argv)
+    if args.compile_only:
+        return compile_only(args.arch, Path(args.out))
     try:
         import cupy  # noqa: F401
     except ImportError:

@@ -1,49 +1,73 @@
-"""Kernel launches and time of one optimizer step of ResNet-8 with a compartment per tensor.
+"""Optimizer step time and kernel launches per step: an RBD step against an SGD step.
 
-    python -m benchmarks.launch_count --out DIR          # on a GPU; about 10 s
+    python -m benchmarks.launch_count --out DIR                      # on a GPU; about a minute
+    python -m benchmarks.launch_count --device cpu --tiny --out DIR  # the CPU rehearsal (make gpu-check-cpu)
 
-Variants, each counted with torch.profiler (kernel launches issued, kernels and memory copies run
-on the device) and timed (CUDA events, median of --reps after warm-up):
+Models (fp32; the gradients of one random batch, kept; only ``optimizer.step()`` is measured):
 
-  rbd_v1 / rbd_v2          RBD(compartments="tensor").step() with backends.cuda.kernels = "v1" / "v2"
-  grouped_v1 / grouped_v2  the same update as one project_grouped and one expand_grouped_
-  sgd                      torch.optim.SGD.step() on the same gradients, for scale
+  fc-mnist   the paper's FC network on 28x28x1 (101,770 parameters), RBD with one compartment
+             over its four tensors (the grouped ops), d = 250
+  resnet8    ResNet-8 on 32x32x3 (77,850 parameters), a compartment per tensor, d = 100 each
+  synthetic  one flat parameter of D = 1e8 entries (--synthetic-numel), one compartment, d = 250
 
-The grouped variants build their segment table here (a compartment per tensor, dim directions
-each), so they measure the ops whether or not the optimizer calls them yet. Writes
-launch_count.json and launch_count.md.
+Variants of each model:
+
+  rbd_v1, rbd_v2           RBD.step() with backends.cuda.kernels = "v1" / "v2" (on the CPU one variant, rbd)
+  grouped_v1, grouped_v2   resnet8 only: the same update as one project_grouped and one
+                           expand_grouped_ over all its compartments (on the CPU: grouped)
+  sgd                      torch.optim.SGD.step(), for scale
+
+Counted on CUDA (torch.profiler, one step after a warm-up): kernel launches issued, kernels and
+memory copies run on the device. Timed: CUDA events (the CPU: perf_counter) around one step,
+median of --reps after --warmup steps. Writes launch_count.json (with the machine, the device and
+the commit) and launch_count.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 import rbd_cuda
+from benchmarks import common
 from benchmarks.methods import with_cuda_kernels
 from rbd_cuda.optim import RBD
 from rbd_experiments import models
 
 LR = 0.01
 SEED = 5
+# name: (network of rbd_experiments.models or None for the flat parameter, input shape, RBD dim,
+# RBD compartments)
+MODELS = {
+    "fc-mnist": ("fc", (1, 28, 28), 250, "global"),
+    "resnet8": ("resnet8", (3, 32, 32), 100, "tensor"),
+    "synthetic": (None, None, 250, "global"),
+}
 
 
-def model_with_grads(device: str) -> torch.nn.Module:
-    model = models.build("resnet8", (3, 32, 32), 10, seed=0).to(device)
+def model_with_grads(name: str, device: str, synthetic_numel: int, batch: int) -> torch.nn.Module:
+    net, shape, _, _ = MODELS[name]
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(32, 3, 32, 32, generator=gen).to(device)
-    y = torch.randint(0, 10, (32,), generator=gen).to(device)
+    if net is None:
+        model = torch.nn.Module()
+        model.weight = torch.nn.Parameter(torch.zeros(synthetic_numel, device=device))
+        model.weight.grad = torch.randn(synthetic_numel, generator=gen).to(device)
+        return model
+    model = models.build(net, shape, 10, seed=0).to(device)
+    x = torch.randn(batch, *shape, generator=gen).to(device)
+    y = torch.randint(0, 10, (batch,), generator=gen).to(device)
     torch.nn.functional.cross_entropy(model(x), y).backward()
     return model
 
 
 def grouped_step(model: torch.nn.Module, dim: int):
+    """One project_grouped and one expand_grouped_ over a compartment per tensor."""
     params = [p for p in model.parameters() if p.grad is not None]
     n = len(params)
     table = {"row_offsets": [0] * n, "compartments": list(range(n)), "dims": [dim] * n, "streams": list(range(n)),
@@ -55,13 +79,16 @@ def grouped_step(model: torch.nn.Module, dim: int):
     return step
 
 
-def variants(model: torch.nn.Module, dim: int) -> dict:
-    rbd = RBD(model.named_parameters(), lr=LR, dim=dim, compartments="tensor", seed=SEED)
+def variants(name: str, model: torch.nn.Module, device: str) -> dict:
+    _, _, dim, compartments = MODELS[name]
+    rbd = RBD(model.named_parameters(), lr=LR, dim=dim, compartments=compartments, seed=SEED)
     sgd = torch.optim.SGD(model.parameters(), lr=LR)
-    grouped = grouped_step(model, dim)
-    return {"rbd_v1": with_cuda_kernels("v1", rbd.step), "rbd_v2": with_cuda_kernels("v2", rbd.step),
-            "grouped_v1": with_cuda_kernels("v1", grouped), "grouped_v2": with_cuda_kernels("v2", grouped),
-            "sgd": sgd.step}
+    steps = {"rbd": rbd.step}
+    if name == "resnet8":
+        steps["grouped"] = grouped_step(model, dim)
+    if device == "cuda":  # both kernel generations side by side
+        steps = {f"{k}_{gen}": with_cuda_kernels(gen, fn) for k, fn in steps.items() for gen in ("v1", "v2")}
+    return {**steps, "sgd": sgd.step}
 
 
 def count(fn) -> dict:
@@ -78,47 +105,80 @@ def count(fn) -> dict:
             "device_copies": sum("memcpy" in e.name.lower() for e in device)}
 
 
-def time_ms(fn, reps: int) -> float:
-    for _ in range(3):
+def time_ms(fn, device: str, reps: int, warmup: int) -> float:
+    for _ in range(warmup):
         fn()
+    common.sync(device)
     times = []
     for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
     return statistics.median(times)
 
 
+def markdown(res: dict) -> str:
+    m = res["machine"]
+    where = m.get("gpu") or m.get("cpu")
+    head = ("| model | parameters | tensors | d | compartments | variant | launches | device kernels | device copies "
+            "| step ms | vs SGD |")
+    lines = [f"Optimizer step, {where}, commit {m['commit']}, {m['date_utc']}", "", head, "|---" * 11 + "|"]
+    for name, r in res["models"].items():
+        sgd = r["variants"]["sgd"]["step_ms"]
+        for v, row in r["variants"].items():
+            cells = [name, f"{r['parameters']:,}", str(r["tensors"]), str(r["dim"]), r["compartments"], v]
+            cells += ["–" if row.get(k) is None else str(row[k]) for k in ("launches", "device_kernels", "device_copies")]
+            cells += [f"{row['step_ms']:.3f}", f"{row['step_ms'] / sgd:.1f}×"]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dim", type=int, default=100, help="directions per compartment")
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    ap.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    ap.add_argument("--synthetic-numel", type=float, default=1e8, help="entries of the synthetic model")
+    ap.add_argument("--batch", type=int, default=32, help="batch of the one backward pass")
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--tiny", action="store_true",
+                    help="a rehearsal: synthetic model of 1e5 entries, batch 4, 2 repetitions after 1 warm-up")
     ap.add_argument("--out", default=os.environ.get("RBD_RESULTS_DIR", "results/launch_count"))
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available() or not rbd_cuda.backends.built_with_cuda():
-        print("launch_count: needs a GPU and the CUDA build", file=sys.stderr)
-        return 1
-    model = model_with_grads("cuda")
-    tensors = sum(p.grad is not None for p in model.parameters())
+    if args.tiny:
+        args.synthetic_numel, args.batch, args.reps, args.warmup = 1e5, 4, 2, 1
+    if args.reps < 1 or args.warmup < 0 or args.batch < 1 or args.synthetic_numel < 1:
+        ap.error("--reps, --batch and --synthetic-numel must be positive, --warmup non-negative")
+    if args.device == "cuda" and not (torch.cuda.is_available() and rbd_cuda.backends.built_with_cuda()):
+        ap.error("--device cuda needs a GPU and the CUDA build")
     rows = {}
-    for name, fn in variants(model, args.dim).items():
-        rows[name] = {**count(fn), "step_ms": time_ms(fn, args.reps)}
-    res = {"model": "resnet8", "compartments": "tensor", "tensors": tensors, "dim": args.dim,
-           "device": torch.cuda.get_device_name(), "variants": rows}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "launch_count.json").write_text(json.dumps(res, indent=2) + "\n")
-    lines = [f"ResNet-8, compartments='tensor' ({tensors} tensors, d={args.dim} each), {res['device']}", "",
-             "| variant | launches | device kernels | device copies | step ms | vs SGD |", "|---|---|---|---|---|---|"]
-    sgd = rows["sgd"]["step_ms"]
-    for name, r in rows.items():
-        lines.append(f"| {name} | {r['launches']} | {r['device_kernels']} | {r['device_copies']} | "
-                     f"{r['step_ms']:.3f} | {r['step_ms'] / sgd:.1f}× |")
-    text = "\n".join(lines) + "\n"
-    (out / "launch_count.md").write_text(text)
+    for name in args.models:
+        model = model_with_grads(name, args.device, int(args.synthetic_numel), args.batch)
+        params = [p for p in model.parameters() if p.grad is not None]
+        out = {}
+        for v, fn in variants(name, model, args.device).items():
+            counted = count(fn) if args.device == "cuda" else {}
+            out[v] = {**counted, "step_ms": time_ms(fn, args.device, args.reps, args.warmup)}
+        _, _, dim, compartments = MODELS[name]
+        rows[name] = {"parameters": sum(p.numel() for p in params), "tensors": len(params), "dim": dim,
+                      "compartments": compartments, "variants": out}
+        del model, params
+    res = {"machine": common.machine_info(args.device, argv), "device": args.device, "reps": args.reps,
+           "warmup": args.warmup, "batch": args.batch, "models": rows}
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    common.write_json(out_dir / "launch_count.json", res)
+    text = markdown(res)
+    (out_dir / "launch_count.md").write_text(text)
     print(text)
     return 0
 

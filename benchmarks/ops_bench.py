@@ -176,14 +176,15 @@ def run_case(case: Case, args, timing: dict, roof: dict) -> tuple[dict, list[dic
     x = methods.make_inputs(case)
     chosen, skipped = case_methods(case, args)
     rows_per_chunk = chunk_rows(case, args)
+    failed: dict[str, str] = {}
     record = {**case.as_dict(), "checks": {"fused": methods.check_fused(case, x)}, "skipped": skipped,
-              "chunk_rows": rows_per_chunk}
+              "failed": failed, "chunk_rows": rows_per_chunk}
     for m in chosen[1:]:
         try:
             record["checks"][m] = methods.check_baseline(m, case)
-        except methods.CheckFailed as e:  # reported and not timed; the others still are
-            skipped[m] = f"check failed: {e}"
-    chosen = [m for m in chosen if m not in skipped]
+        except methods.CheckFailed as e:  # not timed, and the run's exit status says so; the others still are
+            failed[m] = str(e)
+    chosen = [m for m in chosen if m not in failed]
     rows = []
     for threads in args.threads:
         torch.set_num_threads(threads)
@@ -306,7 +307,9 @@ def skipped_text(records: list[dict]) -> str:
     for rec in records:
         for m, why in rec["skipped"].items():
             counts[(m, why)] = counts.get((m, why), 0) + 1
-    return "".join(f"Skipped {m} in {n} case(s): {why}\n" for (m, why), n in counts.items())
+    text = "".join(f"Skipped {m} in {n} case(s): {why}\n" for (m, why), n in counts.items())
+    return text + "".join(f"FAILED {m}, {rec['dist']} D={rec['D']:,} d={rec['d']} {rec['dtype']}: {why}\n"
+                          for rec in records for m, why in rec["failed"].items())
 
 
 def markdown(rows: list[dict], info: dict, roof: dict, tg: dict, records: list[dict]) -> str:
@@ -436,6 +439,11 @@ def main(argv=None) -> int:
     print(table)
     print("wrote " + ", ".join(str(p) for p in [out_dir / "ops_bench.json", out_dir / "ops_bench.csv",
                                                  out_dir / "ops_bench.md", *pngs]))
+    failed = sorted({m for rec in records for m in rec["failed"]})
+    if failed:
+        print(f"ops_bench: the checks of {', '.join(failed)} failed (see FAILED above); they were not timed",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -10,6 +10,7 @@
 #include <ATen/ATen.h>
 
 #include "common.h"
+#include "grouped.h"
 
 // Importing the extension from Python must register the ops: a module init that
 // does nothing else is enough (the ops are then reached as torch.ops.rbd_cuda.*).
@@ -65,6 +66,16 @@ at::Tensor materialize(int64_t numel, int64_t dim, int64_t seed, int64_t step, i
   return out;
 }
 
+// The v2 CUDA project's cut of one segment (grouped.h) as [tiles, chunk, n_chunks], for the tests:
+// the host arithmetic is the same in every build, the GPU is needed only to run the kernels.
+std::vector<int64_t> v2_project_plan_op(int64_t numel, int64_t dim, int64_t row_offset,
+                                        c10::string_view distribution) {
+  const StreamArgs a = make_stream_args(numel, dim, 0, 0, 0, std::string(distribution), row_offset, 0);
+  const Geometry geo = make_geometry(a, numel, dim);
+  const V2ProjectPlan p = v2_project_plan(geo, numel == 0 ? 0 : geo.n_rb(), dim);
+  return {p.tiles, p.chunk, p.n_chunks};
+}
+
 }  // namespace rbd
 
 #define RBD_STREAM_KWARGS \
@@ -92,6 +103,8 @@ TORCH_LIBRARY(rbd_cuda, m) {
   m.def("cpu_isas() -> str[]", &rbd::cpu_isas);
   m.def("cuda_kernels() -> str", &rbd::cuda_kernels_name);
   m.def("set_cuda_kernels(str name) -> ()", &rbd::set_cuda_kernels);
+  m.def("_v2_project_plan(int numel, int dim, int row_offset=0, str distribution=\"normal\") -> int[]",
+        &rbd::v2_project_plan_op);
 }
 
 // Autograd for the in-place, grouped and integer ops: they have no derivatives, so they must say so

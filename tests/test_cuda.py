@@ -330,6 +330,110 @@ def test_products_match_cpu_large(kernels, shape, dist):
     assert_matches_cpu(out, out_cpu, f"{kernels} expand_")
 
 
+# Coefficients staged in more than one pass: expand stages 2048 coefficients at a time (v1, and v2
+# for normal and uniform); v2's Rademacher table holds 16 column groups (512 columns) at a time.
+# Column offset 5 adds a group, and rows too few to fill the GPU add column lanes (JS = 32).
+MULTI_STAGE = [("normal", 4096), ("uniform", 4096), ("rademacher", 1024), ("rademacher", 4096)]
+
+
+@pytest.mark.parametrize("dist,dim", MULTI_STAGE, ids=[f"{d}-{n}" for d, n in MULTI_STAGE])
+def test_multi_stage_products_match_cpu(kernels, dist, dim):
+    kw = dict(distribution=dist, row_offset=3, col_offset=5, **STREAM)
+    c = random_vector(dim, seed=dim)
+    few = 10_003
+    g = random_vector(few, seed=2)
+    assert_matches_cpu(rbd_cuda.project(g.to(CUDA), dim, **kw), rbd_cuda.project(g, dim, **kw), f"{kernels} project")
+    assert_matches_cpu(rbd_cuda.expand(c.to(CUDA), few, **kw), rbd_cuda.expand(c, few, **kw), f"{kernels} expand")
+    # One column lane per row block (JS = 1) walks every stage; three slices of rows checked.
+    many = 4_200_001
+    u = rbd_cuda.expand(c.to(CUDA), many, **kw)
+    for first in (0, many // 2 + 1, many - 777):
+        want = rbd_cuda.expand(c, 777, **{**kw, "row_offset": kw["row_offset"] + first})
+        assert_matches_cpu(u[first:first + 777], want, f"{kernels} expand rows {first}..")
+
+
+def _sparse_rows(numel: int, dtype) -> dict[int, float]:
+    """Rows at both ends of 2**31 and 2**32 (and the last one) that lie in [0, numel), with values."""
+    rows = sorted({r for r in (0, 1, 2**31 - 1, 2**31, 2**31 + 1, 2**32 - 1, 2**32 + 5, numel - 2, numel - 1)
+                   if 0 <= r < numel})
+    vals = random_vector(len(rows), dtype, seed=numel).tolist()
+    return dict(zip(rows, vals, strict=True))
+
+
+@pytest.mark.parametrize("numel,dtype", [(2**31 + 4099, torch.float32), (2**34 - 4, torch.float16)],
+                         ids=["2^31+4099-fp32", "2^34-4-fp16"])
+def test_products_beyond_2_31_rows(kernels, numel, dtype):
+    """project and expand_ over a vector of more than 2**31 entries (row blocks past 2**29 and, for
+    2**34 - 4 rows, up to the last 32-bit row block). g is zero but at a few rows around 2**31 and
+    2**32, so c = sum of g_i P[i, :] there, checked against the CPU's rows of P; expand_ then adds
+    P c into g, checked at the same rows."""
+    need = numel * torch.empty((), dtype=dtype).element_size()
+    if torch.cuda.mem_get_info()[0] < 1.5 * need:
+        pytest.skip(f"needs {need / 2**30:.0f} GiB of free GPU memory")
+    try:
+        _check_sparse_products(kernels, numel, dtype)
+    finally:  # test workers share the GPU: return the memory to it
+        torch.cuda.empty_cache()
+
+
+def _check_sparse_products(kernels: str, numel: int, dtype) -> None:
+    dim = 33
+    g = torch.zeros(numel, dtype=dtype, device=CUDA)
+    rows = _sparse_rows(numel, dtype)
+    for r, v in rows.items():
+        g[r] = v
+    for dist in DISTRIBUTIONS:
+        kw = dict(distribution=dist, row_offset=1, col_offset=7, **STREAM)
+        P = torch.cat([rbd_cuda.ops.materialize(1, dim, **{**kw, "row_offset": 1 + r}) for r in rows]).double()
+        gv = torch.tensor(list(rows.values()), dtype=torch.float64)
+        c = rbd_cuda.project(g, dim, **kw)
+        assert_matches_cpu(c, (P.T @ gv).to(dtype), f"{kernels} {dist} project over {numel} rows")
+        c32 = random_vector(dim, seed=5)
+        before, tail = g[list(rows)].cpu(), g[-1000:].to("cpu", copy=True)
+        rbd_cuda.expand_(g, c32.to(CUDA), 0.5, **kw)
+        want = (before.double() + 0.5 * (P @ c32.double())).to(dtype)
+        assert_matches_cpu(g[list(rows)], want, f"{kernels} {dist} expand_ over {numel} rows")
+        want = (tail.double() + 0.5 * rbd_cuda.expand(c32, 1000, **{**kw, "row_offset": 1 + numel - 1000})).to(dtype)
+        assert_matches_cpu(g[-1000:], want, f"{kernels} {dist} expand_, the last 1000 of {numel} rows")
+        g.zero_()
+        for r, v in rows.items():
+            g[r] = v
+
+
+@pytest.mark.parametrize("dist", DISTRIBUTIONS)
+def test_grouped_large_segments_are_the_single_ops(kernels, dist):
+    """A ResNet-8-like table (a compartment per tensor, d = 100) plus a compartment of three large
+    segments at unaligned row offsets: each compartment's c and each segment's update equal the
+    single ops' bit for bit, whichever kernel generation runs (v2: one launch, segments cut on
+    their own)."""
+    sizes = [432, 16, 2304, 16, 4608, 32, 9216, 32, 18432, 64, 36864, 64, 640, 10, 1_000_003, 2_000_001, 77]
+    n = len(sizes)
+    comps = list(range(n - 3)) + [n - 3] * 3
+    rows = [0] * (n - 3) + [0, 1_000_003, 3_000_004]
+    dims = [100] * (n - 3) + [300]
+    table = {"row_offsets": rows, "compartments": comps, "dims": dims, "streams": [2 * k + 1 for k in range(n - 2)],
+             "seed": 9, "step": 4, "distribution": dist}
+    g = [random_vector(m, seed=s).to(CUDA) for s, m in enumerate(sizes)]
+    c = rbd_cuda.project_grouped(g, **table)
+    out = [t.clone() for t in g]
+    rbd_cuda.expand_grouped_(out, c, [-0.1] * n, **table)
+    off = [0]
+    for d in dims:
+        off.append(off[-1] + d)
+    for k, d in enumerate(dims):
+        want = None
+        for s in (s for s in range(n) if comps[s] == k):
+            part = rbd_cuda.project(g[s], d, row_offset=rows[s], stream=2 * k + 1, seed=9, step=4, distribution=dist)
+            want = part if want is None else want + part
+        assert torch.equal(c[off[k]:off[k + 1]], want), (kernels, k)
+    for s in range(n):
+        k = comps[s]
+        ref = g[s].clone()
+        rbd_cuda.expand_(ref, c[off[k]:off[k + 1]], -0.1, row_offset=rows[s], stream=2 * k + 1, seed=9, step=4,
+                         distribution=dist)
+        assert torch.equal(out[s], ref), (kernels, s)
+
+
 def _kernel_launches(fn) -> int:
     torch.cuda.synchronize()
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]

@@ -192,3 +192,58 @@ def test_opcheck_grouped(device, dist):
     torch.library.opcheck(torch.ops.rbd_cuda.project_grouped.default, (g,), table)
     c = random_vector(sum(dims), device=device)
     torch.library.opcheck(torch.ops.rbd_cuda.expand_grouped_.default, (g, c, [1.0] * len(g)), table)
+
+
+@pytest.mark.parametrize("dist", DISTRIBUTIONS)
+def test_compartment_products_are_the_per_segment_loop(device, dist):
+    """The optimizers' path (rbd_cuda.basis: several fp32 tensors of one compartment go to the
+    grouped ops) gives, bit for bit, the per-segment loop of single ops it replaces."""
+    from rbd_cuda.basis import Basis, expand_compartment_, project_compartment
+
+    basis = Basis(seed=KW["seed"], step=KW["step"], stream=3, distribution=dist)
+    sizes, rows = [300, 10, 4097, 1, 20_011], [0, 300, 310, 4407, 4408]
+    g = [random_vector(n, device=device, seed=40 + s) for s, n in enumerate(sizes)]
+    c = project_compartment(basis, 37, g, rows)
+    want = None
+    for piece, r in zip(g, rows, strict=True):
+        part = rbd_cuda.project(piece, 37, row_offset=r, **basis.kwargs)
+        want = part if want is None else want + part
+    assert torch.equal(c, want)
+    outs = [t.clone() for t in g]
+    expand_compartment_(basis, outs, rows, c, -0.25)
+    for piece, out, r in zip(g, outs, rows, strict=True):
+        ref = piece.clone()
+        rbd_cuda.expand_(ref, c, -0.25, row_offset=r, **basis.kwargs)
+        assert torch.equal(out, ref)
+
+
+# (numel, dim, row_offset, distribution): the two segments the issue found (2**34 rows, dim 524288:
+# a 32-bit chunk of 2**32 row blocks, i.e. 0; 2**34 - 4 rows: a 32-bit loop counter that wraps),
+# the widest Rademacher segment, and ordinary ones.
+PLANS = [(2**34, 524_288, 0, "normal"), (2**34 - 4, 524_288, 0, "normal"), (2**34 - 5, 2**32 - 31, 1, "rademacher"),
+         (2**34 - 8, 1, 7, "uniform"), (2**31 + 3, 1000, 0, "normal"), (1000, 10, 2, "uniform"), (1, 1, 0, "normal"),
+         (0, 5, 3, "rademacher")]
+
+
+@pytest.mark.parametrize("numel,dim,row_offset,dist", PLANS)
+def test_v2_project_plan_keeps_chunks_in_32_bits(numel, dim, row_offset, dist):
+    """The v2 CUDA project cuts each segment into work items on the host (the same arithmetic in
+    every build, torch.ops.rbd_cuda._v2_project_plan) and walks a chunk's row blocks with a 32-bit
+    counter: the chunks must cover the segment's row blocks and hold at most 2**30 of them."""
+    tiles, chunk, n_chunks = torch.ops.rbd_cuda._v2_project_plan(numel, dim, row_offset, dist)
+    n_rb = 0 if numel == 0 else (row_offset + numel + 3) // 4 - row_offset // 4
+    assert 1 <= chunk <= 2**30
+    assert n_chunks == -(-n_rb // chunk)
+    assert tiles == -(-dim // 32)  # column tiles, or 32-column groups (column offset 0)
+    assert 0 < tiles * n_chunks < 2**32 or n_rb == 0
+    if (numel, dim) == (2**34, 524_288):
+        assert chunk == 2**30 and n_chunks == 4  # uncapped: one chunk of 2**32 row blocks
+
+
+def test_v2_project_plan_bad_input():
+    with pytest.raises((ValueError, RuntimeError), match="numel must be non-negative"):
+        torch.ops.rbd_cuda._v2_project_plan(-1, 4)
+    with pytest.raises((ValueError, RuntimeError), match="row_offset \\+ numel must be at most 2\\*\\*34"):
+        torch.ops.rbd_cuda._v2_project_plan(2**34, 4, 1)
+    with pytest.raises((ValueError, RuntimeError), match="distribution"):
+        torch.ops.rbd_cuda._v2_project_plan(10, 4, 0, "cauchy")

@@ -140,8 +140,8 @@ void philox(const uint32_t* counter, const uint32_t* key, int rounds, int64_t n,
   for (int64_t i = 0; i < n; ++i) {
     const uint32_t* c = counter + 4 * i;
     const uint32_t* k = key + 2 * i;
-    const Philox4 x = rounds == 7 ? philox4x32<7>(c[0], c[1], c[2], c[3], k[0], k[1])
-                                  : philox4x32<10>(c[0], c[1], c[2], c[3], k[0], k[1]);
+    const Philox4 x = rounds == 7 ? philox4x32<7>(c[0], c[1], c[2], c[3], round_keys<7>(k[0], k[1]))
+                                  : philox4x32<10>(c[0], c[1], c[2], c[3], round_keys<10>(k[0], k[1]));
     for (int w = 0; w < 4; ++w) out[4 * i + w] = x.w[w];
   }
 }

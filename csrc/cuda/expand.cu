@@ -28,6 +28,9 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(
     for (int t = threadIdx.x; t < n; t += kThreads) c_s[t] = c_padded[t0 + t];
     __syncthreads();
     if (!active) continue;
+    // The key schedule from (key0, key1) in both loops: with precomputed round keys as parameters
+    // ptxas gives the JS = 1 kernels 53-55 registers instead of 40 on sm_90 (4 blocks per SM
+    // instead of 6) for at most 1 % fewer instructions (docs/performance.md 2.3).
     if constexpr (D == Distribution::Rademacher) {
       for (int q = js; q < n / 32; q += JS) {
         const Philox4 x = stream_block(uint32_t(rb), uint32_t(first_col + (t0 >> 5) + q), a.step,

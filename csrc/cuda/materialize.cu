@@ -45,10 +45,12 @@ __global__ void philox_kernel(const int64_t* __restrict__ counter, const int64_t
   if (idx >= n) return;
   const int64_t* c4 = counter + 4 * idx;
   const int64_t* k2 = key + 2 * idx;
+  // The round-key form (rbd/philox.h): the known-answer tests check it on the device too.
+  const uint32_t k0 = uint32_t(k2[0]), k1 = uint32_t(k2[1]);
   const Philox4 x = seven ? philox4x32<7>(uint32_t(c4[0]), uint32_t(c4[1]), uint32_t(c4[2]),
-                                          uint32_t(c4[3]), uint32_t(k2[0]), uint32_t(k2[1]))
+                                          uint32_t(c4[3]), round_keys<7>(k0, k1))
                           : philox4x32<10>(uint32_t(c4[0]), uint32_t(c4[1]), uint32_t(c4[2]),
-                                           uint32_t(c4[3]), uint32_t(k2[0]), uint32_t(k2[1]));
+                                           uint32_t(c4[3]), round_keys<10>(k0, k1));
   for (int w = 0; w < 4; ++w) out[4 * idx + w] = int64_t(x.w[w]);
 }
 
