@@ -372,8 +372,8 @@ class SegmentPlan:
             raise ValueError("rbd_cuda: dims and streams need one entry per compartment (at least one), got "
                              f"{len(self.dims)} and {len(self.streams)}")
         for k, (d, x) in enumerate(zip(self.dims, self.streams, strict=True)):
-            if d <= 0:
-                raise ValueError(f"rbd_cuda: dims[{k}] must be positive, got {d}")
+            if not 0 < d <= 2**32:
+                raise ValueError(f"rbd_cuda: dims[{k}] must be in [1, 2**32] (the stream's column range), got {d}")
             if not 0 <= x < 2**32:
                 raise ValueError(f"rbd_cuda: streams[{k}] must be in [0, 2**32), got {x}")
         for s, (numel, r, k) in enumerate(zip(numels, rows, comps, strict=True)):
