@@ -70,12 +70,11 @@ def grouped_step(model: torch.nn.Module, dim: int):
     """One project_grouped and one expand_grouped_ over a compartment per tensor."""
     params = [p for p in model.parameters() if p.grad is not None]
     n = len(params)
-    table = {"row_offsets": [0] * n, "compartments": list(range(n)), "dims": [dim] * n, "streams": list(range(n)),
-             "seed": SEED, "step": 0}
+    plan = rbd_cuda.SegmentPlan([p.numel() for p in params], [0] * n, list(range(n)), [dim] * n, list(range(n)))
 
     def step():
-        c = rbd_cuda.project_grouped([p.grad for p in params], **table)
-        rbd_cuda.expand_grouped_([p.data for p in params], c, [-LR / dim] * n, **table)
+        c = rbd_cuda.project_grouped([p.grad for p in params], plan, seed=SEED)
+        rbd_cuda.expand_grouped_([p.data for p in params], c, [-LR / dim] * n, plan, seed=SEED)
     return step
 
 

@@ -25,7 +25,8 @@ struct GroupedArgs {
   std::vector<StreamArgs> seg;  // per segment: its compartment's stream, its row offset
 };
 
-// Checks the table (naming the argument and index at fault) and lays out the coefficients.
+// Checks the table (naming the argument and index at fault) and lays out the coefficients. The
+// keys every segment shares (seed, step, distribution) are checked once, not per segment.
 inline GroupedArgs check_grouped(at::TensorList tensors, const char* tensors_name,
                                  at::IntArrayRef row_offsets, at::IntArrayRef compartments,
                                  at::IntArrayRef dims, at::IntArrayRef streams, int64_t seed,
@@ -41,10 +42,11 @@ inline GroupedArgs check_grouped(at::TensorList tensors, const char* tensors_nam
   TORCH_CHECK_VALUE(g.n_comps > 0 && int64_t(streams.size()) == g.n_comps,
                     "rbd_cuda: dims and streams need one entry per compartment (at least one), got ",
                     decimal(g.n_comps), " and ", decimal(int64_t(streams.size())));
-  const std::string dist(distribution);
+  const StreamArgs shared = make_stream_args(0, 1, seed, step, 0, std::string(distribution), 0, 0);
   g.offset.assign(1, 0);
   for (int64_t k = 0; k < g.n_comps; ++k) {
-    TORCH_CHECK_VALUE(dims[k] > 0, "rbd_cuda: dims[", decimal(k), "] must be positive, got ", decimal(dims[k]));
+    TORCH_CHECK_VALUE(dims[k] > 0 && dims[k] <= kMaxCols, "rbd_cuda: dims[", decimal(k),
+                      "] must be in [1, 2**32] (the stream's column range), got ", decimal(dims[k]));
     TORCH_CHECK_VALUE(streams[k] >= 0 && streams[k] < (int64_t(1) << 32), "rbd_cuda: streams[", decimal(k),
                       "] must be in [0, 2**32), got ", decimal(streams[k]));
     g.offset.push_back(g.offset.back() + dims[k]);
@@ -60,7 +62,10 @@ inline GroupedArgs check_grouped(at::TensorList tensors, const char* tensors_nam
                       decimal(g.n_comps), "), got ", decimal(k));
     TORCH_CHECK_VALUE(row_offsets[s] >= 0 && row_offsets[s] <= kMaxRows - t.numel(), "rbd_cuda: row_offsets[",
                       decimal(s), "] must be in [0, 2**34 - numel], got ", decimal(row_offsets[s]));
-    g.seg.push_back(make_stream_args(t.numel(), dims[k], seed, step, streams[k], dist, row_offsets[s], 0));
+    StreamArgs a = shared;
+    a.stream = static_cast<uint32_t>(streams[k]);
+    a.row_offset = row_offsets[s];
+    g.seg.push_back(a);
   }
   return g;
 }

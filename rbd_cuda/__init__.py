@@ -8,9 +8,10 @@ tests and debugging), ``backends`` (which kernels run, build facts), ``basis``, 
 """
 
 from . import backends, basis, layout, nn, ops, optim
-from .ops import expand, expand_, expand_grouped_, project, project_grouped
+from .ops import SegmentPlan, expand, expand_, expand_grouped_, project, project_grouped
 
 __all__ = [
+    "SegmentPlan",
     "backends",
     "basis",
     "expand",

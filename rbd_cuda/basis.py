@@ -109,9 +109,9 @@ def scale(normalize: str, distribution: str, dim: int, numel: int, total_numel: 
 class Basis:
     """One random matrix of the stream: ``(seed, step, stream, distribution)``.
 
-    ``kwargs`` are the keywords the ops take for it; a compartment's segments add their
-    ``row_offset``. Build it with ``check_seed``-valid values (the optimizers validate once at
-    construction, so a step does not re-validate).
+    ``kwargs`` are the keywords the ops take for it (``torch.ops.rbd_cuda``'s too: the seed as an
+    int64); a compartment's segments add their ``row_offset``. Build it with ``check_seed``-valid
+    values (the optimizers validate once at construction, so a step does not re-validate).
     """
 
     seed: int
@@ -123,7 +123,8 @@ class Basis:
     def kwargs(self) -> dict:
         if not 0 <= self.step < STREAM_STEPS:
             raise RuntimeError(f"rbd_cuda: the random stream has 2**32 steps; step {self.step} is beyond them")
-        return {"seed": self.seed, "step": self.step, "stream": self.stream, "distribution": self.distribution}
+        return {"seed": ops.int64_seed(self.seed), "step": self.step, "stream": self.stream,
+                "distribution": self.distribution}
 
 
 # ---- the products over one compartment ------------------------------------------------------
@@ -141,35 +142,47 @@ def _one_launch(tensors: Sequence[torch.Tensor]) -> bool:
             and len({t.device for t in tensors}) == 1)
 
 
-def project_compartment(basis: Basis, dim: int, pieces: Sequence[torch.Tensor], row_offsets: Sequence[int],
+def _stream_of(basis: Basis, plan: ops.SegmentPlan) -> dict:
+    """``basis``'s keywords for the ops (its step checked), for ``plan``, one compartment on ``basis``'s stream."""
+    if plan.streams != (basis.stream,):
+        raise ValueError(f"rbd_cuda: the plan's streams {plan.streams} are not the basis's ({basis.stream},)")
+    return basis.kwargs
+
+
+def project_compartment(basis: Basis, plan: ops.SegmentPlan, pieces: Sequence[torch.Tensor],
                         device: torch.device | None = None) -> torch.Tensor:
-    """``c = Σ_s P_sᵀ g_s`` over the 1-D ``pieces`` g_s at rows ``row_offsets`` of ``basis``'s matrix,
-    in fp32 on ``device`` (default: the first piece's)."""
-    kw = basis.kwargs
+    """``c = Σ_s P_sᵀ g_s`` over the 1-D ``pieces`` g_s, the segments of ``plan`` (one compartment of
+    ``plan.total`` directions on ``basis``'s stream, built once by the caller), in fp32 on ``device``
+    (default: the first piece's). The plan was validated when built: nothing of it is checked here
+    (the C++ ops still check what they are given)."""
+    kw = _stream_of(basis, plan)
     if _one_launch(pieces):
-        c = ops.project_grouped(list(pieces), list(row_offsets), [0] * len(pieces), [dim], [basis.stream],
-                                seed=basis.seed, step=basis.step, distribution=basis.distribution)
+        c = torch.ops.rbd_cuda.project_grouped(list(pieces), plan.row_offsets, plan.compartments, plan.dims,
+                                               plan.streams, seed=kw["seed"], step=kw["step"],
+                                               distribution=kw["distribution"])
         return c if device is None else c.to(device)
     c = None
-    for piece, row_offset in zip(pieces, row_offsets, strict=True):
-        part = ops.project(piece, dim, row_offset=row_offset, **kw).float()
+    for piece, row_offset in zip(pieces, plan.row_offsets, strict=True):
+        part = torch.ops.rbd_cuda.project(piece, plan.total, row_offset=row_offset, **kw).float()
         c = part if c is None else c + part.to(c.device)
     return c if device is None else c.to(device)
 
 
-def expand_compartment_(basis: Basis, outs: Sequence[torch.Tensor], row_offsets: Sequence[int],
-                        coeffs: torch.Tensor, alpha: float, *, col_offset: int = 0) -> None:
-    """In place ``out_s += alpha · P_s c`` for the 1-D views ``outs`` at rows ``row_offsets``
-    (``c`` addressing columns ``col_offset ...``: NES perturbs along one column)."""
-    kw = basis.kwargs
-    if col_offset == 0 and _one_launch(outs):
+def expand_compartment_(basis: Basis, plan: ops.SegmentPlan, outs: Sequence[torch.Tensor], coeffs: torch.Tensor,
+                        alpha: float, *, col_offset: int = 0) -> None:
+    """In place ``out_s += alpha · P_s c`` for the 1-D views ``outs``, the segments of ``plan`` (as
+    for ``project_compartment``; ``c`` addressing columns ``col_offset ...``: NES perturbs along one
+    column with one coefficient)."""
+    kw = _stream_of(basis, plan)
+    if col_offset == 0 and coeffs.numel() == plan.total and _one_launch(outs):
         c = coeffs if coeffs.device == outs[0].device else coeffs.to(outs[0].device)
-        ops.expand_grouped_(list(outs), c, [alpha] * len(outs), list(row_offsets), [0] * len(outs), [c.numel()],
-                            [basis.stream], seed=basis.seed, step=basis.step, distribution=basis.distribution)
+        torch.ops.rbd_cuda.expand_grouped_(list(outs), c, [float(alpha)] * len(outs), plan.row_offsets,
+                                           plan.compartments, plan.dims, plan.streams, seed=kw["seed"],
+                                           step=kw["step"], distribution=kw["distribution"])
         return
-    for out, row_offset in zip(outs, row_offsets, strict=True):
-        ops.expand_(out, coeffs if coeffs.device == out.device else coeffs.to(out.device), alpha,
-                    row_offset=row_offset, col_offset=col_offset, **kw)
+    for out, row_offset in zip(outs, plan.row_offsets, strict=True):
+        torch.ops.rbd_cuda.expand_(out, coeffs if coeffs.device == out.device else coeffs.to(out.device),
+                                   float(alpha), row_offset=row_offset, col_offset=col_offset, **kw)
 
 
 def expand_compartment(basis: Basis, coeffs: Sequence[torch.Tensor], numels: Sequence[int],

@@ -43,7 +43,7 @@ from .basis import (
     project_compartment,
     scale,
 )
-from .layout import Compression, Fixed, as_dim_rule, check_saved
+from .layout import Compression, Fixed, as_dim_rule, check_saved, compartment_plan
 from .optim import FPD, RBD, Exchange
 
 SCHEMES = ("shared", "independent")
@@ -466,7 +466,9 @@ def random_bases_hook(state: RandomBasesHook, bucket: dist.GradBucket) -> torch.
         # the same index): a residual is only added back to the layout it was computed for.
         x = grad + kept[1] if kept is not None and kept[0] == layout else grad.clone()
     basis = Basis(state.seed, step, index, state.distribution)
-    c = project_compartment(basis, dim, [x], [0]).div_(world)
+    # A bucket's size is known only here (DDP builds, and rebuilds, the buckets): one segment.
+    plan = compartment_plan([numel], [0], dim, index)
+    c = project_compartment(basis, plan, [x]).div_(world)
     state.stats.add("all_reduce", c.numel() * c.element_size(), world)
     fut = dist.all_reduce(c, group=group, async_op=True).get_future()
     scale = state.scale(numel, dim)
@@ -478,7 +480,7 @@ def random_bases_hook(state: RandomBasesHook, bucket: dist.GradBucket) -> torch.
             raise RuntimeError(f"rbd_cuda: the all-reduce of bucket {index}'s coefficients at hook step "
                                f"{step} failed: another rank raised, exited or timed out ({error})") from error
         grad.zero_()
-        expand_compartment_(basis, [grad], [0], mean_c, scale)
+        expand_compartment_(basis, plan, [grad], mean_c, scale)
         if state.error_feedback:
             state.residuals[index] = (layout, x.sub_(grad))
         return grad

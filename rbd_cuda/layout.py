@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .ops import SegmentPlan
+
 
 @dataclass(frozen=True)
 class Segment:
@@ -42,6 +44,19 @@ class Compartment:
     @property
     def numel(self) -> int:
         return sum(s.numel for s in self.segments)
+
+
+def segment_plan(comp: Compartment, stream: int | None = None) -> SegmentPlan:
+    """The grouped ops' plan of ``comp``'s segments, on ``comp.stream`` or ``stream``."""
+    return compartment_plan([s.numel for s in comp.segments], [s.row_offset for s in comp.segments], comp.dim,
+                            comp.stream if stream is None else stream)
+
+
+def compartment_plan(numels: Sequence[int], row_offsets: Sequence[int], dim: int, stream: int) -> SegmentPlan:
+    """The plan of one compartment of ``dim`` directions on ``stream`` whose segments have ``numels``
+    entries at ``row_offsets``: validated here, once, so the products over the compartment
+    (``rbd_cuda.basis``) take it as it is."""
+    return SegmentPlan(numels, row_offsets, [0] * len(numels), [dim], [stream])
 
 
 # ---- dimension allocation ---------------------------------------------------------------

@@ -6,7 +6,7 @@ and ``col_offset`` select the sub-matrix an op works on, so
 ``project(g, dim, row_offset=r, col_offset=k)[j] == sum_i P[r + i, k + j] * g[i]``.
 
 The products (also ``rbd_cuda.project`` etc.): ``project``, ``expand``, ``expand_``,
-``project_grouped``, ``expand_grouped_``; for tests and debugging, ``materialize`` (the matrix
+``project_grouped``, ``expand_grouped_`` (over a ``SegmentPlan``, built once); for tests and debugging, ``materialize`` (the matrix
 itself) and ``philox4x32`` (the raw generator). Which kernels run, and facts about the build:
 ``rbd_cuda.backends``.
 """
@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -22,8 +24,8 @@ from torch.autograd import forward_ad as _forward_ad
 
 from . import _C  # noqa: F401  (loading the extension registers torch.ops.rbd_cuda)
 
-__all__ = ["DISTRIBUTIONS", "Distribution", "expand", "expand_", "expand_grouped_", "materialize", "philox4x32",
-           "project", "project_grouped"]
+__all__ = ["DISTRIBUTIONS", "Distribution", "SegmentPlan", "expand", "expand_", "expand_grouped_", "materialize",
+           "philox4x32", "project", "project_grouped"]
 
 Distribution = Literal["normal", "uniform", "rademacher"]
 DISTRIBUTIONS: tuple[str, ...] = ("normal", "uniform", "rademacher")
@@ -37,6 +39,11 @@ def _seed_to_int64(seed: int) -> int:
     seed = _integer("seed", seed)
     if not _SEED_MIN <= seed < _SEED_MAX:
         raise ValueError(f"rbd_cuda: seed must fit in 64 bits, i.e. in [-2**63, 2**64), got {seed}")
+    return int64_seed(seed)
+
+
+def int64_seed(seed: int) -> int:
+    """The int64 holding the bits of a seed already known to lie in [-2**63, 2**64) (the ops take that)."""
     return seed - 2**64 if seed >= 2**63 else seed
 
 
@@ -324,83 +331,131 @@ torch.library.register_autograd("rbd_cuda::project", _project_backward, setup_co
 torch.library.register_autograd("rbd_cuda::expand", _expand_backward, setup_context=_save_stream)
 
 
-# ---- grouped ops: one call (one launch with the v2 CUDA kernels) over a table of segments ------
+# ---- grouped ops: one call (one launch with the v2 CUDA kernels) over a plan of segments ------
 #
-# Segment s is the flattened tensor g[s] (or out[s]) at rows row_offsets[s] of compartment
-# compartments[s]'s matrix; compartment k has dims[k] directions on stream streams[k] (the
-# other stream keywords are shared). The coefficients of all compartments are one fp32 vector,
-# compartment k's at [sum(dims[:k]), sum(dims[:k + 1])). An optimizer step is then
-#     c = project_grouped(grads, ...); expand_grouped_(params, c, alphas, ...)
+# Segment s is the flattened tensor g[s] (or out[s]) of plan.numels[s] entries at rows
+# plan.row_offsets[s] of compartment plan.compartments[s]'s matrix; compartment k has
+# plan.dims[k] directions on stream plan.streams[k] (the other stream keywords are shared). The
+# coefficients of all compartments are one fp32 vector, compartment k's at
+# [sum(dims[:k]), sum(dims[:k + 1])). An optimizer builds its plans once, at construction; a step is
+#     c = project_grouped(grads, plan, ...); expand_grouped_(params, c, alphas, plan, ...)
 # whatever the number of tensors and compartments.
 
 
-def _segment_table(tensors, name, row_offsets, compartments, dims, streams, seed, step, distribution) -> dict:
-    """Validated keyword arguments of the grouped ops (the C++ ops check the same)."""
+@dataclass(frozen=True)
+class SegmentPlan:
+    """The segment table of the grouped ops, validated once, when it is built (the ops then check
+    only what a call brings: the tensors, the coefficients and the stream keywords).
+
+    Per segment s: ``numels[s]`` entries at rows ``row_offsets[s]`` of compartment
+    ``compartments[s]``; per compartment k: ``dims[k]`` directions on stream ``streams[k]``. Any
+    int sequences are accepted and kept as tuples of ints; ``total`` is ``sum(dims)``.
+    """
+
+    numels: tuple[int, ...]
+    row_offsets: tuple[int, ...]
+    compartments: tuple[int, ...]
+    dims: tuple[int, ...]
+    streams: tuple[int, ...]
+    total: int = field(init=False)
+
+    def __post_init__(self):
+        for name in ("numels", "row_offsets", "compartments", "dims", "streams"):
+            object.__setattr__(self, name, tuple(_integer(f"{name}[{i}]", v) for i, v in enumerate(getattr(self, name))))
+        n, numels, rows, comps = len(self.numels), self.numels, self.row_offsets, self.compartments
+        if n == 0:
+            raise ValueError("rbd_cuda: a SegmentPlan must hold at least one segment")
+        if len(rows) != n or len(comps) != n:
+            raise ValueError(f"rbd_cuda: row_offsets and compartments need one entry per segment (len(numels)={n}), "
+                             f"got {len(rows)} and {len(comps)}")
+        if not self.dims or len(self.streams) != len(self.dims):
+            raise ValueError("rbd_cuda: dims and streams need one entry per compartment (at least one), got "
+                             f"{len(self.dims)} and {len(self.streams)}")
+        for k, (d, x) in enumerate(zip(self.dims, self.streams, strict=True)):
+            if not 0 < d <= 2**32:
+                raise ValueError(f"rbd_cuda: dims[{k}] must be in [1, 2**32] (the stream's column range), got {d}")
+            if not 0 <= x < 2**32:
+                raise ValueError(f"rbd_cuda: streams[{k}] must be in [0, 2**32), got {x}")
+        for s, (numel, r, k) in enumerate(zip(numels, rows, comps, strict=True)):
+            if numel < 0:
+                raise ValueError(f"rbd_cuda: numels[{s}] must be non-negative, got {numel}")
+            if not 0 <= k < len(self.dims):
+                raise ValueError(f"rbd_cuda: compartments[{s}] must be in [0, len(dims)={len(self.dims)}), got {k}")
+            if not 0 <= r <= 2**34 - numel:
+                raise ValueError(f"rbd_cuda: row_offsets[{s}] must be in [0, 2**34 - numels[{s}]], got {r}")
+        object.__setattr__(self, "total", sum(self.dims))
+
+    def select(self, segments: Sequence[int]) -> SegmentPlan:
+        """The plan of the segments at indices ``segments`` (in that order), all compartments kept."""
+        return SegmentPlan([self.numels[s] for s in segments], [self.row_offsets[s] for s in segments],
+                           [self.compartments[s] for s in segments], self.dims, self.streams)
+
+
+def _basis_keywords(seed, step, distribution) -> dict:
+    """The grouped ops' stream keywords, validated (those of the single ops: ``_stream_kwargs``)."""
+    step = _integer("step", step)
+    if not 0 <= step < 2**32:
+        raise ValueError(f"rbd_cuda: step must be in [0, 2**32), got {step}")
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"rbd_cuda: distribution must be one of 'normal', 'uniform', 'rademacher', "
+                         f"got {distribution!r}")
+    return {"seed": _seed_to_int64(seed), "step": step, "distribution": distribution}
+
+
+def _plan_tensors(tensors, name: str, plan: SegmentPlan) -> list[torch.Tensor]:
+    """``tensors`` as a list, checked against ``plan``: one dense tensor of ``plan.numels[s]``
+    entries per segment, all of one dtype on one device."""
+    if not isinstance(plan, SegmentPlan):
+        raise TypeError(f"rbd_cuda: plan must be a SegmentPlan, got {type(plan).__name__}")
     tensors = list(tensors)
-    if not tensors:
-        raise ValueError(f"rbd_cuda: {name} must hold at least one segment")
-    row_offsets = [_integer(f"row_offsets[{s}]", r) for s, r in enumerate(row_offsets)]
-    compartments = [_integer(f"compartments[{s}]", k) for s, k in enumerate(compartments)]
-    dims = [_integer(f"dims[{k}]", d) for k, d in enumerate(dims)]
-    streams = [_integer(f"streams[{k}]", x) for k, x in enumerate(streams)]
-    if len(row_offsets) != len(tensors) or len(compartments) != len(tensors):
-        raise ValueError(f"rbd_cuda: row_offsets and compartments need one entry per segment (len({name})="
-                         f"{len(tensors)}), got {len(row_offsets)} and {len(compartments)}")
-    if not dims or len(streams) != len(dims):
-        raise ValueError("rbd_cuda: dims and streams need one entry per compartment (at least one), got "
-                         f"{len(dims)} and {len(streams)}")
-    for k, d in enumerate(dims):
-        if d <= 0:
-            raise ValueError(f"rbd_cuda: dims[{k}] must be positive, got {d}")
-    for k, x in enumerate(streams):
-        if not 0 <= x < 2**32:
-            raise ValueError(f"rbd_cuda: streams[{k}] must be in [0, 2**32), got {x}")
-    for s, (t, r, k) in enumerate(zip(tensors, row_offsets, compartments, strict=True)):
+    if len(tensors) != len(plan.numels):
+        raise ValueError(f"rbd_cuda: {name} needs one tensor per segment of the plan ({len(plan.numels)}), "
+                         f"got {len(tensors)}")
+    first = _dense(f"{name}[0]", tensors[0])
+    for s, (t, numel) in enumerate(zip(tensors, plan.numels, strict=True)):
         _dense(f"{name}[{s}]", t)
-        if t.device != tensors[0].device or t.dtype != tensors[0].dtype:
+        if t.numel() != numel:
+            raise ValueError(f"rbd_cuda: {name}[{s}] has {t.numel()} entries; the plan's segment {s} has {numel}")
+        if t.device != first.device or t.dtype != first.dtype:
             raise ValueError(f"rbd_cuda: every tensor of {name} must have the device and dtype of {name}[0]; "
                              f"{name}[{s}] is {t.dtype} on {t.device}")
-        if not 0 <= k < len(dims):
-            raise ValueError(f"rbd_cuda: compartments[{s}] must be in [0, len(dims)={len(dims)}), got {k}")
-        if not 0 <= r <= 2**34 - t.numel():
-            raise ValueError(f"rbd_cuda: row_offsets[{s}] must be in [0, 2**34 - numel], got {r}")
-    kw = _stream_kwargs(0, 1, seed, step, 0, distribution, 0, 0)  # seed, step, distribution
-    return {"row_offsets": row_offsets, "compartments": compartments, "dims": dims, "streams": streams,
-            "seed": kw["seed"], "step": kw["step"], "distribution": distribution}
+    return tensors
 
 
-def project_grouped(g, row_offsets, compartments, dims, streams, *, seed: int, step: int = 0,
+def project_grouped(g, plan: SegmentPlan, *, seed: int, step: int = 0,
                     distribution: Distribution = "normal") -> torch.Tensor:
-    """Coefficients of every compartment in one fp32 vector of length ``sum(dims)``.
+    """Coefficients of every compartment of ``plan`` in one fp32 vector of length ``plan.total``.
 
-    ``g``: the segments (tensors of one dtype on one device, any shape, flattened). Compartment
-    k's coefficients are the sum over its segments s, in list order, of
+    ``g``: one tensor per segment of ``plan`` (one dtype, one device, any shape, flattened).
+    Compartment k's coefficients are the sum over its segments s, in list order, of
     ``project(g[s].float(), dims[k], row_offset=row_offsets[s], stream=streams[k], ...)``, bit for
     bit on each device; a compartment without segments gets zeros.
     """
-    table = _segment_table(g, "g", row_offsets, compartments, dims, streams, seed, step, distribution)
-    return torch.ops.rbd_cuda.project_grouped(list(g), **table)
+    g = _plan_tensors(g, "g", plan)
+    return torch.ops.rbd_cuda.project_grouped(g, plan.row_offsets, plan.compartments, plan.dims, plan.streams,
+                                              **_basis_keywords(seed, step, distribution))
 
 
-def expand_grouped_(out, c: torch.Tensor, alphas, row_offsets, compartments, dims, streams, *, seed: int,
-                    step: int = 0, distribution: Distribution = "normal"):
-    """In place ``out[s] += alphas[s] * P_k c_k`` for every segment s (k = compartments[s]); returns ``out``.
+def expand_grouped_(out, c: torch.Tensor, alphas, plan: SegmentPlan, *, seed: int, step: int = 0,
+                    distribution: Distribution = "normal"):
+    """In place ``out[s] += alphas[s] * P_k c_k`` for every segment s of ``plan`` (k =
+    ``plan.compartments[s]``); returns ``out``.
 
     Each segment gets exactly what ``expand_(out[s], c_k, alphas[s], row_offset=row_offsets[s],
-    stream=streams[k], ...)`` gives it; ``c`` holds ``sum(dims)`` coefficients, laid out as
+    stream=streams[k], ...)`` gives it; ``c`` holds ``plan.total`` coefficients, laid out as
     ``project_grouped`` returns them. The tensors of ``out`` (contiguous, one dtype, one device)
     must not overlap.
     """
-    table = _segment_table(out, "out", row_offsets, compartments, dims, streams, seed, step, distribution)
+    tensors = _plan_tensors(out, "out", plan)
     _no_gradient_to("expand_grouped_", _dense("c", c))
     alphas = [float(a) for a in alphas]
-    if len(alphas) != len(table["row_offsets"]):
-        raise ValueError(f"rbd_cuda: alphas needs one entry per segment (len(out)={len(table['row_offsets'])}), "
-                         f"got {len(alphas)}")
-    total = sum(table["dims"])
-    if c.dim() != 1 or c.numel() != total:
-        raise ValueError(f"rbd_cuda: c must be 1-D with sum(dims)={total} coefficients, got shape {tuple(c.shape)}")
-    torch.ops.rbd_cuda.expand_grouped_(list(out), c, alphas, **table)
+    if len(alphas) != len(tensors):
+        raise ValueError(f"rbd_cuda: alphas needs one entry per segment (len(out)={len(tensors)}), got {len(alphas)}")
+    if c.dim() != 1 or c.numel() != plan.total:
+        raise ValueError(f"rbd_cuda: c must be 1-D with sum(dims)={plan.total} coefficients, got shape "
+                         f"{tuple(c.shape)}")
+    torch.ops.rbd_cuda.expand_grouped_(tensors, c, alphas, plan.row_offsets, plan.compartments, plan.dims,
+                                       plan.streams, **_basis_keywords(seed, step, distribution))
     return out
 
 

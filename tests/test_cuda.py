@@ -411,12 +411,12 @@ def test_grouped_large_segments_are_the_single_ops(kernels, dist):
     comps = list(range(n - 3)) + [n - 3] * 3
     rows = [0] * (n - 3) + [0, 1_000_003, 3_000_004]
     dims = [100] * (n - 3) + [300]
-    table = {"row_offsets": rows, "compartments": comps, "dims": dims, "streams": [2 * k + 1 for k in range(n - 2)],
-             "seed": 9, "step": 4, "distribution": dist}
+    plan = rbd_cuda.SegmentPlan(sizes, rows, comps, dims, [2 * k + 1 for k in range(n - 2)])
+    kw = {"seed": 9, "step": 4, "distribution": dist}
     g = [random_vector(m, seed=s).to(CUDA) for s, m in enumerate(sizes)]
-    c = rbd_cuda.project_grouped(g, **table)
+    c = rbd_cuda.project_grouped(g, plan, **kw)
     out = [t.clone() for t in g]
-    rbd_cuda.expand_grouped_(out, c, [-0.1] * n, **table)
+    rbd_cuda.expand_grouped_(out, c, [-0.1] * n, plan, **kw)
     off = [0]
     for d in dims:
         off.append(off[-1] + d)
@@ -449,19 +449,19 @@ def test_grouped_one_launch_with_v2(kernels, dist):
     compartments; v1 loops over the segments. Both give each segment its single-op result."""
     sizes = [1 + 37 * s for s in range(40)]
     g = [random_vector(n, seed=s).to(CUDA) for s, n in enumerate(sizes)]
-    table = {"row_offsets": [s % 5 for s in range(40)], "compartments": list(range(40)), "dims": [10] * 40,
-             "streams": list(range(40)), "seed": 1, "step": 2, "distribution": dist}
-    c = rbd_cuda.project_grouped(g, **table)
+    plan = rbd_cuda.SegmentPlan(sizes, [s % 5 for s in range(40)], list(range(40)), [10] * 40, list(range(40)))
+    stream = {"seed": 1, "step": 2, "distribution": dist}
+    c = rbd_cuda.project_grouped(g, plan, **stream)
     out = [t.clone() for t in g]
-    rbd_cuda.expand_grouped_(out, c, [0.5] * 40, **table)
+    rbd_cuda.expand_grouped_(out, c, [0.5] * 40, plan, **stream)
     for s in range(40):
         kw = {"row_offset": s % 5, "stream": s, "seed": 1, "step": 2, "distribution": dist}
         assert torch.equal(c[10 * s: 10 * s + 10], rbd_cuda.project(g[s], 10, **kw))
         want = g[s].clone()
         rbd_cuda.expand_(want, c[10 * s: 10 * s + 10], 0.5, **kw)
         assert torch.equal(out[s], want)
-    projects = _kernel_launches(lambda: rbd_cuda.project_grouped(g, **table))
-    expands = _kernel_launches(lambda: rbd_cuda.expand_grouped_(out, c, [0.5] * 40, **table))
+    projects = _kernel_launches(lambda: rbd_cuda.project_grouped(g, plan, **stream))
+    expands = _kernel_launches(lambda: rbd_cuda.expand_grouped_(out, c, [0.5] * 40, plan, **stream))
     if kernels == "v2":
         assert (projects, expands) == (2, 1)
     else:
@@ -482,14 +482,15 @@ def test_expand_keeps_the_integer_stream(kernels, dist):
 
 def test_grouped_mixed_devices_rejected(kernels):
     table = {"row_offsets": [0, 0], "compartments": [0, 0], "dims": [4], "streams": [0], "seed": 0}
+    plan = rbd_cuda.SegmentPlan([5, 3], [0, 0], [0, 0], [4], [0])
     g = [torch.ones(5, device=CUDA), torch.ones(3)]
     with pytest.raises(ValueError, match=r"g\[1\]"):
-        rbd_cuda.project_grouped(g, **table)
+        rbd_cuda.project_grouped(g, plan, seed=0)
     with pytest.raises((ValueError, RuntimeError), match=r"g\[1\]"):
         torch.ops.rbd_cuda.project_grouped(g, **table)
     out = [torch.zeros(5, device=CUDA), torch.zeros(3, device=CUDA)]
     with pytest.raises(RuntimeError, match=r"out.*c|c.*out"):
-        rbd_cuda.expand_grouped_(out, torch.ones(4), [1.0, 1.0], **table)
+        rbd_cuda.expand_grouped_(out, torch.ones(4), [1.0, 1.0], plan, seed=0)
     assert all(torch.equal(o, torch.zeros_like(o)) for o in out)
 
 

@@ -38,6 +38,10 @@ def _segments(layout: str, dtype=torch.float32, device="cpu", seed: int = 0) -> 
     return [random_vector(n, dtype, seed=seed + s, device=device) for s, n in enumerate(sizes)]
 
 
+def _plan(tensors, row_offsets, compartments, dims, streams) -> rbd_cuda.SegmentPlan:
+    return rbd_cuda.SegmentPlan([t.numel() for t in tensors], row_offsets, compartments, dims, streams)
+
+
 def _offsets(dims) -> list[int]:
     return [0, *itertools.accumulate(dims)]
 
@@ -48,7 +52,7 @@ def _offsets(dims) -> list[int]:
 def test_project_grouped_is_the_sum_of_projects(device, layout, dist, dtype):
     _, rows, comps, dims, streams = LAYOUTS[layout]
     g = _segments(layout, dtype, device)
-    c = rbd_cuda.project_grouped(g, rows, comps, dims, streams, distribution=dist, **KW)
+    c = rbd_cuda.project_grouped(g, _plan(g, rows, comps, dims, streams), distribution=dist, **KW)
     assert c.dtype == torch.float32 and c.device == g[0].device and c.shape == (sum(dims),)
     off = _offsets(dims)
     for k, dim in enumerate(dims):
@@ -65,7 +69,7 @@ def test_project_grouped_is_the_sum_of_projects(device, layout, dist, dtype):
 def test_project_grouped_matches_reference(device, layout, dist):
     _, rows, comps, dims, streams = LAYOUTS[layout]
     g = _segments(layout, device=device, seed=5)
-    c = rbd_cuda.project_grouped(g, rows, comps, dims, streams, distribution=dist, **KW)
+    c = rbd_cuda.project_grouped(g, _plan(g, rows, comps, dims, streams), distribution=dist, **KW)
     off = _offsets(dims)
     for k, dim in enumerate(dims):
         ref, scale = torch.zeros(dim, dtype=torch.float64), torch.zeros(dim, dtype=torch.float64)
@@ -89,7 +93,7 @@ def test_expand_grouped_is_each_expand(device, layout, dist, dtype):
         rbd_cuda.expand_(want[s], c[off[k]: off[k + 1]], alphas[s], row_offset=rows[s], stream=streams[k],
                          distribution=dist, **KW)
     versions = [o._version for o in out]
-    res = rbd_cuda.expand_grouped_(out, c, alphas, rows, comps, dims, streams, distribution=dist, **KW)
+    res = rbd_cuda.expand_grouped_(out, c, alphas, _plan(out, rows, comps, dims, streams), distribution=dist, **KW)
     assert res is out
     for s in range(len(out)):
         assert torch.equal(out[s], want[s]), (layout, dist, s)
@@ -102,13 +106,13 @@ def test_grouped_pieces_of_one_tensor(device, dist):
     base = random_vector(1000, device=device, seed=3)
     pieces = [base[:337], base[337:]]
     rows, comps, dims, streams = [0, 0], [0, 1], [17, 40], [0, 1]
-    c = rbd_cuda.project_grouped(pieces, rows, comps, dims, streams, distribution=dist, **KW)
+    c = rbd_cuda.project_grouped(pieces, _plan(pieces, rows, comps, dims, streams), distribution=dist, **KW)
     assert torch.equal(c[:17], rbd_cuda.project(pieces[0], 17, stream=0, distribution=dist, **KW))
     assert torch.equal(c[17:], rbd_cuda.project(pieces[1], 40, stream=1, distribution=dist, **KW))
     want = base.clone()
     rbd_cuda.expand_(want[:337], c[:17], -1.0, stream=0, distribution=dist, **KW)
     rbd_cuda.expand_(want[337:], c[17:], -1.0, stream=1, distribution=dist, **KW)
-    rbd_cuda.expand_grouped_(pieces, c, [-1.0, -1.0], rows, comps, dims, streams, distribution=dist, **KW)
+    rbd_cuda.expand_grouped_(pieces, c, [-1.0, -1.0], _plan(pieces, rows, comps, dims, streams), distribution=dist, **KW)
     assert torch.equal(base, want)
 
 
@@ -120,16 +124,16 @@ def test_expand_grouped_reads_c_before_updating(device):
     c0 = c.clone()
     rbd_cuda.expand_(want[0], c0[:4], 2.0, **KW)
     rbd_cuda.expand_(want[1], c0[4:], 2.0, stream=1, **KW)
-    rbd_cuda.expand_grouped_(out, c, [2.0, 2.0], [0, 0], [0, 1], [4, 6], [0, 1], **KW)
+    rbd_cuda.expand_grouped_(out, c, [2.0, 2.0], _plan(out, [0, 0], [0, 1], [4, 6], [0, 1]), **KW)
     assert torch.equal(out[0], want[0]) and torch.equal(out[1], want[1])
 
 
 def test_grouped_deterministic(device):
     _, rows, comps, dims, streams = LAYOUTS["mixed"]
     g = _segments("mixed", device=device, seed=8)
-    first = rbd_cuda.project_grouped(g, rows, comps, dims, streams, **KW)
+    first = rbd_cuda.project_grouped(g, _plan(g, rows, comps, dims, streams), **KW)
     for _ in range(3):
-        assert torch.equal(rbd_cuda.project_grouped(g, rows, comps, dims, streams, **KW), first)
+        assert torch.equal(rbd_cuda.project_grouped(g, _plan(g, rows, comps, dims, streams), **KW), first)
 
 
 def _table(n=2):
@@ -140,11 +144,27 @@ BAD_PROJECT = [
     ("row_offsets and compartments", lambda g: (g, [0], [0, 0], [4], [0])),
     ("dims and streams", lambda g: (g, [0, 0], [0, 0], [4], [0, 1])),
     ("compartments\\[1\\] must be in", lambda g: (g, [0, 0], [0, 1], [4], [0])),
-    ("dims\\[0\\] must be positive", lambda g: (g, [0, 0], [0, 0], [0], [0])),
+    ("dims\\[0\\] must be in \\[1, 2\\*\\*32\\]", lambda g: (g, [0, 0], [0, 0], [0], [0])),
+    ("dims\\[0\\] must be in \\[1, 2\\*\\*32\\]", lambda g: (g, [0, 0], [0, 0], [2**32 + 1], [0])),
     ("streams\\[0\\] must be in", lambda g: (g, [0, 0], [0, 0], [4], [2**32])),
     ("row_offsets\\[1\\] must be in", lambda g: (g, [0, -1], [0, 0], [4], [0])),
     ("g\\[1\\]", lambda g: ([g[0], g[1].half()], [0, 0], [0, 0], [4], [0])),
 ]
+
+
+def _project_grouped(direct: bool):
+    """project_grouped over a plain table: torch.ops's own, or the wrapper's over its SegmentPlan (whose
+    construction checks the table)."""
+    if direct:
+        return torch.ops.rbd_cuda.project_grouped
+    return lambda g, *table, **kw: rbd_cuda.project_grouped(g, _plan(g, *table), **kw)
+
+
+def _expand_grouped_(direct: bool):
+    if direct:
+        return torch.ops.rbd_cuda.expand_grouped_
+    return lambda out, c, alphas, **kw: rbd_cuda.expand_grouped_(
+        out, c, alphas, _plan(out, *(kw.pop(k) for k in ("row_offsets", "compartments", "dims", "streams"))), **kw)
 
 
 @pytest.mark.parametrize("direct", [False, True], ids=["wrapper", "torch.ops"])
@@ -152,22 +172,41 @@ BAD_PROJECT = [
 def test_project_grouped_bad_input(device, message, args, direct):
     g = [torch.ones(5, device=device), torch.ones(3, device=device)]
     gs, rows, comps, dims, streams = args(g)
-    fn = torch.ops.rbd_cuda.project_grouped if direct else rbd_cuda.project_grouped
     with pytest.raises((ValueError, RuntimeError), match=message):
-        fn(gs, rows, comps, dims, streams, seed=0)
+        _project_grouped(direct)(gs, rows, comps, dims, streams, seed=0)
 
 
-def test_grouped_no_segments():
-    # (torch.ops with an empty list has no tensor to pick a device from: the wrapper's error)
-    with pytest.raises(ValueError, match="g must hold at least one segment"):
-        rbd_cuda.project_grouped([], [], [], [4], [0], seed=0)
-    with pytest.raises(ValueError, match="out must hold at least one segment"):
-        rbd_cuda.expand_grouped_([], torch.ones(4), [], [], [], [4], [0], seed=0)
+def test_segment_plan_is_checked_once_and_the_tensors_at_every_call():
+    with pytest.raises(ValueError, match="at least one segment"):
+        rbd_cuda.SegmentPlan([], [], [], [4], [0])
+    with pytest.raises(ValueError, match="numels\\[1\\] must be non-negative"):
+        rbd_cuda.SegmentPlan([5, -1], [0, 0], [0, 0], [4], [0])
+    with pytest.raises(ValueError, match="row_offsets\\[0\\] must be in \\[0, 2\\*\\*34 - numels\\[0\\]\\]"):
+        rbd_cuda.SegmentPlan([5], [2**34 - 4], [0], [4], [0])
+    with pytest.raises(TypeError, match="dims\\[0\\] must be an int"):
+        rbd_cuda.SegmentPlan([5], [0], [0], [4.0], [0])
+    plan = rbd_cuda.SegmentPlan([5, 3], [0, 5], [0, 0], [4], [0])
+    assert plan.total == 4 and plan.numels == (5, 3) and plan.select([1]).row_offsets == (5,)
+    with pytest.raises(AttributeError):
+        plan.dims = (5,)  # frozen: what was checked stays what is used
+    g = [torch.ones(5), torch.ones(3)]
+    with pytest.raises(TypeError, match="plan must be a SegmentPlan"):
+        rbd_cuda.project_grouped(g, [0, 5], seed=0)
+    with pytest.raises(ValueError, match="g needs one tensor per segment of the plan \\(2\\), got 1"):
+        rbd_cuda.project_grouped(g[:1], plan, seed=0)
+    with pytest.raises(ValueError, match="g\\[1\\] has 4 entries; the plan's segment 1 has 3"):
+        rbd_cuda.project_grouped([g[0], torch.ones(4)], plan, seed=0)
+    with pytest.raises(ValueError, match="out\\[0\\] has 6 entries"):
+        rbd_cuda.expand_grouped_([torch.ones(6), g[1]], torch.ones(4), [1.0, 1.0], plan, seed=0)
+    with pytest.raises(ValueError, match="step must be in"):
+        rbd_cuda.project_grouped(g, plan, seed=0, step=2**32)
+    with pytest.raises(ValueError, match="seed must fit in 64 bits"):
+        rbd_cuda.project_grouped(g, plan, seed=2**64)
 
 
 @pytest.mark.parametrize("direct", [False, True], ids=["wrapper", "torch.ops"])
 def test_expand_grouped_bad_input(device, direct):
-    fn = torch.ops.rbd_cuda.expand_grouped_ if direct else rbd_cuda.expand_grouped_
+    fn = _expand_grouped_(direct)
     out = [torch.zeros(5, device=device), torch.zeros(3, device=device)]
     c = torch.ones(4, device=device)
     with pytest.raises((ValueError, RuntimeError), match="alphas"):
@@ -203,14 +242,14 @@ def test_compartment_products_are_the_per_segment_loop(device, dist):
     basis = Basis(seed=KW["seed"], step=KW["step"], stream=3, distribution=dist)
     sizes, rows = [300, 10, 4097, 1, 20_011], [0, 300, 310, 4407, 4408]
     g = [random_vector(n, device=device, seed=40 + s) for s, n in enumerate(sizes)]
-    c = project_compartment(basis, 37, g, rows)
+    c = project_compartment(basis, rbd_cuda.SegmentPlan(sizes, rows, [0] * len(sizes), [37], [3]), g)
     want = None
     for piece, r in zip(g, rows, strict=True):
         part = rbd_cuda.project(piece, 37, row_offset=r, **basis.kwargs)
         want = part if want is None else want + part
     assert torch.equal(c, want)
     outs = [t.clone() for t in g]
-    expand_compartment_(basis, outs, rows, c, -0.25)
+    expand_compartment_(basis, rbd_cuda.SegmentPlan(sizes, rows, [0] * len(sizes), [37], [3]), outs, c, -0.25)
     for piece, out, r in zip(g, outs, rows, strict=True):
         ref = piece.clone()
         rbd_cuda.expand_(ref, c, -0.25, row_offset=r, **basis.kwargs)

@@ -57,7 +57,8 @@ def test_the_check_sees_relative_and_absolute_imports():
 
 
 def test_the_top_level_is_the_products_and_the_subpackages():
-    products = {"project", "expand", "expand_", "project_grouped", "expand_grouped_"}
+    # (SegmentPlan: the grouped products' argument, built once per layout)
+    products = {"project", "expand", "expand_", "project_grouped", "expand_grouped_", "SegmentPlan"}
     subpackages = {"backends", "basis", "layout", "nn", "ops", "optim"}
     assert set(rbd_cuda.__all__) == products | subpackages
     public = {name for name in vars(rbd_cuda) if not name.startswith("_")}
@@ -71,7 +72,7 @@ def test_each_name_has_one_home():
     from rbd_cuda import backends, basis, layout, ops, optim
     from rbd_cuda.optim import rbd
 
-    homes = {ops: ["DISTRIBUTIONS", "materialize", "philox4x32"],
+    homes = {ops: ["DISTRIBUTIONS", "materialize", "philox4x32", "SegmentPlan"],
              backends: ["cpu", "cuda", "built_with_cuda", "stream_version"],
              basis: ["NORMALIZATIONS", "ENTRY_VARIANCE"],
              layout: ["Fixed", "Proportional", "Compression", "Compartment", "Segment"]}

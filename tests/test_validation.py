@@ -196,10 +196,13 @@ def test_out_not_contiguous():
         torch.ops.rbd_cuda.materialize_(torch.zeros(40), seed=0)
 
 
+PLAN = rbd_cuda.SegmentPlan([10, 10], [0, 10], [0, 0], [4], [0])
+
+
 def _grouped(which: str, tensor: torch.Tensor):
     if which == "project_grouped":
-        return rbd_cuda.project_grouped([G, tensor], [0, 10], [0, 0], [4], [0], seed=0)
-    return rbd_cuda.expand_grouped_([torch.zeros(10), tensor], C, [1.0, 1.0], [0, 10], [0, 0], [4], [0], seed=0)
+        return rbd_cuda.project_grouped([G, tensor], PLAN, seed=0)
+    return rbd_cuda.expand_grouped_([torch.zeros(10), tensor], C, [1.0, 1.0], PLAN, seed=0)
 
 
 @pytest.mark.filterwarnings("ignore:.*(beta state|deprecated):UserWarning")
@@ -233,7 +236,7 @@ def test_the_in_place_expands_refuse_a_c_that_requires_grad():
     with pytest.raises(ValueError, match="expand_ does not carry a gradient to c"):
         _expand_(out=out, c=c)
     with pytest.raises(ValueError, match="expand_grouped_ does not carry a gradient to c"):
-        rbd_cuda.expand_grouped_([out], c, [1.0], [0], [0], [4], [0], seed=0)
+        rbd_cuda.expand_grouped_([out], c, [1.0], rbd_cuda.SegmentPlan([10], [0], [0], [4], [0]), seed=0)
     assert torch.equal(out, torch.zeros(10))
     with torch.no_grad():  # no gradient is asked for: the update of an optimizer
         _expand_(out=out, c=c)

@@ -23,7 +23,7 @@ from ..basis import (
     expand_compartment_,
     scale,
 )
-from ..layout import Compartment, check_saved, describe, plan
+from ..layout import Compartment, SegmentPlan, check_saved, describe, plan, segment_plan
 
 # Version of the "rbd" entry of state_dict(). Entries without "format" were written by a02b069
 # (whose optimizer kept only steps_taken and a layout check); format 2 is from before weight
@@ -83,6 +83,9 @@ class RandomBasesOptimizer(torch.optim.Optimizer):
         self._group_of = {id(p): k for k, group in enumerate(self.param_groups) for p in group["params"]}
         self._segment_groups = [[self._group_of[id(s.param)] for s in c.segments] for c in self.compartments]
         self.total_numel = sum(p.numel() for p in self._params)
+        # The products' plans of each compartment by stream (segment_plan): validated once, when built.
+        self._plans: dict[tuple[int, int], SegmentPlan] = {(k, c.stream): segment_plan(c)
+                                                           for k, c in enumerate(self.compartments)}
         self.steps_taken = 0
         self._planned = True
 
@@ -141,17 +144,28 @@ class RandomBasesOptimizer(torch.optim.Optimizer):
         """s of ``comp`` (``rbd_cuda.basis.scale``), or √s with ``root``."""
         return scale(self.normalize, self.distribution, comp.dim, comp.numel, self.total_numel, root=root)
 
-    def _expand(self, basis: Basis, coeffs: torch.Tensor, targets: Sequence[tuple[torch.Tensor, int, float]],
-                col_offset: int = 0) -> None:
-        """``out += alpha · P c`` for ``(out, row_offset, alpha)`` targets: one product call per
-        distinct alpha (segments of one compartment in groups with other learning rates)."""
+    def _plan(self, index: int, stream: int, segments: Sequence[int]) -> SegmentPlan:
+        """The plan of compartment ``index``'s segments at indices ``segments`` on ``stream``: built
+        once per stream (distributed training's per-rank streams at their first use); a part of the
+        segments (some without a gradient, or in other param groups) is planned again from it."""
+        full = self._plans.get((index, stream))
+        if full is None:
+            full = self._plans[index, stream] = segment_plan(self.compartments[index], stream)
+        return full if list(segments) == list(range(len(full.numels))) else full.select(segments)
+
+    def _expand(self, index: int, basis: Basis, coeffs: torch.Tensor,
+                targets: Sequence[tuple[torch.Tensor, int, float]], col_offset: int = 0) -> None:
+        """``out += alpha · P c`` on compartment ``index`` for ``(out, segment index, alpha)`` targets:
+        one product call per distinct alpha (segments of one compartment in groups with other
+        learning rates)."""
         by_alpha: dict[float, tuple[list, list]] = {}
-        for out, row_offset, alpha in targets:
-            outs, rows = by_alpha.setdefault(alpha, ([], []))
+        for out, k, alpha in targets:
+            outs, segments = by_alpha.setdefault(alpha, ([], []))
             outs.append(out)
-            rows.append(row_offset)
-        for alpha, (outs, rows) in by_alpha.items():
-            expand_compartment_(basis, outs, rows, coeffs, alpha, col_offset=col_offset)
+            segments.append(k)
+        for alpha, (outs, segments) in by_alpha.items():
+            expand_compartment_(basis, self._plan(index, basis.stream, segments), outs, coeffs, alpha,
+                                col_offset=col_offset)
 
     # ---- introspection and checkpoints ----------------------------------------------------
 

@@ -89,9 +89,7 @@ class NES(RandomBasesOptimizer):
         marks = self._grad_marks(self._params)
         for j, sign in members:
             coeff = torch.full((1,), sign * self.sigma, device=views[0].device)
-            self._expand(basis, coeff, [(view, seg.row_offset, 1.0) for view, seg in zip(views, comp.segments,
-                                                                                          strict=True)],
-                         col_offset=j)
+            self._expand(0, basis, coeff, [(view, k, 1.0) for k, view in enumerate(views)], col_offset=j)
             try:
                 losses.append(float(closure()))
                 if len(losses) == 1 and any(m is not None and m != before for m, before in
@@ -119,7 +117,6 @@ class NES(RandomBasesOptimizer):
         root_s = self.scale(comp, root=True)
         groups = self._segment_groups[0]
         self._decay(self._params, hyper)
-        self._expand(basis, c, [(view, seg.row_offset, hyper[groups[k]]["lr"] * root_s)
-                                for k, (view, seg) in enumerate(zip(views, comp.segments, strict=True))])
+        self._expand(0, basis, c, [(view, k, hyper[groups[k]]["lr"] * root_s) for k, view in enumerate(views)])
         self.steps_taken += 1
         return sum(losses) / n

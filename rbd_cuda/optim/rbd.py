@@ -143,15 +143,16 @@ class RBD(RandomBasesOptimizer):
                                      f"{buf.dtype} {tuple(buf.shape)} on {buf.device}; the parameter is {p.dtype} "
                                      f"{tuple(p.shape)} on {p.device}")
 
-    def _project(self, comp: Compartment, segments: list[int]) -> torch.Tensor | None:
+    def _project(self, index: int, segments: list[int]) -> torch.Tensor | None:
         if not segments:
             return None
-        pieces, rows = [], []
+        comp = self.compartments[index]
+        pieces = []
         for k in segments:
             seg = comp.segments[k]
             pieces.append(seg.param.grad.reshape(-1)[seg.start: seg.start + seg.numel])
-            rows.append(seg.row_offset)
-        return project_compartment(self.basis(comp, self.exchange.stream(comp)), comp.dim, pieces, rows)
+        basis = self.basis(comp, self.exchange.stream(comp))
+        return project_compartment(basis, self._plan(index, basis.stream, segments), pieces)
 
     def _apply(self, index: int, terms: Sequence[Term], hyper: list[dict[str, float]]) -> None:
         """θ ← θ − lr · s · Σₜ Pₜ cₜ on compartment ``index``, terms (cₜ, stream, segment
@@ -174,10 +175,10 @@ class RBD(RandomBasesOptimizer):
                 seg = comp.segments[k]
                 lr, momentum = hyper[groups[k]]["lr"], hyper[groups[k]]["momentum"]
                 if k in buffers:
-                    targets.append((buffers[k], seg.row_offset, (1.0 - momentum) * s))
+                    targets.append((buffers[k], k, (1.0 - momentum) * s))
                 else:
-                    targets.append((seg.view(seg.param), seg.row_offset, -lr * s))
-            self._expand(self.basis(comp, stream), c, targets)
+                    targets.append((seg.view(seg.param), k, -lr * s))
+            self._expand(index, self.basis(comp, stream), c, targets)
         for k, buf in buffers.items():
             seg = comp.segments[k]
             seg.view(seg.param).add_(buf, alpha=-hyper[groups[k]]["lr"])
@@ -212,7 +213,7 @@ class RBD(RandomBasesOptimizer):
         hyper = self.hyperparameters()
         present = self._present()
         self._check_buffers(present)
-        coeffs = [self._project(comp, segments) for comp, segments in zip(self.compartments, present, strict=True)]
+        coeffs = [self._project(index, segments) for index, segments in enumerate(present)]
         terms = self.exchange.combine(self.compartments, coeffs, present, self.steps_taken)
         if self.track_diagnostics:
             self.diagnostics = [self._diagnose(comp, c, segments) for comp, c, segments
