@@ -1,5 +1,5 @@
-"""Sharded parameters on 2 gloo ranks: FSDP2 (fully_shard), tensor parallelism (DTensor) and
-FSDP1 (FullyShardedDataParallel).
+"""Sharded parameters on 2 gloo ranks: FSDP2 (fully_shard), tensor parallelism (DTensor), ZeRO
+(ZeroRedundancyOptimizer) and FSDP1 (FullyShardedDataParallel).
 
 An update in a random basis is right over sharded parameters only if each rank projects its shard
 on the rows of P at the shard's global positions and the coefficients are summed across ranks
@@ -11,13 +11,15 @@ wrapper (its c) with fully_shard, is checked against one process.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from test_distributed import batch, launch, local, mlp
 
-from rbd_cuda.distributed import DistributedRBD
+from rbd_cuda.distributed import DistributedFPD, DistributedRBD
 from rbd_cuda.nn import RandomSubspace
 from rbd_cuda.optim import FPD, NES, RBD
 
@@ -34,6 +36,7 @@ def _has(module: str, name: str) -> bool:
 
 HAS_FSDP2 = _has("torch.distributed.fsdp", "fully_shard")
 HAS_TP = _has("torch.distributed.tensor.parallel", "parallelize_module")
+HAS_ZERO = _has("torch.distributed.optim", "ZeroRedundancyOptimizer")
 HAS_FSDP1 = _has("torch.distributed.fsdp", "FullyShardedDataParallel")
 SUBSPACE_STEPS = 3
 
@@ -97,6 +100,26 @@ def tensor_parallel_cases(rank, world):
             "replicated": refusal(lambda: RBD(replicated.named_parameters(), lr=0.1, dim=4))}
 
 
+def zero_cases(rank, world):
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    def zero(params, optimizer_class, **kw):
+        return lambda: ZeroRedundancyOptimizer(params, optimizer_class=optimizer_class, **kw)
+
+    out = {"keywords": refusal(zero(mlp().parameters(), RBD, lr=0.1, dim=4, seed=1)),
+           # dim passed with the class, as one does after the keyword is refused as a group key
+           "partial": refusal(zero(mlp().parameters(), functools.partial(RBD, dim=4, seed=1), lr=0.1)),
+           "NES": refusal(zero(mlp().parameters(), functools.partial(NES, population=4), lr=0.1))}
+    # Two tensors of one shape: each rank's partition is one of them, so the ranks' DistributedFPD
+    # configurations agree and its broadcast would copy rank 0's tensor into rank 1's other one.
+    torch.manual_seed(0)
+    twins = torch.nn.Sequential(torch.nn.Linear(6, 6, bias=False), torch.nn.Linear(6, 6, bias=False))
+    before = [p.detach().clone() for p in twins.parameters()]
+    out["distributed"] = refusal(zero(twins.parameters(), functools.partial(DistributedFPD, dim=4), lr=0.1))
+    out["twins unchanged"] = all(torch.equal(a, p) for a, p in zip(before, twins.parameters(), strict=True))
+    return out
+
+
 def fsdp1_cases(rank, world):
     from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
 
@@ -116,7 +139,7 @@ def cases(rank, world):
     warnings.filterwarnings("ignore", category=FutureWarning)  # FSDP1's deprecation
     out = {}
     for name, available, run in [("fsdp2", HAS_FSDP2, fsdp2_cases), ("tp", HAS_TP, tensor_parallel_cases),
-                                 ("fsdp1", HAS_FSDP1, fsdp1_cases)]:
+                                 ("zero", HAS_ZERO, zero_cases), ("fsdp1", HAS_FSDP1, fsdp1_cases)]:
         if available:
             out[name] = run(rank, world)
     return out
@@ -155,6 +178,16 @@ def test_tensor_parallel_and_replicated_dtensors_are_refused(results):
     for res in results:
         assert "ValueError: rbd_cuda: parameter 0.weight is a DTensor with placements (Shard(dim=0),)" in str(res["tp"]["sharded"])
         assert "ValueError: rbd_cuda: parameter 2.weight is a DTensor with placements (Replicate(),)" in str(res["tp"]["replicated"])
+
+
+@pytest.mark.skipif(not HAS_ZERO, reason="this torch has no torch.distributed.optim.ZeroRedundancyOptimizer")
+def test_zero_redundancy_optimizer_cannot_build_the_optimizers(results):
+    for res in results:
+        found = res["zero"]
+        for name, cls in (("keywords", "RBD"), ("partial", "RBD"), ("NES", "NES"), ("distributed", "DistributedFPD")):
+            assert f"ValueError: rbd_cuda: {cls} cannot be the optimizer_class of a ZeroRedundancyOptimizer" in str(found[name]), name
+        assert "DistributedDataParallel" in str(found["partial"])
+        assert found["twins unchanged"]
 
 
 @pytest.mark.skipif(not HAS_FSDP1, reason="this torch has no FullyShardedDataParallel (FSDP1)")
