@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import operator
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -146,6 +147,31 @@ def layer_of(name: str) -> str:
     return split_name(name)[0]
 
 
+def check_whole(name: str, p: torch.Tensor) -> None:
+    """Refuse a parameter of which this process holds only a shard or a replica on a device mesh.
+
+    A segment addresses rows of P by its entries' positions in the whole parameter, and a
+    compartment's coefficients sum over all of its entries; a rank holding a shard would project
+    it on the rows of the shard's own positions and never sum the coefficients across ranks,
+    training another model without an error (docs/distributed.md, "Sharded parameters").
+    """
+    # A DTensor exists only once its module is imported: looking it up costs no import.
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    if dtensor is not None and isinstance(p, dtensor):
+        raise ValueError(f"rbd_cuda: parameter {name} is a DTensor with placements {tuple(p.placements)} (FSDP2's "
+                         "fully_shard, tensor parallelism); the random-bases updates take whole parameters as plain "
+                         "tensors (a shard would need the rows of P at its global positions and its coefficients "
+                         "summed across ranks). Train under DistributedDataParallel (or with "
+                         "rbd_cuda.distributed.DistributedRBD), or shard a RandomSubspace wrapper instead of its "
+                         "module: fully_shard(RandomSubspace(module))")
+    # FSDP1 marks its FlatParameters and the original parameters it made views of (use_orig_params).
+    if getattr(p, "_fsdp_flattened", False):
+        raise ValueError(f"rbd_cuda: parameter {name} is flattened by FullyShardedDataParallel (FSDP1), which "
+                         "hands each rank a shard of a flat parameter (or views of it): the random-bases "
+                         "updates need whole parameters. Train under DistributedDataParallel (what NO_SHARD "
+                         "is) or with rbd_cuda.distributed.DistributedRBD")
+
+
 def plan(named_params: Sequence[tuple[str, torch.Tensor]], mode, dim) -> list[Compartment]:
     """Compartments for ``named_params`` (in order) under ``mode``:
 
@@ -155,7 +181,11 @@ def plan(named_params: Sequence[tuple[str, torch.Tensor]], mode, dim) -> list[Co
     - an int ``w``: pack parameters in order into compartments of at most ``w`` entries,
       splitting a tensor larger than ``w`` into pieces;
     - a list of lists of parameters: exactly those compartments (each parameter once).
+
+    Every parameter must be whole on this process (``check_whole``).
     """
+    for name, p in named_params:
+        check_whole(name, p)
     rule = as_dim_rule(dim)
     params = [p for _, p in named_params]
     name_of = {id(p): name for name, p in named_params}

@@ -8,6 +8,7 @@ the trajectory and is checked on load.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -40,6 +41,17 @@ EAGER_STEP = ("rbd_cuda: the optimizers' step runs eagerly, since a traced step 
 TORCH_GROUP_KEYS = ("params", "param_names")
 
 
+def _built_by_zero() -> bool:
+    """Whether a ``ZeroRedundancyOptimizer`` is building this optimizer: its
+    ``_init_local_optimizer`` is on the call stack (nothing it passes says so)."""
+    zero = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
+    init = getattr(getattr(zero, "ZeroRedundancyOptimizer", None), "_init_local_optimizer", None)
+    frame = sys._getframe(1) if init is not None else None
+    while frame is not None and frame.f_code is not init.__code__:
+        frame = frame.f_back
+    return frame is not None
+
+
 class RandomBasesOptimizer(torch.optim.Optimizer):
     """Base of RBD, FPD and NES: ``params`` are planned into compartments once, at construction.
 
@@ -54,6 +66,16 @@ class RandomBasesOptimizer(torch.optim.Optimizer):
     redraw = True
 
     def __init__(self, params, defaults: dict, dim, *, compartments, distribution: str, normalize: str, seed):
+        if _built_by_zero():
+            # ZeRO builds one optimizer per rank over that rank's partition of the parameters: other
+            # compartments than the model's on every rank (a "global" one per partition, each on
+            # stream 0), stepped without an error.
+            name = type(self).__name__
+            raise ValueError(f"rbd_cuda: {name} cannot be the optimizer_class of a ZeroRedundancyOptimizer, "
+                             "which builds it on each rank over that rank's partition of the parameters, so "
+                             "that its compartments and bases are not the model's (its only state is momentum). "
+                             f"Build {name} over all the parameters on every rank instead (RBD and FPD under "
+                             "DistributedDataParallel, or rbd_cuda.distributed.DistributedRBD)")
         self.seed = check_seed(seed)  # a plain int, so state dicts load with weights_only=True
         self.distribution = check_distribution(distribution)
         self.normalize = check_normalize(normalize)
