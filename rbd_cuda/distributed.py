@@ -25,9 +25,7 @@ needs W·K ≤ 2³². The hook uses stream = bucket index with its own seed and 
 """
 
 import datetime
-import hashlib
 import os
-from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -45,6 +43,7 @@ from .basis import (
 )
 from .layout import Compression, Fixed, as_dim_rule, check_saved, compartment_plan
 from .optim import FPD, RBD, Exchange
+from .optim.ranks import agree, collective_device, fingerprint, run_collective
 
 SCHEMES = ("shared", "independent")
 REDUCTIONS = ("mean", "sum")
@@ -67,17 +66,6 @@ def init_process_group(backend: str | None = None, *, timeout_s: float = 120.0, 
         torch.cuda.set_device(device)
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
     return device
-
-
-def _run(what: str, group, fn: Callable[[], object]):
-    """Run a collective; a peer that raised, exited or timed out becomes an error saying which
-    collective of which rank failed (the backend's own message is kept as the cause)."""
-    try:
-        return fn()
-    except RuntimeError as error:  # DistBackendError, DistNetworkError and gloo's errors
-        raise RuntimeError(f"rbd_cuda: {what} failed on rank {dist.get_rank(group)} of "
-                           f"{dist.get_world_size(group)}: another rank raised, exited or timed out "
-                           f"({type(error).__name__}: {error})") from error
 
 
 def _ring_sent(kind: str, nbytes: int, world: int) -> float:
@@ -120,37 +108,7 @@ class CommStats:
         return asdict(self)
 
 
-def fingerprint(tensors: Iterable[torch.Tensor]) -> int:
-    """A 64-bit hash of the exact bits of ``tensors`` (in order): equal iff equal, in practice."""
-    h = hashlib.blake2b(digest_size=8)
-    for t in tensors:
-        h.update(t.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes())
-    return int.from_bytes(h.digest(), "little", signed=True)
-
-
-def _hash(value) -> int:
-    """A 64-bit hash of a plain value (ints, floats, strings and lists of them) by its repr."""
-    return int.from_bytes(hashlib.blake2b(repr(value).encode(), digest_size=8).digest(), "little", signed=True)
-
-
 DIVERGED = "the ranks have diverged"
-
-
-def _agree(fields: dict[str, object], group, what: str, device: torch.device, error: type = ValueError,
-           hint: str = "every rank must build it with the same arguments and parameters") -> int:
-    """Raise on every rank, naming the first field whose value differs across the ranks of
-    ``group``. One all-gather of a 64-bit hash per field; every rank sees every hash, so all ranks
-    raise the same error (none is left waiting in a later collective). Returns the bytes sent."""
-    mine = torch.tensor([_hash(v) for v in fields.values()], dtype=torch.int64, device=device)
-    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    _run(what, group, lambda: dist.all_gather(gathered, mine, group=group))
-    rows = [row.tolist() for row in gathered]
-    for k, name in enumerate(fields):
-        differ = [r for r, row in enumerate(rows) if row[k] != rows[0][k]]
-        if differ:
-            raise error(f"rbd_cuda: {what}: ranks disagree on {name}: rank(s) {differ} differ from rank 0 "
-                        f"(this is rank {dist.get_rank(group)}, with {fields[name]!r}); {hint}")
-    return mine.numel() * 8
 
 
 def _agree_on_load(fields: dict[str, object], problem: Exception | None, group, what: str,
@@ -162,7 +120,7 @@ def _agree_on_load(fields: dict[str, object], problem: Exception | None, group, 
     fields = {"whether the state_dict is valid": problem is None,
               **{name: value if problem is None else None for name, value in fields.items()}}
     try:
-        sent = _agree(fields, group, what, device, hint="every rank must load the same state_dict")
+        sent = agree(fields, group, what, device, hint="every rank must load the same state_dict")
     except ValueError as error:
         raise error from problem
     if problem is not None:
@@ -213,12 +171,12 @@ class Collective(Exchange):
         self._buffer_numel = offset
         fields = {**optimizer.config(), "steps_taken": optimizer.steps_taken,
                   "param groups' values": optimizer.hyperparameters()}
-        self.comm.setup_bytes += _agree(fields, self.group, "the configuration check", self.device)
+        self.comm.setup_bytes += agree(fields, self.group, "the configuration check", self.device)
         if self.broadcast:
             src = dist.get_global_rank(self.group, 0) if self.group else 0
             for p in params:
-                _run("the broadcast of the initial parameters", self.group,
-                     lambda p=p: dist.broadcast(p.data, src=src, group=self.group))
+                run_collective("the broadcast of the initial parameters", self.group,
+                               lambda p=p: dist.broadcast(p.data, src=src, group=self.group))
                 self.comm.setup_bytes += p.numel() * p.element_size()
 
     def stream(self, comp) -> int:
@@ -239,13 +197,14 @@ class Collective(Exchange):
         nbytes = local.numel() * local.element_size()
         what = f"the {{}} of step {step}'s coefficients"
         if self.scheme == "shared":
-            _run(what.format("all-reduce"), self.group,
-                 lambda: dist.all_reduce(local, op=dist.ReduceOp.SUM, group=self.group))
+            run_collective(what.format("all-reduce"), self.group,
+                           lambda: dist.all_reduce(local, op=dist.ReduceOp.SUM, group=self.group))
             rows = [local]
             self.comm.add("all_reduce", nbytes, self.world_size)
         else:
             rows = [torch.empty_like(local) for _ in range(self.world_size)]
-            _run(what.format("all-gather"), self.group, lambda: dist.all_gather(rows, local, group=self.group))
+            run_collective(what.format("all-gather"), self.group,
+                           lambda: dist.all_gather(rows, local, group=self.group))
             self.comm.add("all_gather", nbytes, self.world_size)
         weight = 1.0 / self.world_size if self.reduction == "mean" else 1.0
         terms = []
@@ -286,8 +245,8 @@ class Collective(Exchange):
         # The causes first: a differing lr is named as such, not as the parameters it moved.
         fields = {"param groups' values": optimizer.hyperparameters(), "steps_taken": optimizer.steps_taken,
                   "parameters": fingerprint(params)}
-        self.comm.setup_bytes += _agree(fields, self.group, "the consistency check", self.device, RuntimeError,
-                                        DIVERGED)
+        self.comm.setup_bytes += agree(fields, self.group, "the consistency check", self.device, RuntimeError,
+                                       DIVERGED)
 
 
 class DistributedRBD(RBD):
@@ -427,10 +386,8 @@ class RandomBasesHook:
             self.step = step
             return
         group = self.group if self.group is not None else dist.group.WORLD
-        device = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl"
-                  else torch.device("cpu"))
         self.stats.setup_bytes += _agree_on_load({"step": step}, problem, group, "the load of the hook's state",
-                                                 device)
+                                                 collective_device(group))
         self.step = step
 
 
@@ -447,8 +404,8 @@ def random_bases_hook(state: RandomBasesHook, bucket: dist.GradBucket) -> torch.
     group = state.group if state.group is not None else dist.group.WORLD
     world = dist.get_world_size(group)
     if not state.checked:  # every rank's first call is for the same bucket, so all of them gather here
-        state.stats.setup_bytes += _agree({**state.config(), "step": step}, group, "the hook's configuration check",
-                                         grad.device)
+        state.stats.setup_bytes += agree({**state.config(), "step": step}, group, "the hook's configuration check",
+                                        grad.device)
         state.checked = True
     state.stats.dense_bytes += numel * grad.element_size()
     dim = state.dim_for(numel)
@@ -488,5 +445,5 @@ def random_bases_hook(state: RandomBasesHook, bucket: dist.GradBucket) -> torch.
     return fut.then(expand_back)
 
 
-__all__ = ["Collective", "CommStats", "DistributedFPD", "DistributedRBD", "RandomBasesHook", "fingerprint",
-           "init_process_group", "random_bases_hook"]
+__all__ = ["Collective", "CommStats", "DistributedFPD", "DistributedRBD", "RandomBasesHook", "init_process_group",
+           "random_bases_hook"]

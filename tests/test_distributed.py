@@ -27,10 +27,10 @@ from rbd_cuda.distributed import (
     DistributedFPD,
     DistributedRBD,
     RandomBasesHook,
-    fingerprint,
     random_bases_hook,
 )
 from rbd_cuda.optim import RBD
+from rbd_cuda.optim.ranks import fingerprint
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")

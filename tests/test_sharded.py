@@ -187,6 +187,7 @@ def test_zero_redundancy_optimizer_cannot_build_the_optimizers(results):
         for name, cls in (("keywords", "RBD"), ("partial", "RBD"), ("NES", "NES"), ("distributed", "DistributedFPD")):
             assert f"ValueError: rbd_cuda: {cls} cannot be the optimizer_class of a ZeroRedundancyOptimizer" in str(found[name]), name
         assert "DistributedDataParallel" in str(found["partial"])
+        assert "NES over all the parameters on every rank instead (it averages its population's losses" in str(found["NES"])
         assert found["twins unchanged"]
 
 

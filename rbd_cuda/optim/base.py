@@ -63,6 +63,9 @@ class RandomBasesOptimizer(torch.optim.Optimizer):
     HYPERPARAMETERS: ClassVar[dict[str, tuple[float, float, bool]]] = {"lr": (0.0, float("inf"), False)}
     # names of the per-parameter state entries (self.state[p]) a step keeps
     STATE_KEYS: ClassVar[tuple[str, ...]] = ()
+    # how the optimizer trains on several ranks, named when a ZeroRedundancyOptimizer is refused
+    DATA_PARALLEL: ClassVar[str] = ("RBD and FPD under DistributedDataParallel, or "
+                                    "rbd_cuda.distributed.DistributedRBD")
     redraw = True
 
     def __init__(self, params, defaults: dict, dim, *, compartments, distribution: str, normalize: str, seed):
@@ -73,9 +76,9 @@ class RandomBasesOptimizer(torch.optim.Optimizer):
             name = type(self).__name__
             raise ValueError(f"rbd_cuda: {name} cannot be the optimizer_class of a ZeroRedundancyOptimizer, "
                              "which builds it on each rank over that rank's partition of the parameters, so "
-                             "that its compartments and bases are not the model's (its only state is momentum). "
-                             f"Build {name} over all the parameters on every rank instead (RBD and FPD under "
-                             "DistributedDataParallel, or rbd_cuda.distributed.DistributedRBD)")
+                             "that its compartments and bases are not the model's (and there is little state to "
+                             "shard: momentum at most). "
+                             f"Build {name} over all the parameters on every rank instead ({self.DATA_PARALLEL})")
         self.seed = check_seed(seed)  # a plain int, so state dicts load with weights_only=True
         self.distribution = check_distribution(distribution)
         self.normalize = check_normalize(normalize)

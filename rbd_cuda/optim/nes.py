@@ -8,9 +8,11 @@ from collections.abc import Callable
 from typing import ClassVar
 
 import torch
+import torch.distributed as dist
 
 from ..basis import check_finite
 from .base import EAGER_STEP, RandomBasesOptimizer
+from .ranks import agree, collective_device, fingerprint, run_collective
 
 
 class NES(RandomBasesOptimizer):
@@ -40,13 +42,30 @@ class NES(RandomBasesOptimizer):
     ``weight_decay`` (per param group, as ``lr``): the update first multiplies the parameters
     by 1 − lr · weight_decay (decoupled, as in ``RBD``), after the population is evaluated.
     ``step`` runs eagerly under ``torch.compile`` (excluded from tracing, as ``RBD.step``).
+
+    On several ranks (torchrun, with or without DDP, whose forward under ``no_grad`` synchronises
+    nothing) each step averages the population's losses across the ranks of ``process_group``
+    (one all-reduce of ``population`` floats) before it ranks them: every member is judged on the
+    union of the ranks' batches, every rank takes the same update, and the ranks stay identical;
+    ``step`` returns the mean over the ranks. ``process_group=None`` (default) is the default
+    group when torch.distributed is initialized (looked up at each step), else this process
+    alone; a one-rank group (``dist.new_subgroups(group_size=1)[0]``) trains each rank on its
+    own. Before its first averaged step, and the first after ``load_state_dict``, the ranks check
+    (one all-gather of hashes) that they agree on ``config()``, the step count, the groups'
+    values and the parameters, and raise a ``ValueError`` on every rank naming the first that
+    differs; a non-finite loss on any rank is refused on every rank. The group is not in the
+    state dict: the world size decides which losses are averaged, not the bases, as the batch
+    size does, so a checkpoint resumes on any number of ranks (as ``DistributedRBD``'s does).
     """
 
     HYPERPARAMETERS: ClassVar[dict[str, tuple[float, float, bool]]] = {
         "lr": (0.0, float("inf"), False), "weight_decay": (0.0, float("inf"), False)}
+    DATA_PARALLEL: ClassVar[str] = ("it averages its population's losses across the ranks of its process_group, "
+                                    "by default every rank")
 
     def __init__(self, params, lr: float, population: int, sigma: float = 0.01, *, antithetic: bool = False,
-                 weight_decay: float = 0.0, distribution: str = "normal", normalize: str = "paper", seed: int = 0):
+                 weight_decay: float = 0.0, distribution: str = "normal", normalize: str = "paper", seed: int = 0,
+                 process_group=None):
         try:
             if isinstance(population, bool):
                 raise TypeError
@@ -60,10 +79,16 @@ class NES(RandomBasesOptimizer):
         sigma = check_finite("sigma", sigma)
         if sigma == 0:
             raise ValueError("rbd_cuda: sigma must be positive, got 0.0")
+        if process_group is not None and dist.get_rank(process_group) < 0:
+            # torch's collectives return at once on a rank outside their group: it would train alone.
+            raise ValueError(f"rbd_cuda: this rank ({dist.get_rank()}) is not in the process_group NES was given; "
+                             "pass a group that holds it, or None for the default group")
         directions = population // 2 if antithetic else population
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay}, directions, compartments="global", distribution=distribution,
                          normalize=normalize, seed=seed)
         self.population, self.sigma, self.antithetic = population, sigma, bool(antithetic)
+        self.process_group = process_group
+        self._agreed = None  # the group whose ranks last agreed on the configuration (_agree)
 
     def config(self) -> dict:
         return {**super().config(), "population": self.population, "sigma": self.sigma,
@@ -73,6 +98,37 @@ class NES(RandomBasesOptimizer):
     def _grad_marks(params) -> list:
         return [None if p.grad is None else (id(p.grad), p.grad._version) for p in params]
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._agreed = None  # the ranks may have loaded different state dicts
+
+    def _group(self):
+        """The process group whose ranks' losses the next step averages; None for this process alone
+        (no process group, or a group of one rank)."""
+        group = self.process_group
+        if group is None:
+            if not (dist.is_available() and dist.is_initialized()):
+                return None
+            group = dist.group.WORLD
+        return group if dist.get_world_size(group) > 1 else None
+
+    def _agree(self, group, hyper: list[dict[str, float]]) -> None:
+        """Raise on every rank of ``group`` unless they agree on all that decides the trajectory."""
+        fields = {**self.config(), "steps_taken": self.steps_taken, "param groups' values": hyper,
+                  "parameters": fingerprint(self._params)}  # the causes first, then what they moved
+        agree(fields, group, "NES's agreement check", collective_device(group),
+              hint="every rank must build NES with the same arguments over the same parameters and step it "
+                   "from the same state_dict (seed the model's initialisation, or wrap the model in "
+                   "DistributedDataParallel, which broadcasts rank 0's); a one-rank process_group trains "
+                   "each rank on its own")
+        self._agreed = group
+
+    def _mean_over_ranks(self, losses: list[float], group) -> list[float]:
+        total = torch.tensor(losses, dtype=torch.float64, device=collective_device(group))
+        run_collective(f"the all-reduce of NES step {self.steps_taken}'s losses", group,
+                       lambda: dist.all_reduce(total, group=group))
+        return (total / dist.get_world_size(group)).tolist()
+
     @torch.compiler.disable(reason=EAGER_STEP)
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
@@ -80,6 +136,9 @@ class NES(RandomBasesOptimizer):
             raise ValueError("rbd_cuda: NES.step needs a closure that returns the loss (step(closure)); "
                              "under Lightning use manual optimization (docs/optimizers.md)")
         hyper = self.hyperparameters()
+        group = self._group()
+        if group is not None and group is not self._agreed:
+            self._agree(group, hyper)
         comp = self.compartments[0]
         basis = self.basis(comp)
         views = [seg.view(seg.param) for seg in comp.segments]
@@ -102,10 +161,18 @@ class NES(RandomBasesOptimizer):
             finally:  # exact restore (no drift from adding and subtracting), whatever the closure did
                 for view, original in zip(views, saved, strict=True):
                     view.copy_(original)
+        mine = losses
+        if group is not None:  # before the finiteness check, so that every rank refuses a non-finite loss
+            losses = self._mean_over_ranks(losses, group)
         bad = [i for i, value in enumerate(losses) if not math.isfinite(value)]
         if bad:
+            i = bad[0]
+            if math.isfinite(mine[i]):
+                raise ValueError(f"rbd_cuda: NES step {self.steps_taken}: the closure returned a non-finite loss "
+                                 f"for population member {i} on another rank; the parameters are unchanged")
             raise ValueError(f"rbd_cuda: NES step {self.steps_taken}: the closure returned a non-finite loss "
-                             f"({losses[bad[0]]}) for population member {bad[0]}; the parameters are unchanged")
+                             f"({mine[i]}) for population member {i}{'' if group is None else ' on this rank'}; "
+                             "the parameters are unchanged")
         n = len(members)
         order = sorted(range(n), key=lambda i: -losses[i])  # rank 0 = highest loss
         shaped = [0.0] * n
