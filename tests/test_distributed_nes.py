@@ -64,11 +64,11 @@ def cases(rank, world):
 
     own, _ = dist.new_subgroups(group_size=1)
     model = mlp()
-    train(model, NES(model.parameters(), process_group=own, **KW), mine)
+    train(model, NES(model.parameters(), group=own, **KW), mine)
     out["own"] = flat(model)
     first = dist.new_group([0])  # rank 1 is not in it
     try:
-        NES(mlp().parameters(), process_group=first, **KW)
+        NES(mlp().parameters(), group=first, **KW)
         out["not a member"] = None
     except ValueError as error:
         out["not a member"] = str(error)
@@ -138,7 +138,7 @@ def test_a_one_rank_group_trains_each_rank_on_its_own(results):
         torch.testing.assert_close(res["own"], expected, rtol=1e-6, atol=1e-7)
     assert not torch.allclose(results[0]["own"], results[1]["own"])  # by choice, as before
     assert results[0]["not a member"] is None
-    assert "this rank (1) is not in the process_group" in results[1]["not a member"]
+    assert "this rank (1) is not in the group" in results[1]["not a member"]
 
 
 @pytest.mark.parametrize(("case", "field"), [("seed", "seed"), ("lr", "param groups' values"),

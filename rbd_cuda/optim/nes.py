@@ -44,10 +44,10 @@ class NES(RandomBasesOptimizer):
     ``step`` runs eagerly under ``torch.compile`` (excluded from tracing, as ``RBD.step``).
 
     On several ranks (torchrun, with or without DDP, whose forward under ``no_grad`` synchronises
-    nothing) each step averages the population's losses across the ranks of ``process_group``
+    nothing) each step averages the population's losses across the ranks of ``group``
     (one all-reduce of ``population`` floats) before it ranks them: every member is judged on the
     union of the ranks' batches, every rank takes the same update, and the ranks stay identical;
-    ``step`` returns the mean over the ranks. ``process_group=None`` (default) is the default
+    ``step`` returns the mean over the ranks. ``group=None`` (default) is the default
     group when torch.distributed is initialized (looked up at each step), else this process
     alone; a one-rank group (``dist.new_subgroups(group_size=1)[0]``) trains each rank on its
     own. Before its first averaged step, and the first after ``load_state_dict``, the ranks check
@@ -60,12 +60,12 @@ class NES(RandomBasesOptimizer):
 
     HYPERPARAMETERS: ClassVar[dict[str, tuple[float, float, bool]]] = {
         "lr": (0.0, float("inf"), False), "weight_decay": (0.0, float("inf"), False)}
-    DATA_PARALLEL: ClassVar[str] = ("it averages its population's losses across the ranks of its process_group, "
+    DATA_PARALLEL: ClassVar[str] = ("it averages its population's losses across the ranks of its group, "
                                     "by default every rank")
 
     def __init__(self, params, lr: float, population: int, sigma: float = 0.01, *, antithetic: bool = False,
                  weight_decay: float = 0.0, distribution: str = "normal", normalize: str = "paper", seed: int = 0,
-                 process_group=None):
+                 group=None):
         try:
             if isinstance(population, bool):
                 raise TypeError
@@ -79,15 +79,15 @@ class NES(RandomBasesOptimizer):
         sigma = check_finite("sigma", sigma)
         if sigma == 0:
             raise ValueError("rbd_cuda: sigma must be positive, got 0.0")
-        if process_group is not None and dist.get_rank(process_group) < 0:
+        if group is not None and dist.get_rank(group) < 0:
             # torch's collectives return at once on a rank outside their group: it would train alone.
-            raise ValueError(f"rbd_cuda: this rank ({dist.get_rank()}) is not in the process_group NES was given; "
+            raise ValueError(f"rbd_cuda: this rank ({dist.get_rank()}) is not in the group NES was given; "
                              "pass a group that holds it, or None for the default group")
         directions = population // 2 if antithetic else population
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay}, directions, compartments="global", distribution=distribution,
                          normalize=normalize, seed=seed)
         self.population, self.sigma, self.antithetic = population, sigma, bool(antithetic)
-        self.process_group = process_group
+        self.group = group
         self._agreed = None  # the group whose ranks last agreed on the configuration (_agree)
 
     def config(self) -> dict:
@@ -105,7 +105,7 @@ class NES(RandomBasesOptimizer):
     def _group(self):
         """The process group whose ranks' losses the next step averages; None for this process alone
         (no process group, or a group of one rank)."""
-        group = self.process_group
+        group = self.group
         if group is None:
             if not (dist.is_available() and dist.is_initialized()):
                 return None
@@ -119,7 +119,7 @@ class NES(RandomBasesOptimizer):
         agree(fields, group, "NES's agreement check", collective_device(group),
               hint="every rank must build NES with the same arguments over the same parameters and step it "
                    "from the same state_dict (seed the model's initialisation, or wrap the model in "
-                   "DistributedDataParallel, which broadcasts rank 0's); a one-rank process_group trains "
+                   "DistributedDataParallel, which broadcasts rank 0's); a one-rank group trains "
                    "each rank on its own")
         self._agreed = group
 
