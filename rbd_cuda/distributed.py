@@ -213,7 +213,7 @@ class Collective(Exchange):
                       "state tensors": fingerprint(state[key][field] for key in sorted(state)
                                                    for field in sorted(state[key]))}
         self.comm.setup_bytes += agree_on_load(fields, problem, self.group, "the load of the state_dict",
-                                                self.device)
+                                               self.device)
 
     def after_step(self, optimizer) -> None:
         self.comm.steps += 1
@@ -362,7 +362,7 @@ class RandomBasesHook:
             return
         group = self.group if self.group is not None else dist.group.WORLD
         self.stats.setup_bytes += agree_on_load({"step": step}, problem, group, "the load of the hook's state",
-                                                 collective_device(group))
+                                                collective_device(group))
         self.step = step
 
 

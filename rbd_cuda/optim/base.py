@@ -66,7 +66,9 @@ class RandomBasesOptimizer(torch.optim.Optimizer):
     """Base of RBD, FPD and NES: ``params`` are planned into compartments once, at construction.
 
     Subclasses set ``HYPERPARAMETERS`` (each group's values, validated at construction and at
-    every step) and ``redraw`` (a new basis per step, or one for the run), and write ``step``.
+    every step) and ``redraw`` (a new basis per step, or one for the run), and write ``step``;
+    ``shards=True`` from a subclass whose step sums its coefficients across the mesh of FSDP2's
+    row shards (``self.mesh``) lets it be built over them.
     """
 
     # name -> (low, high, high excluded) of each param-group hyperparameter
