@@ -43,7 +43,7 @@ from .basis import (
 )
 from .layout import Compression, Fixed, as_dim_rule, check_saved, compartment_plan
 from .optim import FPD, RBD, Exchange
-from .optim.ranks import agree, collective_device, fingerprint, run_collective
+from .optim.ranks import agree, agree_on_load, collective_device, fingerprint, run_collective
 
 SCHEMES = ("shared", "independent")
 REDUCTIONS = ("mean", "sum")
@@ -109,23 +109,6 @@ class CommStats:
 
 
 DIVERGED = "the ranks have diverged"
-
-
-def _agree_on_load(fields: dict[str, object], problem: Exception | None, group, what: str,
-                   device: torch.device) -> int:
-    """The agreement of a distributed ``load_state_dict``, in one collective: every rank checked
-    its state dict (``problem``: why it is refused, or None) and the ranks must agree on that and
-    on ``fields`` (what was loaded), else every rank raises; a state dict refused on every rank
-    raises each rank's own reason. Returns the bytes sent."""
-    fields = {"whether the state_dict is valid": problem is None,
-              **{name: value if problem is None else None for name, value in fields.items()}}
-    try:
-        sent = agree(fields, group, what, device, hint="every rank must load the same state_dict")
-    except ValueError as error:
-        raise error from problem
-    if problem is not None:
-        raise problem
-    return sent
 
 
 class Collective(Exchange):
@@ -229,8 +212,8 @@ class Collective(Exchange):
                                                for group in state_dict["param_groups"]],
                       "state tensors": fingerprint(state[key][field] for key in sorted(state)
                                                    for field in sorted(state[key]))}
-        self.comm.setup_bytes += _agree_on_load(fields, problem, self.group, "the load of the state_dict",
-                                                self.device)
+        self.comm.setup_bytes += agree_on_load(fields, problem, self.group, "the load of the state_dict",
+                                               self.device)
 
     def after_step(self, optimizer) -> None:
         self.comm.steps += 1
@@ -292,14 +275,6 @@ class DistributedRBD(RBD):
     def check_consistency(self) -> None:
         """Raise on every rank if the parameters (or the groups' values, step count) differ across ranks."""
         self.exchange.check_consistency(self)
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        try:
-            checked, problem = self.check_state_dict(state_dict), None
-        except (ValueError, TypeError) as error:  # raised on every rank after the agreement
-            checked, problem = None, error
-        self.exchange.agree_on_load(self, checked, problem)
-        self._load_checked(checked)
 
 
 class DistributedFPD(DistributedRBD, FPD):
@@ -386,8 +361,8 @@ class RandomBasesHook:
             self.step = step
             return
         group = self.group if self.group is not None else dist.group.WORLD
-        self.stats.setup_bytes += _agree_on_load({"step": step}, problem, group, "the load of the hook's state",
-                                                 collective_device(group))
+        self.stats.setup_bytes += agree_on_load({"step": step}, problem, group, "the load of the hook's state",
+                                                collective_device(group))
         self.step = step
 
 

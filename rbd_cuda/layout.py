@@ -22,17 +22,24 @@ from .ops import SegmentPlan
 @dataclass(frozen=True)
 class Segment:
     """``param.view(-1)[start : start + numel]`` at rows ``row_offset ...`` of its compartment;
-    ``name`` is the parameter's name."""
+    ``name`` is the parameter's name. A ``sharded`` segment is a piece of this rank's shard of a
+    DTensor parameter (``local_pieces``): ``start`` counts in the shard."""
 
     param: torch.Tensor
     start: int
     numel: int
     row_offset: int
     name: str = ""
+    sharded: bool = False
+
+    def local(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The tensor ``start`` indexes: ``tensor`` (the parameter, its grad or a state buffer), or
+        this rank's shard of it (the optimizers step under no_grad, where it is the shard itself)."""
+        return tensor.to_local() if self.sharded else tensor
 
     def view(self, tensor: torch.Tensor) -> torch.Tensor:
         """The same piece of ``tensor`` (the parameter itself, its grad or a state buffer)."""
-        return tensor.view(-1)[self.start : self.start + self.numel]
+        return self.local(tensor).view(-1)[self.start : self.start + self.numel]
 
 
 @dataclass
@@ -41,10 +48,12 @@ class Compartment:
     dim: int = 0
     segments: list[Segment] = field(default_factory=list)
     name: str = ""
+    # Entries of the whole compartment where ``segments`` are only this rank's pieces of it.
+    whole_numel: int | None = None
 
     @property
     def numel(self) -> int:
-        return sum(s.numel for s in self.segments)
+        return self.whole_numel if self.whole_numel is not None else sum(s.numel for s in self.segments)
 
 
 def segment_plan(comp: Compartment, stream: int | None = None) -> SegmentPlan:
@@ -147,21 +156,49 @@ def layer_of(name: str) -> str:
     return split_name(name)[0]
 
 
-def check_whole(name: str, p: torch.Tensor) -> None:
-    """Refuse a parameter of which this process holds only a shard or a replica on a device mesh.
+def _dtensor_type():
+    # A DTensor exists only once its module is imported: looking it up costs no import.
+    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+
+
+def is_row_shard(p: torch.Tensor) -> bool:
+    """Whether ``p`` is a DTensor sharded by rows over a 1-D device mesh (placements ``(Shard(0),)``),
+    as FSDP2's ``fully_shard`` shards parameters: each rank holds a contiguous range of its
+    flattened entries."""
+    dtensor = _dtensor_type()
+    if dtensor is None or not isinstance(p, dtensor) or p.device_mesh.ndim != 1 or len(p.placements) != 1:
+        return False
+    from torch.distributed.tensor import Shard
+
+    # Exactly Shard: its subclass _StridedShard interleaves the ranks' rows.
+    placement = p.placements[0]
+    return type(placement) is Shard and placement.dim == 0 and p.dim() > 0
+
+
+def check_whole(name: str, p: torch.Tensor, *, shards: bool = False) -> bool:
+    """Refuse a parameter of which this process holds only a shard or a replica on a device mesh,
+    except, with ``shards``, a row shard (``is_row_shard``, FSDP2's); returns whether ``p`` is one.
 
     A segment addresses rows of P by its entries' positions in the whole parameter, and a
-    compartment's coefficients sum over all of its entries; a rank holding a shard would project
-    it on the rows of the shard's own positions and never sum the coefficients across ranks,
-    training another model without an error (docs/distributed.md, "Sharded parameters").
+    compartment's coefficients sum over all of its entries: a rank holding a shard must project it
+    on the rows of the shard's global positions and sum the coefficients across ranks, which RBD
+    and FPD do for row shards (docs/distributed.md, "Sharded parameters"); whoever else took a
+    shard as a whole parameter would train another model without an error.
     """
-    # A DTensor exists only once its module is imported: looking it up costs no import.
-    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    dtensor = _dtensor_type()
     if dtensor is not None and isinstance(p, dtensor):
-        raise ValueError(f"rbd_cuda: parameter {name} is a DTensor with placements {tuple(p.placements)} (FSDP2's "
-                         "fully_shard, tensor parallelism); the random-bases updates take whole parameters as plain "
-                         "tensors (a shard would need the rows of P at its global positions and its coefficients "
-                         "summed across ranks). Train under DistributedDataParallel (or with "
+        if is_row_shard(p) and shards:
+            return True
+        if is_row_shard(p):
+            what = ("a DTensor sharded by rows (FSDP2's fully_shard); only RBD and FPD (without an exchange) "
+                    "step over such shards: NES, DistributedRBD, DistributedFPD and RandomSubspace take whole "
+                    "parameters as plain tensors")
+        else:
+            what = (f"a DTensor with placements {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh (tensor "
+                    "parallelism, HSDP, a replica); the random-bases updates take whole parameters as plain "
+                    "tensors, or with RBD and FPD, row shards: placements (Shard(0),) on a 1-D mesh, as "
+                    "fully_shard(model, mesh=init_device_mesh(device, (world_size,))) makes them")
+        raise ValueError(f"rbd_cuda: parameter {name} is {what}. Train under DistributedDataParallel (or with "
                          "rbd_cuda.distributed.DistributedRBD), or shard a RandomSubspace wrapper instead of its "
                          "module: fully_shard(RandomSubspace(module))")
     # FSDP1 marks its FlatParameters and the original parameters it made views of (use_orig_params).
@@ -170,9 +207,10 @@ def check_whole(name: str, p: torch.Tensor) -> None:
                          "hands each rank a shard of a flat parameter (or views of it): the random-bases "
                          "updates need whole parameters. Train under DistributedDataParallel (what NO_SHARD "
                          "is) or with rbd_cuda.distributed.DistributedRBD")
+    return False
 
 
-def plan(named_params: Sequence[tuple[str, torch.Tensor]], mode, dim) -> list[Compartment]:
+def plan(named_params: Sequence[tuple[str, torch.Tensor]], mode, dim, *, shards: bool = False) -> list[Compartment]:
     """Compartments for ``named_params`` (in order) under ``mode``:
 
     - ``"global"``: one compartment for everything;
@@ -182,10 +220,19 @@ def plan(named_params: Sequence[tuple[str, torch.Tensor]], mode, dim) -> list[Co
       splitting a tensor larger than ``w`` into pieces;
     - a list of lists of parameters: exactly those compartments (each parameter once).
 
-    Every parameter must be whole on this process (``check_whole``).
+    Every parameter must be whole on this process, or with ``shards`` every one a row shard on
+    one mesh (``check_whole``): the compartments are then planned over the whole parameters, and
+    ``local_pieces`` cuts them to this rank's shards.
     """
-    for name, p in named_params:
-        check_whole(name, p)
+    sharded = [check_whole(name, p, shards=shards) for name, p in named_params]
+    if any(sharded):
+        mesh = named_params[sharded.index(True)][1].device_mesh
+        for (name, p), row_shard in zip(named_params, sharded, strict=True):
+            # A whole parameter among shards would be projected, and its coefficients summed, once per rank.
+            if not row_shard or p.device_mesh != mesh:
+                what = "on another device mesh than" if row_shard else "a plain tensor among"
+                raise ValueError(f"rbd_cuda: parameter {name} is {what} the other parameters' row shards: shard "
+                                 "every parameter on one mesh (fully_shard the root module too)")
     rule = as_dim_rule(dim)
     params = [p for _, p in named_params]
     name_of = {id(p): name for name, p in named_params}
@@ -255,6 +302,52 @@ def plan(named_params: Sequence[tuple[str, torch.Tensor]], mode, dim) -> list[Co
     for c, d in zip(compartments, rule.allocate([c.numel for c in compartments]), strict=True):
         c.dim = d
     return compartments
+
+
+def shard_rows(p: torch.Tensor) -> tuple[int, int]:
+    """The range of ``p``'s flattened entries this rank holds, ``p`` a row shard (``is_row_shard``):
+    rank r of W holds rows [r·⌈n/W⌉, (r+1)·⌈n/W⌉) of the n, clipped (torch.chunk's split, which
+    Shard(0) and fully_shard use: the last ranks may hold fewer rows, or none), checked against
+    the shard's shape."""
+    mesh, rows = p.device_mesh, p.shape[0]
+    chunk = -(-rows // mesh.size())
+    first = min(mesh.get_local_rank() * chunk, rows)
+    held = min(chunk, rows - first)
+    local = p.to_local()
+    if tuple(local.shape) != (held, *p.shape[1:]):
+        raise ValueError(f"rbd_cuda: a row shard of shape {tuple(p.shape)} holds {tuple(local.shape)} on rank "
+                         f"{mesh.get_local_rank()} of {mesh.size()}, not the {held} rows from row {first} that "
+                         "torch.chunk gives it")
+    row = p[0].numel()
+    return first * row, (first + held) * row
+
+
+def sharded_as(tensor: torch.Tensor, p: torch.Tensor) -> bool:
+    """Whether ``tensor`` (a state buffer) is sharded as the row shard ``p``: the same mesh,
+    placements and rows on this rank, so that a segment's ``start`` indexes both."""
+    dtensor = _dtensor_type()
+    return (isinstance(tensor, dtensor) and tensor.device_mesh == p.device_mesh and tensor.placements == p.placements
+            and tensor.to_local().shape == p.to_local().shape)
+
+
+def local_pieces(compartments: Sequence[Compartment]) -> list[Compartment]:
+    """``compartments`` of row shards (``plan(..., shards=True)``) cut to this rank's shards: each
+    segment becomes the part of it this rank holds, at the rows of its global positions (none where
+    the rank holds nothing of it); ``numel`` stays the whole compartment's."""
+    held = {}
+    pieces = []
+    for comp in compartments:
+        segments = []
+        for s in comp.segments:
+            if id(s.param) not in held:
+                held[id(s.param)] = shard_rows(s.param)
+            first, stop = held[id(s.param)]
+            begin, end = max(s.start, first), min(s.start + s.numel, stop)
+            if begin < end:
+                segments.append(Segment(s.param, begin - first, end - begin, s.row_offset + begin - s.start, s.name,
+                                        sharded=True))
+        pieces.append(Compartment(comp.stream, comp.dim, segments, comp.name, whole_numel=comp.numel))
+    return pieces
 
 
 def describe(compartments: Sequence[Compartment], params: Sequence[torch.Tensor]) -> list[list]:

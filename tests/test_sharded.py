@@ -3,10 +3,11 @@
 
 An update in a random basis is right over sharded parameters only if each rank projects its shard
 on the rows of P at the shard's global positions and the coefficients are summed across ranks
-before they are expanded. The optimizers and RandomSubspace do neither: a rank holding a shard
-would train another model than the one asked for, without an error, so they refuse such
-parameters when they are built (docs/distributed.md). What does work, sharding a RandomSubspace
-wrapper (its c) with fully_shard, is checked against one process.
+before they are expanded. RBD and FPD do so over row shards (FSDP2's; tests/test_fsdp2.py); the
+other placements, NES, the distributed optimizers and RandomSubspace would train another model
+than the one asked for, without an error, so they refuse such parameters when they are built
+(docs/distributed.md). What does work, sharding a RandomSubspace wrapper (its c) with
+fully_shard, is checked against one process.
 """
 
 from __future__ import annotations
@@ -154,14 +155,15 @@ def results(tmp_path_factory):
 
 
 @pytest.mark.skipif(not HAS_FSDP2, reason="this torch has no torch.distributed.fsdp.fully_shard (FSDP2)")
-def test_fsdp2_sharded_parameters_are_refused_when_built(results):
+def test_fsdp2_sharded_parameters_are_refused_but_by_rbd_and_fpd(results):
+    shards = "is a DTensor sharded by rows (FSDP2's fully_shard); only RBD and FPD (without an exchange)"
     for res in results:
         found = res["fsdp2"]
-        assert "ValueError: rbd_cuda: parameter 0.weight is a DTensor" in str(found["RBD"])
-        for name in ("FPD", "NES", "DistributedRBD"):
-            assert "ValueError: rbd_cuda: parameter param0 is a DTensor" in str(found[name]), name
-        assert "ValueError: rbd_cuda: parameter 0.weight is a DTensor" in str(found["RandomSubspace"])
-        assert "fully_shard(RandomSubspace(module))" in str(found["RBD"])
+        assert found["RBD"] is None and found["FPD"] is None
+        for name in ("NES", "DistributedRBD"):
+            assert f"ValueError: rbd_cuda: parameter param0 {shards}" in str(found[name]), name
+        assert f"ValueError: rbd_cuda: parameter 0.weight {shards}" in str(found["RandomSubspace"])
+        assert "fully_shard(RandomSubspace(module))" in str(found["NES"])
 
 
 @pytest.mark.skipif(not HAS_FSDP2, reason="this torch has no torch.distributed.fsdp.fully_shard (FSDP2)")
@@ -176,8 +178,9 @@ def test_a_sharded_random_subspace_trains_as_one_process(results):
 @pytest.mark.skipif(not HAS_TP, reason="this torch has no torch.distributed.tensor.parallel")
 def test_tensor_parallel_and_replicated_dtensors_are_refused(results):
     for res in results:
-        assert "ValueError: rbd_cuda: parameter 0.weight is a DTensor with placements (Shard(dim=0),)" in str(res["tp"]["sharded"])
-        assert "ValueError: rbd_cuda: parameter 2.weight is a DTensor with placements (Replicate(),)" in str(res["tp"]["replicated"])
+        # ColwiseParallel's Shard(0) is a row shard; RowwiseParallel's Shard(1) is not.
+        assert "ValueError: rbd_cuda: parameter 2.weight is a DTensor with placements (Shard(dim=1),) on a 1-D mesh" in str(res["tp"]["sharded"])
+        assert "ValueError: rbd_cuda: parameter 2.weight is a DTensor with placements (Replicate(),) on a 1-D mesh" in str(res["tp"]["replicated"])
 
 
 @pytest.mark.skipif(not HAS_ZERO, reason="this torch has no torch.distributed.optim.ZeroRedundancyOptimizer")

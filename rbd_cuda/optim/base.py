@@ -24,7 +24,17 @@ from ..basis import (
     expand_compartment_,
     scale,
 )
-from ..layout import Compartment, SegmentPlan, check_saved, describe, plan, segment_plan
+from ..layout import (
+    Compartment,
+    SegmentPlan,
+    check_saved,
+    describe,
+    is_row_shard,
+    local_pieces,
+    plan,
+    segment_plan,
+    sharded_as,
+)
 
 # Version of the "rbd" entry of state_dict(). Entries without "format" were written by a02b069
 # (whose optimizer kept only steps_taken and a layout check); format 2 is from before weight
@@ -56,7 +66,9 @@ class RandomBasesOptimizer(torch.optim.Optimizer):
     """Base of RBD, FPD and NES: ``params`` are planned into compartments once, at construction.
 
     Subclasses set ``HYPERPARAMETERS`` (each group's values, validated at construction and at
-    every step) and ``redraw`` (a new basis per step, or one for the run), and write ``step``.
+    every step) and ``redraw`` (a new basis per step, or one for the run), and write ``step``;
+    ``shards=True`` from a subclass whose step sums its coefficients across the mesh of FSDP2's
+    row shards (``self.mesh``) lets it be built over them.
     """
 
     # name -> (low, high, high excluded) of each param-group hyperparameter
@@ -68,7 +80,8 @@ class RandomBasesOptimizer(torch.optim.Optimizer):
                                     "rbd_cuda.distributed.DistributedRBD")
     redraw = True
 
-    def __init__(self, params, defaults: dict, dim, *, compartments, distribution: str, normalize: str, seed):
+    def __init__(self, params, defaults: dict, dim, *, compartments, distribution: str, normalize: str, seed,
+                 shards: bool = False):
         if _built_by_zero():
             # ZeRO builds one optimizer per rank over that rank's partition of the parameters: other
             # compartments than the model's on every rank (a "global" one per partition, each on
@@ -100,17 +113,25 @@ class RandomBasesOptimizer(torch.optim.Optimizer):
         if compartments == "layer" and any(name is None for name, _ in named):
             raise ValueError("rbd_cuda: compartments='layer' needs named parameters: pass "
                              "model.named_parameters()")
-        self.compartments: list[Compartment] = plan(
-            [(name or f"param{i}", p) for i, (name, p) in enumerate(named)], compartments, dim)
+        planned = plan([(name or f"param{i}", p) for i, (name, p) in enumerate(named)], compartments, dim,
+                       shards=shards)
         self._params = [p for _, p in named]
+        # The whole layout (over row shards too), as every rank and one process on the whole model plan it.
+        self._layout = describe(planned, self._params)
+        # With row shards (``shards``: FSDP2's), the device mesh they are sharded on, and each
+        # compartment's segments cut to this rank's pieces; decided here, once, so that a step over
+        # whole parameters looks for no DTensor.
+        self.mesh = self._params[0].device_mesh if shards and is_row_shard(self._params[0]) else None
+        self.compartments: list[Compartment] = planned if self.mesh is None else local_pieces(planned)
         # Group index of every parameter and segment: groups are looked up at step time, since
         # load_state_dict and schedulers replace or change the group dicts.
         self._group_of = {id(p): k for k, group in enumerate(self.param_groups) for p in group["params"]}
         self._segment_groups = [[self._group_of[id(s.param)] for s in c.segments] for c in self.compartments]
         self.total_numel = sum(p.numel() for p in self._params)
-        # The products' plans of each compartment by stream (segment_plan): validated once, when built.
+        # The products' plans of each compartment by stream (segment_plan): validated once, when built
+        # (a rank holding nothing of a compartment's shards has nothing to plan).
         self._plans: dict[tuple[int, int], SegmentPlan] = {(k, c.stream): segment_plan(c)
-                                                           for k, c in enumerate(self.compartments)}
+                                                           for k, c in enumerate(self.compartments) if c.segments}
         self.steps_taken = 0
         self._planned = True
 
@@ -206,7 +227,7 @@ class RandomBasesOptimizer(torch.optim.Optimizer):
         plain values: saved by ``state_dict``, checked by ``load_state_dict`` and ``replay``."""
         return {"optimizer": type(self).__name__, "seed": self.seed, "distribution": self.distribution,
                 "normalize": self.normalize, "redraw": self.redraw,
-                "compartments": describe(self.compartments, self._params)}
+                "compartments": self._layout}
 
     def state_dict(self) -> dict:
         sd = super().state_dict()
@@ -228,10 +249,13 @@ class RandomBasesOptimizer(torch.optim.Optimizer):
         saved = state_dict.pop("rbd", None)
         name = type(self).__name__
         if not isinstance(saved, dict):
-            raise ValueError(f"rbd_cuda: this state_dict has no 'rbd' entry (not saved by {name})")  # noqa: TRY004
+            # torch.distributed.checkpoint's get_optimizer_state_dict keeps only "state" and "param_groups".
+            raise ValueError(f"rbd_cuda: this state_dict has no 'rbd' entry (not saved by {name}'s state_dict; "  # noqa: TRY004
+                             "torch.distributed.checkpoint's get_optimizer_state_dict drops it: save opt.state_dict() "
+                             "instead, on each rank under FSDP2)")
         version = saved.get("format", 1)  # a02b069 wrote no format; its layout entries are [stream, dim, numel]
         if version == 1:
-            mine = [entry[:3] for entry in describe(self.compartments, self._params)]
+            mine = [entry[:3] for entry in self._layout]
             check_saved(saved, {"layout": mine}, "the saved compartments (stream, dim, numel) differ from this "
                         "optimizer's")
         elif version in (2, FORMAT):
@@ -286,6 +310,12 @@ class RandomBasesOptimizer(torch.optim.Optimizer):
                 if value.shape != p.shape:
                     raise ValueError(f"rbd_cuda: {where} has shape {tuple(value.shape)}; the parameter has "
                                      f"{tuple(p.shape)}")
+                if self.mesh is not None:
+                    if not sharded_as(value, p):
+                        raise ValueError(f"rbd_cuda: {where} is not sharded as its parameter (placements "
+                                         f"{tuple(p.placements)} on its mesh, this rank's rows): load on each rank "
+                                         "the state_dict that rank saved, on a mesh of the same size")
+                    value = value.to_local()
                 if not bool(torch.isfinite(value).all()):
                     raise ValueError(f"rbd_cuda: {where} holds non-finite values")
         return {**state_dict, "param_groups": completed}, steps

@@ -1,9 +1,9 @@
 """What the optimizers need on the ranks of a process group: collectives that fail with an error
 saying which one failed where, and the ranks' agreement on named values, failing on every rank.
 
-``NES`` uses them for its data-parallel step, ``rbd_cuda.distributed`` for ``DistributedRBD``,
-``DistributedFPD`` and the DDP hook (``rbd_cuda.distributed`` builds on ``rbd_cuda.optim``, not
-the other way round).
+``NES`` uses them for its data-parallel step, ``RBD`` and ``FPD`` over row shards (FSDP2's),
+``rbd_cuda.distributed`` for ``DistributedRBD``, ``DistributedFPD`` and the DDP hook
+(``rbd_cuda.distributed`` builds on ``rbd_cuda.optim``, not the other way round).
 """
 
 from __future__ import annotations
@@ -60,3 +60,20 @@ def agree(fields: dict[str, object], group, what: str, device: torch.device, err
             raise error(f"rbd_cuda: {what}: ranks disagree on {name}: rank(s) {differ} differ from rank 0 "
                         f"(this is rank {dist.get_rank(group)}, with {fields[name]!r}); {hint}")
     return mine.numel() * 8
+
+
+def agree_on_load(fields: dict[str, object], problem: Exception | None, group, what: str, device: torch.device,
+                  hint: str = "every rank must load the same state_dict") -> int:
+    """The agreement of a distributed ``load_state_dict``, in one collective: every rank checked
+    its state dict (``problem``: why it is refused, or None) and the ranks must agree on that and
+    on ``fields`` (what was loaded), else every rank raises; a state dict refused on every rank
+    raises each rank's own reason. Returns the bytes sent."""
+    fields = {"whether the state_dict is valid": problem is None,
+              **{name: value if problem is None else None for name, value in fields.items()}}
+    try:
+        sent = agree(fields, group, what, device, hint=hint)
+    except ValueError as error:
+        raise error from problem
+    if problem is not None:
+        raise problem
+    return sent

@@ -24,10 +24,12 @@ from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 import torch
+import torch.distributed as dist
 
 from ..basis import expand_compartment, project_compartment
-from ..layout import Compartment, check_saved
+from ..layout import Compartment, check_saved, sharded_as
 from .base import EAGER_STEP, RandomBasesOptimizer
+from .ranks import agree, agree_on_load, collective_device, run_collective
 
 __all__ = ["FPD", "RBD", "Exchange", "replay"]
 
@@ -61,6 +63,59 @@ class Exchange:
     def after_step(self, optimizer: RBD) -> None:
         """Called after every step (consistency checks)."""
 
+    def agree_on_load(self, optimizer: RBD, checked: tuple[dict, int] | None, problem: Exception | None) -> None:
+        """Called by ``load_state_dict`` with what ``check_state_dict`` returned, or why it refused
+        the state dict; raises to refuse it (before anything is loaded)."""
+        if problem is not None:
+            raise problem
+
+
+class RowShards(Exchange):
+    """The exchange of RBD and FPD over row shards (FSDP2's, ``rbd_cuda.layout.local_pieces``).
+
+    Each rank projected the pieces of its shards on the rows of their global positions; Pᵀg is the
+    sum of these over the ranks, so one all-reduce (sum) of every compartment's coefficients over
+    the mesh's process group (Σd floats) hands every rank the whole gradient's coefficients, and
+    each rank expands them into its shards: the step of one process on the whole model.
+    """
+
+    def __init__(self, mesh):
+        self.group = mesh.get_group()
+
+    def bind(self, optimizer: RBD) -> None:
+        self.device = optimizer._params[0].to_local().device
+        self._slices, offset = [], 0
+        for comp in optimizer.compartments:
+            self._slices.append(slice(offset, offset + comp.dim))
+            offset += comp.dim
+        self._numel = offset
+        # Ranks built with other seeds or settings would sum coefficients of other bases.
+        agree({**optimizer.config(), "steps_taken": optimizer.steps_taken,
+               "param groups' values": optimizer.hyperparameters()}, self.group,
+              f"{type(optimizer).__name__}'s configuration check over row shards", collective_device(self.group))
+
+    def combine(self, compartments, coeffs, present, step):
+        summed = torch.zeros(self._numel, dtype=torch.float32, device=self.device)
+        for c, cs in zip(coeffs, self._slices, strict=True):
+            if c is not None:
+                summed[cs] = c.to(self.device)
+        run_collective(f"the all-reduce of step {step}'s coefficients over row shards", self.group,
+                       lambda: dist.all_reduce(summed, group=self.group))
+        return [[(summed[cs], comp.stream, segments)] if segments else []
+                for comp, segments, cs in zip(compartments, present, self._slices, strict=True)]
+
+    def agree_on_load(self, optimizer: RBD, checked: tuple[dict, int] | None, problem: Exception | None) -> None:
+        """Every rank loads its own shards' state: the ranks agree that each one's state dict is
+        valid and holds the same step count and groups' values (one all-gather of hashes)."""
+        fields = dict.fromkeys(("steps_taken", "param groups' values"))
+        if checked is not None:
+            state_dict, steps = checked
+            fields = {"steps_taken": steps,
+                      "param groups' values": [{name: group[name] for name in optimizer.HYPERPARAMETERS}
+                                               for group in state_dict["param_groups"]]}
+        agree_on_load(fields, problem, self.group, "the load of the state_dict", collective_device(self.group),
+                      hint="each rank must load the state_dict it saved")
+
 
 class RBD(RandomBasesOptimizer):
     """Random Bases Descent: SGD on the projection of each gradient onto re-drawn random bases.
@@ -93,6 +148,13 @@ class RBD(RandomBasesOptimizer):
         exchange: how coefficients are combined before the update (``Exchange``; distributed
             training passes its own).
 
+    Over FSDP2's row shards (``fully_shard(model, mesh=...)`` on a 1-D mesh: every parameter a
+    DTensor with placements ``(Shard(0),)``), every rank of the mesh builds the optimizer alike
+    and steps it: each projects its shards, the coefficients are summed across the mesh (one
+    all-reduce of Σd floats per step, ``RowShards``) and each expands them into its shards, as one
+    process would on the whole model (docs/distributed.md, "Sharded parameters"). ``record``,
+    ``diagnostics`` and ``exchange`` are refused there.
+
     Param groups take ``lr``, ``momentum`` and ``weight_decay``; any other key is refused.
     Parameters whose ``grad`` is None are skipped (neither projected, decayed nor updated), as in
     SGD. A step is all-or-nothing: the groups' values, every gradient and momentum buffer are
@@ -108,11 +170,16 @@ class RBD(RandomBasesOptimizer):
                  normalize: str = "unbiased", momentum: float = 0.0, weight_decay: float = 0.0, seed: int = 0,
                  diagnostics: bool = False, record: bool = False, exchange: Exchange | None = None):
         super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}, dim,
-                         compartments=compartments, distribution=distribution, normalize=normalize, seed=seed)
+                         compartments=compartments, distribution=distribution, normalize=normalize, seed=seed,
+                         shards=exchange is None)
+        if self.mesh is not None and (record or diagnostics):
+            # Each rank's coefficients and gradient are its shards' part of them.
+            raise ValueError(f"rbd_cuda: {type(self).__name__} over row shards (FSDP2) keeps no record and no "
+                             "diagnostics: build it with record=False and diagnostics=False")
         self.track_diagnostics = diagnostics
         self.diagnostics: list[dict] = []
         self.record: dict | None = {"format": RECORD_FORMAT, **self.config(), "steps": []} if record else None
-        self.exchange = exchange if exchange is not None else Exchange()
+        self.exchange = exchange if exchange is not None else RowShards(self.mesh) if self.mesh else Exchange()
         self.exchange.bind(self)
 
     def _present(self) -> list[list[int]]:
@@ -142,6 +209,9 @@ class RBD(RandomBasesOptimizer):
                     raise ValueError(f"rbd_cuda: the momentum buffer of parameter {comp.segments[k].name} is "
                                      f"{buf.dtype} {tuple(buf.shape)} on {buf.device}; the parameter is {p.dtype} "
                                      f"{tuple(p.shape)} on {p.device}")
+                if buf is not None and comp.segments[k].sharded and not sharded_as(buf, p):
+                    raise ValueError(f"rbd_cuda: the momentum buffer of parameter {comp.segments[k].name} is not "
+                                     f"sharded as the parameter (placements {tuple(p.placements)} on its mesh)")
 
     def _project(self, index: int, segments: list[int]) -> torch.Tensor | None:
         if not segments:
@@ -150,7 +220,7 @@ class RBD(RandomBasesOptimizer):
         pieces = []
         for k in segments:
             seg = comp.segments[k]
-            pieces.append(seg.param.grad.reshape(-1)[seg.start: seg.start + seg.numel])
+            pieces.append(seg.local(seg.param.grad).reshape(-1)[seg.start: seg.start + seg.numel])
         basis = self.basis(comp, self.exchange.stream(comp))
         return project_compartment(basis, self._plan(index, basis.stream, segments), pieces)
 
@@ -201,6 +271,17 @@ class RBD(RandomBasesOptimizer):
         touched = {id(comp.segments[k].param) for comp, comp_terms in zip(self.compartments, terms, strict=True)
                    for _, _, segments in comp_terms for k in segments}
         return [p for p in self._params if id(p) in touched]
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict of this optimizer (formats 1–3); everything is checked (configuration,
+        groups, step count, state tensors) before anything changes, on every rank where the
+        exchange spans several (each rank loads its own copy, or its own shards' state)."""
+        try:
+            checked, problem = self.check_state_dict(state_dict), None
+        except (ValueError, TypeError) as error:  # raised on every rank after the exchange's agreement
+            checked, problem = None, error
+        self.exchange.agree_on_load(self, checked, problem)
+        self._load_checked(checked)
 
     @torch.compiler.disable(reason=EAGER_STEP)
     @torch.no_grad()
