@@ -279,3 +279,40 @@ def test_nes_under_lightning_automatic_optimization_is_refused_at_its_first_clos
     with pytest.raises(ValueError, match="NES.step's closure ran a backward pass.*automatic_optimization = False"):
         lightning_fit(L, module, max_epochs=1)
     assert all(torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))
+
+
+# ---- torch.distributed.checkpoint ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [lambda ps: RBD(ps, lr=0.1, dim=3), lambda ps: NES(ps, lr=0.1, population=4)],
+                         ids=["rbd", "nes"])
+def test_dcp_state_dict_helpers_count_no_step(make):
+    # To create an optimizer's state they step it at lr 0 with zero gradients; counted, that step
+    # would move every later basis, so saving a checkpoint would change the run.
+    helpers = pytest.importorskip("torch.distributed.checkpoint.state_dict")
+    net = torch.nn.Linear(4, 3)
+    opt = make(net.parameters())
+    before = [p.detach().clone() for p in net.parameters()]
+    saved = helpers.get_optimizer_state_dict(net, opt)
+    assert opt.steps_taken == 0
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), before, strict=True))
+    assert all(p.grad is None for p in net.parameters())
+    assert set(saved) == {"state", "param_groups"}
+
+
+def test_an_rbd_run_saved_by_dcp_continues_as_one_not_saved():
+    helpers = pytest.importorskip("torch.distributed.checkpoint.state_dict")
+    data = torch.randn(4, 8, 4, generator=torch.Generator().manual_seed(1))
+    runs = []
+    for save in (False, True):
+        torch.manual_seed(0)
+        net = torch.nn.Linear(4, 3)
+        opt = RBD(net.parameters(), lr=0.1, dim=3)
+        for x in data:
+            net(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            if save:
+                helpers.get_optimizer_state_dict(net, opt)
+        runs.append(torch.cat([p.detach().flatten() for p in net.parameters()]))
+    assert torch.equal(runs[0], runs[1])

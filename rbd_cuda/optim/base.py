@@ -51,15 +51,30 @@ EAGER_STEP = ("rbd_cuda: the optimizers' step runs eagerly, since a traced step 
 TORCH_GROUP_KEYS = ("params", "param_names")
 
 
+def _on_stack(function) -> bool:
+    """Whether ``function`` (None: not loaded) is running below the caller of this module's check."""
+    code = getattr(function, "__code__", None)
+    frame = sys._getframe(2) if code is not None else None
+    while frame is not None and frame.f_code is not code:
+        frame = frame.f_back
+    return frame is not None
+
+
 def _built_by_zero() -> bool:
     """Whether a ``ZeroRedundancyOptimizer`` is building this optimizer: its
     ``_init_local_optimizer`` is on the call stack (nothing it passes says so)."""
     zero = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
-    init = getattr(getattr(zero, "ZeroRedundancyOptimizer", None), "_init_local_optimizer", None)
-    frame = sys._getframe(1) if init is not None else None
-    while frame is not None and frame.f_code is not init.__code__:
-        frame = frame.f_back
-    return frame is not None
+    return _on_stack(getattr(getattr(zero, "ZeroRedundancyOptimizer", None), "_init_local_optimizer", None))
+
+
+def stepped_by_checkpoint() -> bool:
+    """Whether ``torch.distributed.checkpoint``'s state-dict helpers are calling ``step``: to create
+    the state of an optimizer that has none, ``get_optimizer_state_dict`` and
+    ``set_optimizer_state_dict`` step it once with zero gradients at lr 0 (``_init_optim_state``).
+    That step would change no parameter but would count, moving every later basis: saving a
+    checkpoint would change the run. The optimizers' ``step`` returns at once instead."""
+    helpers = sys.modules.get("torch.distributed.checkpoint.state_dict")
+    return _on_stack(getattr(helpers, "_init_optim_state", None))
 
 
 class RandomBasesOptimizer(torch.optim.Optimizer):

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from ..basis import check_finite
-from .base import EAGER_STEP, RandomBasesOptimizer
+from .base import EAGER_STEP, RandomBasesOptimizer, stepped_by_checkpoint
 from .ranks import agree, collective_device, fingerprint, run_collective
 
 
@@ -132,6 +132,8 @@ class NES(RandomBasesOptimizer):
     @torch.compiler.disable(reason=EAGER_STEP)
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
+        if stepped_by_checkpoint():
+            return None
         if closure is None:
             raise ValueError("rbd_cuda: NES.step needs a closure that returns the loss (step(closure)); "
                              "under Lightning use manual optimization (docs/optimizers.md)")

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from ..basis import expand_compartment, project_compartment
 from ..layout import Compartment, check_saved, sharded_as
-from .base import EAGER_STEP, RandomBasesOptimizer
+from .base import EAGER_STEP, RandomBasesOptimizer, stepped_by_checkpoint
 from .ranks import agree, agree_on_load, collective_device, run_collective
 
 __all__ = ["FPD", "RBD", "Exchange", "replay"]
@@ -286,6 +286,8 @@ class RBD(RandomBasesOptimizer):
     @torch.compiler.disable(reason=EAGER_STEP)
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
+        if stepped_by_checkpoint():
+            return None
         loss = None
         if closure is not None:
             with torch.enable_grad():
