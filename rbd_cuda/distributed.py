@@ -152,9 +152,8 @@ class Collective(Exchange):
             self._flag_slices.append(slice(offset, offset + len(comp.segments)))
             offset += len(comp.segments)
         self._buffer_numel = offset
-        fields = {**optimizer.config(), "steps_taken": optimizer.steps_taken,
-                  "param groups' values": optimizer.hyperparameters()}
-        self.comm.setup_bytes += agree(fields, self.group, "the configuration check", self.device)
+        self.comm.setup_bytes += agree(optimizer.agreement_fields(), self.group, "the configuration check",
+                                       self.device)
         if self.broadcast:
             src = dist.get_global_rank(self.group, 0) if self.group else 0
             for p in params:
@@ -203,15 +202,10 @@ class Collective(Exchange):
     def agree_on_load(self, optimizer, checked: tuple[dict, int] | None, problem: Exception | None) -> None:
         """Every rank's ``load_state_dict``: one all-gather of hashes of what each rank loads (step
         count, groups' values, state tensors), as construction checks the configuration."""
-        fields = dict.fromkeys(("steps_taken", "param groups' values", "state tensors"))
-        if checked is not None:
-            state_dict, steps = checked
-            state = state_dict["state"]
-            fields = {"steps_taken": steps,
-                      "param groups' values": [{name: group[name] for name in optimizer.HYPERPARAMETERS}
-                                               for group in state_dict["param_groups"]],
-                      "state tensors": fingerprint(state[key][field] for key in sorted(state)
-                                                   for field in sorted(state[key]))}
+        state = None if checked is None else checked[0]["state"]
+        fields = {**optimizer.loaded_fields(checked),
+                  "state tensors": None if state is None else fingerprint(state[key][field] for key in sorted(state)
+                                                                          for field in sorted(state[key]))}
         self.comm.setup_bytes += agree_on_load(fields, problem, self.group, "the load of the state_dict",
                                                self.device)
 

@@ -190,23 +190,24 @@ def check_whole(name: str, p: torch.Tensor, *, shards: bool = False) -> bool:
         if is_row_shard(p) and shards:
             return True
         if is_row_shard(p):
-            what = ("a DTensor sharded by rows (FSDP2's fully_shard); only RBD and FPD (without an exchange) "
-                    "step over such shards: NES, DistributedRBD, DistributedFPD and RandomSubspace take whole "
-                    "parameters as plain tensors")
-        else:
-            what = (f"a DTensor with placements {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh (tensor "
-                    "parallelism, HSDP, a replica); the random-bases updates take whole parameters as plain "
-                    "tensors, or with RBD and FPD, row shards: placements (Shard(0),) on a 1-D mesh, as "
-                    "fully_shard(model, mesh=init_device_mesh(device, (world_size,))) makes them")
-        raise ValueError(f"rbd_cuda: parameter {name} is {what}. Train under DistributedDataParallel (or with "
-                         "rbd_cuda.distributed.DistributedRBD), or shard a RandomSubspace wrapper instead of its "
-                         "module: fully_shard(RandomSubspace(module))")
+            raise ValueError(f"rbd_cuda: parameter {name} is a DTensor sharded by rows (FSDP2's fully_shard); only "
+                             "RBD and FPD (without an exchange) step over such shards: use rbd_cuda.optim.RBD or FPD "
+                             "(FSDP2 averages the gradients), or keep NES, DistributedRBD, DistributedFPD and "
+                             "RandomSubspace's module unsharded (under DistributedDataParallel; to shard a "
+                             "RandomSubspace, shard the wrapper: fully_shard(RandomSubspace(module)))")
+        raise ValueError(f"rbd_cuda: parameter {name} is a DTensor with placements {tuple(p.placements)} on a "
+                         f"{p.device_mesh.ndim}-D mesh (tensor parallelism, HSDP, a replica); the random-bases "
+                         "updates take whole parameters as plain tensors, or with RBD and FPD, row shards: placements "
+                         "(Shard(0),) on a 1-D mesh, as fully_shard(model, mesh=init_device_mesh(device, "
+                         "(world_size,))) makes them. Or train under DistributedDataParallel (or with "
+                         "rbd_cuda.distributed.DistributedRBD)")
     # FSDP1 marks its FlatParameters and the original parameters it made views of (use_orig_params).
     if getattr(p, "_fsdp_flattened", False):
         raise ValueError(f"rbd_cuda: parameter {name} is flattened by FullyShardedDataParallel (FSDP1), which "
                          "hands each rank a shard of a flat parameter (or views of it): the random-bases "
                          "updates need whole parameters. Train under DistributedDataParallel (what NO_SHARD "
-                         "is) or with rbd_cuda.distributed.DistributedRBD")
+                         "is), with rbd_cuda.distributed.DistributedRBD, or shard with FSDP2 (fully_shard), "
+                         "whose row shards RBD and FPD step over")
     return False
 
 
@@ -318,7 +319,7 @@ def shard_rows(p: torch.Tensor) -> tuple[int, int]:
         raise ValueError(f"rbd_cuda: a row shard of shape {tuple(p.shape)} holds {tuple(local.shape)} on rank "
                          f"{mesh.get_local_rank()} of {mesh.size()}, not the {held} rows from row {first} that "
                          "torch.chunk gives it")
-    row = p[0].numel()
+    row = math.prod(p.shape[1:])  # p[0] would gather the whole parameter
     return first * row, (first + held) * row
 
 

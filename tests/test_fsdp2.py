@@ -148,6 +148,23 @@ def loads(rank, mesh, cls, mode, saved):
     found = {"rank 0's": refusal(lambda: opt.load_state_dict(torch.load(io.BytesIO(blob[0]), weights_only=True)["opt"])),
              "unchanged": opt.steps_taken == 0 and not opt.state
              and all(torch.equal(p.to_local(), before[n]) for n, p in net.named_parameters())}
+    # Even shards (2 + 2 rows): the buffers have the same shapes on both ranks, so only the saved
+    # shard tells rank 0's rows from rank 1's.
+    from torch.distributed.fsdp import fully_shard
+
+    even = fully_shard(torch.nn.Linear(3, 4), mesh=mesh)
+    even_opt = RBD(even.parameters(), lr=0.1, dim=3, momentum=0.9)
+    even(torch.ones(2, 3)).square().sum().backward()
+    even_opt.step()
+    mine = io.BytesIO()
+    torch.save(even_opt.state_dict(), mine)
+    even_blob = [mine.getvalue()]
+    dist.broadcast_object_list(even_blob, src=0)
+    found["even rank 0's"] = refusal(lambda: even_opt.load_state_dict(torch.load(io.BytesIO(even_blob[0]),
+                                                                                 weights_only=True)))
+    whole = torch.nn.Linear(3, 4)
+    found["whole"] = refusal(lambda: RBD(whole.parameters(), lr=0.1, dim=3, momentum=0.9).load_state_dict(
+        torch.load(io.BytesIO(even_blob[0]), weights_only=True)))
     # After a step (state to save), so that the helper takes no step of its own to create state.
     train(net, opt, schedule(opt), range(1), lambda t: [v[rank * BATCH:(rank + 1) * BATCH] for v in data(t, 2)])
     found["dcp"] = refusal(lambda: opt.load_state_dict(get_optimizer_state_dict(net, opt)))
@@ -210,12 +227,17 @@ def test_a_checkpoint_saved_per_rank_continues_the_run(results, name, mode):
 
 
 def test_a_checkpoint_of_another_rank_or_from_dcp_helpers_is_refused(results):
-    theirs = "the state_dict's 'momentum_buffer' of parameter 0 is not sharded as its parameter"
+    theirs = ("this state_dict was saved over rank 0 of 2's row shards; this optimizer steps rank 1 of 2's row "
+              "shards: load on each rank the state_dict that rank saved")
+    for case in "rank 0's", "even rank 0's":
+        for res in results:
+            assert ("ValueError: rbd_cuda: the load of the state_dict: ranks disagree on whether the state_dict is "
+                    "valid: rank(s) [1] differ from rank 0") in str(res["loads"][case]), case
+            assert "each rank must load the state_dict it saved" in str(res["loads"][case])
+        assert f"(from ValueError: rbd_cuda: {theirs}" in str(results[1]["loads"][case]), case
     for res in results:
-        assert ("ValueError: rbd_cuda: the load of the state_dict: ranks disagree on whether the state_dict is valid: "
-                "rank(s) [1] differ from rank 0") in str(res["loads"]["rank 0's"])
-        assert "each rank must load the state_dict it saved" in str(res["loads"]["rank 0's"])
-    assert f"(from ValueError: rbd_cuda: {theirs}" in str(results[1]["loads"]["rank 0's"])
+        assert ("ValueError: rbd_cuda: this state_dict was saved over rank 0 of 2's row shards; this optimizer steps "
+                "whole parameters") in str(res["loads"]["whole"])
     for res in results:
         assert res["loads"]["unchanged"]
         assert "ValueError: rbd_cuda: this state_dict has no 'rbd' entry" in str(res["loads"]["dcp"])

@@ -8,6 +8,7 @@ the trajectory and is checked on load.
 
 from __future__ import annotations
 
+import copy
 import sys
 from collections.abc import Sequence
 from typing import ClassVar
@@ -242,12 +243,32 @@ class RandomBasesOptimizer(torch.optim.Optimizer):
         plain values: saved by ``state_dict``, checked by ``load_state_dict`` and ``replay``."""
         return {"optimizer": type(self).__name__, "seed": self.seed, "distribution": self.distribution,
                 "normalize": self.normalize, "redraw": self.redraw,
-                "compartments": self._layout}
+                "compartments": copy.deepcopy(self._layout)}
 
     def state_dict(self) -> dict:
         sd = super().state_dict()
         sd["rbd"] = {"format": FORMAT, "steps_taken": self.steps_taken, **self.config()}
+        if self.mesh is not None:  # a rank's momentum buffers are its rows only
+            sd["rbd"]["shard"] = self._shard()
         return sd
+
+    def _shard(self) -> dict[str, int] | None:
+        """Which rank of how many holds this optimizer's row shards (None: whole parameters)."""
+        return None if self.mesh is None else {"rank": self.mesh.get_local_rank(), "ranks": self.mesh.size()}
+
+    def agreement_fields(self) -> dict[str, object]:
+        """What ranks stepping one model together must agree on: the configuration, the step
+        count and every group's values."""
+        return {**self.config(), "steps_taken": self.steps_taken, "param groups' values": self.hyperparameters()}
+
+    def loaded_fields(self, checked: tuple[dict, int] | None) -> dict[str, object]:
+        """The step count and groups' values a checked state dict (``check_state_dict``) loads,
+        for the ranks' agreement on a load (all None where this rank's state dict was refused)."""
+        if checked is None:
+            return dict.fromkeys(("steps_taken", "param groups' values"))
+        state_dict, steps = checked
+        return {"steps_taken": steps, "param groups' values": [{name: group[name] for name in self.HYPERPARAMETERS}
+                                                               for group in state_dict["param_groups"]]}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict of this optimizer (formats 1–3); everything is checked (configuration,
@@ -279,6 +300,12 @@ class RandomBasesOptimizer(torch.optim.Optimizer):
         else:
             raise ValueError(f"rbd_cuda: state_dict format {version!r} is not one this version reads (1 to {FORMAT})")
         steps = check_count("the state_dict's steps_taken", saved.get("steps_taken"))
+        # Equal shard shapes would let a rank load another's rows without an error.
+        if saved.get("shard") != self._shard():
+            def holder(shard):
+                return "whole parameters" if shard is None else f"rank {shard['rank']} of {shard['ranks']}'s row shards"
+            raise ValueError(f"rbd_cuda: this state_dict was saved over {holder(saved.get('shard'))}; this optimizer "
+                             f"steps {holder(self._shard())}: load on each rank the state_dict that rank saved")
 
         groups = state_dict.get("param_groups")
         if not isinstance(groups, list) or len(groups) != len(self.param_groups):

@@ -112,10 +112,9 @@ class NES(RandomBasesOptimizer):
             group = dist.group.WORLD
         return group if dist.get_world_size(group) > 1 else None
 
-    def _agree(self, group, hyper: list[dict[str, float]]) -> None:
+    def _agree(self, group) -> None:
         """Raise on every rank of ``group`` unless they agree on all that decides the trajectory."""
-        fields = {**self.config(), "steps_taken": self.steps_taken, "param groups' values": hyper,
-                  "parameters": fingerprint(self._params)}  # the causes first, then what they moved
+        fields = {**self.agreement_fields(), "parameters": fingerprint(self._params)}  # causes, then what they moved
         agree(fields, group, "NES's agreement check", collective_device(group),
               hint="every rank must build NES with the same arguments over the same parameters and step it "
                    "from the same state_dict (seed the model's initialisation, or wrap the model in "
@@ -140,7 +139,7 @@ class NES(RandomBasesOptimizer):
         hyper = self.hyperparameters()
         group = self._group()
         if group is not None and group is not self._agreed:
-            self._agree(group, hyper)
+            self._agree(group)
         comp = self.compartments[0]
         basis = self.basis(comp)
         views = [seg.view(seg.param) for seg in comp.segments]

@@ -90,8 +90,7 @@ class RowShards(Exchange):
             offset += comp.dim
         self._numel = offset
         # Ranks built with other seeds or settings would sum coefficients of other bases.
-        agree({**optimizer.config(), "steps_taken": optimizer.steps_taken,
-               "param groups' values": optimizer.hyperparameters()}, self.group,
+        agree(optimizer.agreement_fields(), self.group,
               f"{type(optimizer).__name__}'s configuration check over row shards", collective_device(self.group))
 
     def combine(self, compartments, coeffs, present, step):
@@ -107,13 +106,7 @@ class RowShards(Exchange):
     def agree_on_load(self, optimizer: RBD, checked: tuple[dict, int] | None, problem: Exception | None) -> None:
         """Every rank loads its own shards' state: the ranks agree that each one's state dict is
         valid and holds the same step count and groups' values (one all-gather of hashes)."""
-        fields = dict.fromkeys(("steps_taken", "param groups' values"))
-        if checked is not None:
-            state_dict, steps = checked
-            fields = {"steps_taken": steps,
-                      "param groups' values": [{name: group[name] for name in optimizer.HYPERPARAMETERS}
-                                               for group in state_dict["param_groups"]]}
-        agree_on_load(fields, problem, self.group, "the load of the state_dict", collective_device(self.group),
+        agree_on_load(optimizer.loaded_fields(checked), problem, self.group, "the load of the state_dict", collective_device(self.group),
                       hint="each rank must load the state_dict it saved")
 
 
