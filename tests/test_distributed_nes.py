@@ -89,6 +89,14 @@ def cases(rank, world):
     opt.load_state_dict(early if rank == 1 else copy.deepcopy(opt.state_dict()))
     out["resumed"] = refused(model, opt)
 
+    # After an agreed step, rank 1 alone changes its lr (a scheduler stepped there only).
+    model = mlp()
+    opt = NES(model.parameters(), **KW)
+    train(model, opt, mine, range(1))
+    if rank == 1:
+        opt.param_groups[0]["lr"] *= 0.5
+    out["lr later"] = refused(model, opt)
+
     # Rank 1's closure returns a non-finite loss: both ranks refuse the step (none waits for the other).
     model = mlp()
     opt = NES(model.parameters(), **KW)
@@ -142,14 +150,16 @@ def test_a_one_rank_group_trains_each_rank_on_its_own(results):
 
 
 @pytest.mark.parametrize(("case", "field"), [("seed", "seed"), ("lr", "param groups' values"),
-                                             ("parameters", "parameters"), ("resumed", "steps_taken")])
+                                             ("parameters", "parameters"), ("resumed", "steps_taken"),
+                                             ("lr later", "param groups' values")])
 def test_ranks_that_disagree_are_refused_on_every_rank(results, case, field):
     for r, res in enumerate(results):
         found = res[case]
         assert found["error"] is not None, f"rank {r} stepped"
         assert f"ValueError: rbd_cuda: NES's agreement check: ranks disagree on {field}: rank(s) [1]" in found["error"]
         assert found["unchanged"], f"rank {r}'s parameters changed"
-    assert [res[case]["steps"] for res in results] == ([0, 0] if case != "resumed" else [2, 1])
+    steps = {"resumed": [2, 1], "lr later": [1, 1]}
+    assert [res[case]["steps"] for res in results] == steps.get(case, [0, 0])
 
 
 def test_a_non_finite_loss_on_one_rank_is_refused_on_every_rank(results):

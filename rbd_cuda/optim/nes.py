@@ -50,9 +50,9 @@ class NES(RandomBasesOptimizer):
     ``step`` returns the mean over the ranks. ``group=None`` (default) is the default
     group when torch.distributed is initialized (looked up at each step), else this process
     alone; a one-rank group (``dist.new_subgroups(group_size=1)[0]``) trains each rank on its
-    own. Before its first averaged step, and the first after ``load_state_dict``, the ranks check
-    (one all-gather of hashes) that they agree on ``config()``, the step count, the groups'
-    values and the parameters, and raise a ``ValueError`` on every rank naming the first that
+    own. Before every averaged step the ranks check (one all-gather of hashes) that they agree
+    on ``config()``, the step count and the groups' values, and at the first one and the first
+    after ``load_state_dict`` on the parameters too, and raise a ``ValueError`` on every rank naming the first that
     differs; a non-finite loss on any rank is refused on every rank. The group is not in the
     state dict: the world size decides which losses are averaged, not the bases, as the batch
     size does, so a checkpoint resumes on any number of ranks (as ``DistributedRBD``'s does).
@@ -113,8 +113,12 @@ class NES(RandomBasesOptimizer):
         return group if dist.get_world_size(group) > 1 else None
 
     def _agree(self, group) -> None:
-        """Raise on every rank of ``group`` unless they agree on all that decides the trajectory."""
-        fields = {**self.agreement_fields(), "parameters": fingerprint(self._params)}  # causes, then what they moved
+        """Raise on every rank of ``group`` unless they agree on all that decides the trajectory: at
+        every step (a scheduler stepped on one rank, a rank that skipped a step), the parameters' bits
+        only at the first step over ``group`` and the first after a load (identical updates keep
+        them identical; hashing D entries every step would cost a copy to the host)."""
+        parameters = fingerprint(self._params) if group is not self._agreed else None
+        fields = {**self.agreement_fields(), "parameters": parameters}  # the causes first, then what they moved
         agree(fields, group, "NES's agreement check", collective_device(group),
               hint="every rank must build NES with the same arguments over the same parameters and step it "
                    "from the same state_dict (seed the model's initialisation, or wrap the model in "
@@ -138,7 +142,7 @@ class NES(RandomBasesOptimizer):
                              "under Lightning use manual optimization (docs/optimizers.md)")
         hyper = self.hyperparameters()
         group = self._group()
-        if group is not None and group is not self._agreed:
+        if group is not None:
             self._agree(group)
         comp = self.compartments[0]
         basis = self.basis(comp)
