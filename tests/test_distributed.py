@@ -100,6 +100,14 @@ def launch(folder: Path, world: int, target, *args) -> tuple[list[dict], float]:
 # ---- what the ranks run -------------------------------------------------------------------------
 
 
+def launch_ok(folder: Path, world: int, target, *args) -> list[dict]:
+    """``launch``, failing the test with a rank's traceback if any raised; each rank's result."""
+    out, _ = launch(folder, world, target, *args)
+    for r, res in enumerate(out):
+        assert "ok" in res, f"rank {r} raised:\n{res.get('traceback')}"
+    return [res["ok"] for res in out]
+
+
 def mlp(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(10, 12), torch.nn.ReLU(), torch.nn.Linear(12, 3))
@@ -416,10 +424,7 @@ def loads(rank, world):
 
 
 def test_distributed_loads_are_agreed_by_every_rank(tmp_path):
-    results, _ = launch(tmp_path, 2, loads)
-    for r, res in enumerate(results):
-        assert "ok" in res, f"rank {r} raised:\n{res.get('traceback')}"
-    results = [res["ok"] for res in results]
+    results = launch_ok(tmp_path, 2, loads)
     for res in results:
         assert torch.equal(res["resumed"], res["uninterrupted"])
         assert torch.equal(res["uninterrupted"], results[0]["uninterrupted"])
@@ -438,10 +443,7 @@ def test_distributed_loads_are_agreed_by_every_rank(tmp_path):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out, _ = launch(tmp_path_factory.mktemp("dist"), WORLD, scenarios)
-    for r, res in enumerate(out):
-        assert "ok" in res, f"rank {r} raised:\n{res.get('traceback')}"
-    return [res["ok"] for res in out]
+    return launch_ok(tmp_path_factory.mktemp("dist"), WORLD, scenarios)
 
 
 def test_shared_bases_equal_one_process_on_the_concatenated_batch(results):

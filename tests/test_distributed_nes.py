@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from test_distributed import flat, launch, local, mlp
+from test_distributed import flat, launch_ok, local, mlp
 
 from rbd_cuda.optim import NES
 
@@ -113,10 +113,7 @@ def cases(rank, world):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out, _ = launch(tmp_path_factory.mktemp("nes"), WORLD, cases)
-    for r, res in enumerate(out):
-        assert "ok" in res, f"rank {r} raised:\n{res.get('traceback')}"
-    return [res["ok"] for res in out]
+    return launch_ok(tmp_path_factory.mktemp("nes"), WORLD, cases)
 
 
 def one_process(closure_rows) -> tuple[torch.Tensor, list[float]]:

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from test_distributed import launch
+from test_distributed import launch_ok
 
 from rbd_cuda.optim import FPD, RBD
 
@@ -196,10 +196,7 @@ def refusals(mesh):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out, _ = launch(tmp_path_factory.mktemp("fsdp2"), 2, cases)
-    for r, res in enumerate(out):
-        assert "ok" in res, f"rank {r} raised:\n{res.get('traceback')}"
-    return [res["ok"] for res in out]
+    return launch_ok(tmp_path_factory.mktemp("fsdp2"), 2, cases)
 
 
 @pytest.mark.parametrize("name", ["RBD", "FPD"])

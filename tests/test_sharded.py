@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from test_distributed import batch, launch, local, mlp
+from test_distributed import batch, launch_ok, local, mlp
 
 from rbd_cuda.distributed import DistributedFPD, DistributedRBD
 from rbd_cuda.nn import RandomSubspace
@@ -148,10 +148,7 @@ def cases(rank, world):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out, _ = launch(tmp_path_factory.mktemp("sharded"), 2, cases)
-    for r, res in enumerate(out):
-        assert "ok" in res, f"rank {r} raised:\n{res.get('traceback')}"
-    return [res["ok"] for res in out]
+    return launch_ok(tmp_path_factory.mktemp("sharded"), 2, cases)
 
 
 @pytest.mark.skipif(not HAS_FSDP2, reason="this torch has no torch.distributed.fsdp.fully_shard (FSDP2)")
