@@ -1,0 +1,71 @@
+"""The library under the real launcher: ``torchrun --standalone --nproc_per_node=2`` (as
+``python -m torch.distributed.run``) starts tests/torchrun_worker.py, whose ranks rendezvous from
+torchrun's environment (``rbd_cuda.distributed.init_process_group``) and train with RBD under DDP,
+DistributedRBD, NES and RBD over FSDP2's row shards. Every way keeps the ranks bit-identical and
+equals one process on the whole batch (to float rounding: the ranks sum in another order).
+The other multi-rank suites fork their ranks themselves (tests/test_distributed.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from rbd_cuda.optim import NES, RBD
+
+pytestmark = [
+    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"),
+    pytest.mark.skipif(not hasattr(__import__("torch.distributed.fsdp", fromlist=["fully_shard"]), "fully_shard"),
+                       reason="this torch has no torch.distributed.fsdp.fully_shard (FSDP2)"),
+]
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+import torchrun_worker as worker  # noqa: E402 (the ranks' own module, for the one-process reference)
+
+WORLD = 2
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # gloo on the CPU
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          f"--nproc_per_node={WORLD}", str(HERE / "torchrun_worker.py"), str(out)],
+                         env=env, capture_output=True, text=True, timeout=240, check=False)
+    assert run.returncode == 0, f"torchrun exited with {run.returncode}:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+def one_process_rbd() -> torch.Tensor:
+    model = worker.mlp()
+    opt = RBD(model.parameters(), lr=0.5, dim=4, momentum=0.5, compartments="tensor", seed=1)
+    for t in range(worker.STEPS):
+        x, y = worker.global_batch(t, WORLD)
+        F.cross_entropy(model(x), y).backward()  # the mean over the whole batch = the mean of the ranks' means
+        opt.step()
+        opt.zero_grad()
+    return worker.flat(model)
+
+
+def one_process_nes() -> torch.Tensor:
+    model = worker.mlp()
+    opt = NES(model.parameters(), lr=0.5, population=6, sigma=0.05, seed=1)
+    for t in range(worker.STEPS):
+        halves = [worker.mine(t, r, WORLD) for r in range(WORLD)]
+        opt.step(lambda halves=halves: sum(F.cross_entropy(model(x), y).double() for x, y in halves) / WORLD)
+    return worker.flat(model)
+
+
+@pytest.mark.parametrize("way", ["ddp", "distributed", "nes", "fsdp2"])
+def test_under_torchrun_the_ranks_stay_identical_and_equal_one_process(ranks, way):
+    assert torch.equal(ranks[0][way], ranks[1][way])
+    reference = one_process_nes() if way == "nes" else one_process_rbd()
+    assert not torch.equal(reference, worker.flat(worker.mlp()))  # the steps did something
+    torch.testing.assert_close(ranks[0][way], reference, rtol=1e-5, atol=1e-6)
