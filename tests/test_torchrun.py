@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torchrun_worker as worker  # the ranks' own module, for the one-process reference
 
 from rbd_cuda.optim import NES, RBD
 
@@ -26,8 +27,6 @@ pytestmark = [
 ]
 
 HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE))
-import torchrun_worker as worker  # noqa: E402 (the ranks' own module, for the one-process reference)
 
 WORLD = 2
 
