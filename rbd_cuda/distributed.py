@@ -41,7 +41,7 @@ from .basis import (
     project_compartment,
     scale,
 )
-from .layout import Compression, Fixed, as_dim_rule, check_saved, compartment_plan
+from .layout import Compression, Fixed, as_dim_rule, check_saved, compartment_plan, spans
 from .optim import FPD, RBD, Exchange
 from .optim.ranks import agree, agree_on_load, collective_device, fingerprint, run_collective
 
@@ -143,15 +143,9 @@ class Collective(Exchange):
         # Buffer layout: every compartment's coefficients, then one flag per segment (1 where this
         # rank has the gradient). The flags let ranks whose set of gradients differ agree on
         # which segments each update touches.
-        self._coeff_slices, offset = [], 0
-        for comp in optimizer.compartments:
-            self._coeff_slices.append(slice(offset, offset + comp.dim))
-            offset += comp.dim
-        self._flag_slices = []
-        for comp in optimizer.compartments:
-            self._flag_slices.append(slice(offset, offset + len(comp.segments)))
-            offset += len(comp.segments)
-        self._buffer_numel = offset
+        self._coeff_slices, offset = spans([comp.dim for comp in optimizer.compartments])
+        self._flag_slices, self._buffer_numel = spans([len(comp.segments) for comp in optimizer.compartments],
+                                                      offset)
         self.comm.setup_bytes += agree(optimizer.agreement_fields(), self.group, "the configuration check",
                                        self.device)
         if self.broadcast:

@@ -351,6 +351,16 @@ def local_pieces(compartments: Sequence[Compartment]) -> list[Compartment]:
     return pieces
 
 
+def spans(sizes: Sequence[int], start: int = 0) -> tuple[list[slice], int]:
+    """Consecutive slices of the given sizes from ``start``, and where the last ends: e.g. every
+    compartment's coefficients laid out in one flat buffer (sizes: the dims)."""
+    slices = []
+    for size in sizes:
+        slices.append(slice(start, start + size))
+        start += size
+    return slices, start
+
+
 def describe(compartments: Sequence[Compartment], params: Sequence[torch.Tensor]) -> list[list]:
     """A plain description of a layout, for state dicts and records: per compartment
     ``[stream, dim, numel, [[parameter index, start, numel, row_offset], ...]]``, parameters

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from ..basis import expand_compartment, project_compartment
-from ..layout import Compartment, check_saved, sharded_as
+from ..layout import Compartment, check_saved, sharded_as, spans
 from .base import EAGER_STEP, RandomBasesOptimizer, stepped_by_checkpoint
 from .ranks import agree, agree_on_load, collective_device, run_collective
 
@@ -84,11 +84,7 @@ class RowShards(Exchange):
 
     def bind(self, optimizer: RBD) -> None:
         self.device = optimizer._params[0].to_local().device
-        self._slices, offset = [], 0
-        for comp in optimizer.compartments:
-            self._slices.append(slice(offset, offset + comp.dim))
-            offset += comp.dim
-        self._numel = offset
+        self._slices, self._numel = spans([comp.dim for comp in optimizer.compartments])
         # Ranks built with other seeds or settings would sum coefficients of other bases.
         agree(optimizer.agreement_fields(), self.group,
               f"{type(optimizer).__name__}'s configuration check over row shards", collective_device(self.group))
