@@ -125,11 +125,20 @@ def run_keys(rows: list[str], methods: list[str], crop_pads: list[int | None], b
 
 
 def group(histories: dict[RunKey, list[dict]]) -> dict:
-    """{row: {(method, augmentation): [history per seed]}} in the order of the keys."""
-    results: dict[str, dict[tuple[str, data.Augment], list[list[dict]]]] = {}
-    for (row, method, augment, _seed), history in histories.items():
-        results.setdefault(row, {}).setdefault((method, augment), []).append(history)
+    """{row: {(method, augmentation): {seed: history}}} in the order of the keys."""
+    results: dict[str, dict[tuple[str, data.Augment], dict[int, list[dict]]]] = {}
+    for (row, method, augment, seed), history in histories.items():
+        results.setdefault(row, {}).setdefault((method, augment), {})[seed] = history
     return results
+
+
+def furthest(by_seed: dict[int, list[dict]]) -> tuple[list[list[dict]], list[tuple[int, float]]]:
+    """The histories of the seeds that reached the series' furthest epoch, and (seed, epoch) of
+    those still behind it: a mean over runs at different epochs would describe no run."""
+    epochs = {seed: final_row(h)["epoch"] for seed, h in by_seed.items()}
+    last = max(epochs.values())
+    return ([h for seed, h in by_seed.items() if epochs[seed] == last],
+            [(seed, epoch) for seed, epoch in epochs.items() if epoch < last])
 
 
 def run_all(keys: list[RunKey], epochs: int, out: Path, *, max_steps: int | None = None, device: str = "auto",
@@ -234,7 +243,8 @@ def summarize(results: dict) -> list[dict]:
     over seeds."""
     table = []
     for row, by_series in results.items():
-        for (method, augment), histories in by_series.items():
+        for (method, augment), by_seed in by_series.items():
+            histories, behind = furthest(by_seed)
             finals = [final_row(h) for h in histories]
             accs = [f["val_acc"] for f in finals]
             paper = PAPER_TABLE[row].get(method)
@@ -244,7 +254,8 @@ def summarize(results: dict) -> list[dict]:
                           "val_acc_mean": mean, "val_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                           "paper_mean": paper[0] if paper else None, "paper_std": paper[1] if paper else None,
                           "difference": mean - paper[0] if paper else None,
-                          "images_per_s": statistics.fmean(f["images_per_s"] for f in finals)})
+                          "images_per_s": statistics.fmean(f["images_per_s"] for f in finals),
+                          "behind": [{"seed": seed, "epoch": epoch} for seed, epoch in behind]})
     return table
 
 
@@ -271,6 +282,10 @@ def markdown(table: list[dict], device: str) -> str:
         ours = f"{t['val_acc_mean']:.2f}" + (f" ± {t['val_acc_std']:.2f}" if t["seeds"] > 1 else "")
         lines.append(f"| {t['row']} | {t['method']} | {describe(t['augment'])} | {t['epochs']:.3g} | {t['seeds']} | "
                      f"{ours} | {paper} | {diff} |")
+    behind = [f"{t['row']} {t['method']} {describe(t['augment'])}: seed {b['seed']} at epoch {b['epoch']:.3g}"
+              for t in table for b in t["behind"]]
+    if behind:
+        lines += ["", "Under way, left out of their rows until they reach the rows' epochs: " + "; ".join(behind) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -288,7 +303,8 @@ def plot(results: dict, path: Path) -> None:
     panels = []
     for row, by_series in results.items():
         curves, references = {}, {}
-        for (method, augment), histories in by_series.items():
+        for (method, augment), by_seed in by_series.items():
+            histories, _ = furthest(by_seed)
             label = f"{method}, {describe(augment.as_dict())} (n={len(histories)})"
             curves[label] = mean_curve(histories)
             if method in PAPER_TABLE[row]:

@@ -488,6 +488,23 @@ def test_reproduce_writes_a_table_beside_the_papers_numbers(tmp_path, monkeypatc
     assert "no finished runs" in capsys.readouterr().err
 
 
+def test_a_seed_still_under_way_is_left_out_of_its_rows_mean(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "load", lambda *a, **k: synthetic_splits())
+    out = tmp_path / "rep"
+    common = ["--methods", "sgd", "--max-steps", "20", "--device", "cpu", "--out", str(out), "--no-progress"]
+    assert reproduce.main([*common, "--seeds", "0,2", "--epochs", "2"]) == 0
+    assert reproduce.main([*common, "--seeds", "1", "--epochs", "1"]) == 0
+    assert reproduce.main([*common, "--seeds", "0,1,2", "--report"]) == 0
+    [sgd] = json.loads((out / "table.json").read_text())["rows"]
+    finals = {s: json.loads((out / "runs" / f"fc-mnist-sgd-crop3-b0.5-s{s}" / "metrics.json").read_text())
+              ["history"][-1] for s in (0, 1, 2)}
+    assert [finals[s]["epoch"] for s in (0, 1, 2)] == [2, 1, 2]
+    assert (sgd["epochs"], sgd["seeds"]) == (2, 2)
+    assert sgd["val_acc_mean"] == pytest.approx(np.mean([finals[0]["val_acc"], finals[2]["val_acc"]]))
+    assert sgd["behind"] == [{"seed": 1, "epoch": 1}]
+    assert "crop ±3, brightness ±0.5: seed 1 at epoch 1." in (out / "table.md").read_text()
+
+
 def test_reproduce_runs_each_crop_pad_as_a_pipeline_of_its_own(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "load", lambda *a, **k: synthetic_splits())
     out = tmp_path / "rep"
