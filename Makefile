@@ -5,11 +5,13 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 MAX_JOBS ?= 2
 RBD_CUDA ?= auto
+# The CUDA kernels' emulated build for the tests (csrc/emu; setup.py).
+RBD_EMU ?= 1
 TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 RESULTS ?= results
-export MAX_JOBS TORCH_CUDA_ARCH_LIST RBD_CUDA
+export MAX_JOBS TORCH_CUDA_ARCH_LIST RBD_CUDA RBD_EMU
 
-.PHONY: venv install build test test-gpu reproduce table1-report table1-gpu demo bench bench-optim bench-quick gpu-check gpu-check-cpu lint clean FORCE
+.PHONY: venv install build test test-gpu reproduce table1-report table1-gpu demo bench bench-optim bench-quick gpu-check gpu-check-cpu emu-sanitize emu-mutants lint clean FORCE
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +25,7 @@ venv: $(VENV)/.deps
 
 # Builds the extension (CPU kernels always; CUDA kernels when nvcc is found, RBD_CUDA=auto|0|1),
 # again only when a source, the build script or the build settings changed, or the library is gone.
-BUILD_SETTINGS := RBD_CUDA=$(RBD_CUDA) TORCH_CUDA_ARCH_LIST=$(TORCH_CUDA_ARCH_LIST) CUDA_HOME=$(CUDA_HOME)
+BUILD_SETTINGS := RBD_CUDA=$(RBD_CUDA) RBD_EMU=$(RBD_EMU) TORCH_CUDA_ARCH_LIST=$(TORCH_CUDA_ARCH_LIST) CUDA_HOME=$(CUDA_HOME)
 
 $(VENV)/.build-settings: FORCE | $(BIN)/python
 	@echo '$(BUILD_SETTINGS)' | cmp -s - $@ || echo '$(BUILD_SETTINGS)' > $@
@@ -35,7 +37,7 @@ $(VENV)/.installed: $(VENV)/.deps $(VENV)/.build-settings setup.py pyproject.tom
 	touch $@
 
 install: $(VENV)/.installed
-	@ls rbd_cuda/_C*.so >/dev/null 2>&1 || { rm -f $< && $(MAKE) --no-print-directory install; }
+	@ls rbd_cuda/_C*.so $(if $(filter 1,$(RBD_EMU)),rbd_cuda/_emu*.so) >/dev/null 2>&1 || { rm -f $< && $(MAKE) --no-print-directory install; }
 
 FORCE:
 
@@ -44,6 +46,15 @@ build: venv
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+# The emulated CUDA kernels under AddressSanitizer and ThreadSanitizer, small shapes (docs/building.md).
+emu-sanitize: install
+	$(BIN)/python tests/emu_check.py sanitize address
+	$(BIN)/python tests/emu_check.py sanitize thread
+
+# Planted kernel bugs, one at a time, against the emulated tests (tests/emu_mutants.md).
+emu-mutants: install
+	$(BIN)/python tests/emu_check.py mutants --out tests/emu_mutants.md
 
 test-gpu: install
 	$(BIN)/python -m pytest -q -m cuda tests

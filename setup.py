@@ -2,6 +2,9 @@
 
 Environment switches:
   RBD_CUDA=auto|0|1        auto (default): build CUDA when possible; 1: require it; 0: skip it
+  RBD_EMU=0|1              1: also build rbd_cuda._emu, the CUDA kernels compiled for the CPU over
+                           the SIMT emulator (csrc/emu) for the tests (the Makefile's default); 0
+                           (default): skip it. It needs no GPU, nvcc or CUDA torch.
   TORCH_CUDA_ARCH_LIST     GPU architectures (default "8.0;9.0"; torch crashes without one
                            on a machine with no GPU)
   CUDA_HOME                toolkit root (default: found from nvcc)
@@ -35,6 +38,9 @@ def find_cuda_home():
 mode = os.environ.get("RBD_CUDA", "auto").lower()
 if mode not in ("auto", "0", "1"):
     raise SystemExit(f"RBD_CUDA must be auto, 0 or 1, got {mode!r}")
+emu = os.environ.get("RBD_EMU", "0")
+if emu not in ("0", "1"):
+    raise SystemExit(f"RBD_EMU must be 0 or 1, got {emu!r}")
 
 cuda_home = find_cuda_home() if mode != "0" else None
 if cuda_home:
@@ -87,9 +93,33 @@ if with_cuda:
     if os.environ.get("RBD_NVCC_VERBOSE"):
         extra["nvcc"].append("-Xptxas=-v")  # registers, shared memory, spills per kernel
 
+ext_modules = [
+    extension(
+        name="rbd_cuda._C",
+        sources=sources,
+        include_dirs=include_dirs,
+        define_macros=define_macros,
+        extra_compile_args={"cxx": cxx_flags, **extra},
+        extra_link_args=["-fopenmp"],
+    )
+]
+if emu == "1":
+    # The CUDA sources over the emulator, one g++ translation unit (csrc/emu/emu_ops.cpp). The
+    # stand-ins for torch's c10/cuda headers come first on the include path. Hidden symbols: the
+    # emulated kernels and host code never bind to _C's (CUDA) definitions of the same names.
+    ext_modules.append(CppExtension(
+        name="rbd_cuda._emu",
+        sources=["csrc/emu/emu_ops.cpp"],
+        include_dirs=[os.path.join(root, "csrc", "emu", "include"), os.path.join(root, "csrc", "emu")] + include_dirs,
+        define_macros=[("RBD_EMU", None)],
+        extra_compile_args={"cxx": ["-O2", "-std=c++20", "-fvisibility=hidden", "-Wno-unknown-pragmas"]},
+        extra_link_args=["-pthread"],
+    ))
+
 print(f"rbd_cuda: building CPU kernels{' and CUDA kernels' if with_cuda else ''}"
       + (f" (CUDA_HOME={cuda_home}, arch list {os.environ['TORCH_CUDA_ARCH_LIST']})" if with_cuda
-         else f" only ({why_not})"))
+         else f" only ({why_not})")
+      + ("; the emulated CUDA kernels (rbd_cuda._emu)" if emu == "1" else ""))
 
 setup(
     name="rbd_cuda",
@@ -97,16 +127,7 @@ setup(
     description="Random Bases Descent: fused Philox random-projection kernels for PyTorch",
     # The library (rbd_cuda) and, beside it, the paper's applications (rbd_experiments).
     packages=find_packages(include=["rbd_cuda", "rbd_cuda.*", "rbd_experiments", "rbd_experiments.*"]),
-    ext_modules=[
-        extension(
-            name="rbd_cuda._C",
-            sources=sources,
-            include_dirs=include_dirs,
-            define_macros=define_macros,
-            extra_compile_args={"cxx": cxx_flags, **extra},
-            extra_link_args=["-fopenmp"],
-        )
-    ],
+    ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExtension},
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "numpy", "tqdm"],  # tqdm: the applications' progress bars

@@ -88,16 +88,6 @@ inline Distribution parse_distribution(const std::string& name) {
                     "'rademacher', got '", name, "'");
 }
 
-// The CUDA kernel family the ops use: v1 (the default) or v2 (cuda/kernels_v2.cu: new kernels and
-// the one-launch grouped ops, not yet the default because no GPU has run them). Process-wide, set
-// by rbd_cuda.backends.cuda.kernels (defined in registration.cpp), never read from the environment.
-enum class CudaKernels { V1, V2 };
-
-CudaKernels cuda_kernels();
-void set_cuda_kernels(const std::string& name);
-
-inline std::string cuda_kernels_name() { return cuda_kernels() == CudaKernels::V2 ? "v2" : "v1"; }
-
 // numel: rows of the sub-matrix, dim: its columns. The seed arrives as a signed
 // int64 holding the seed's 64 bits (the Python wrapper maps [2^63, 2^64) there).
 inline StreamArgs make_stream_args(int64_t numel, int64_t dim, int64_t seed, int64_t step,

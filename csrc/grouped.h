@@ -7,8 +7,8 @@
 //                    row_offset=row_offsets[s], stream=streams[k])   (bit for bit, per device)
 //   expand_grouped_: out_s += alphas[s] * P_k c_k, as expand_(out_s, c_k, alphas[s], ...) does
 //
-// Argument checks and the per-segment loop every backend can run (the CPU, and CUDA with the v1
-// kernels); CUDA's v2 kernels do the same in one launch (cuda/kernels_v2.cu).
+// Argument checks, and the per-segment loop over the single ops that the CPU runs; the CUDA kernels
+// do the same in one launch (cuda/products.cu).
 #pragma once
 
 #include <algorithm>
@@ -96,33 +96,33 @@ inline void check_expand_grouped(at::TensorList out, const at::Tensor& c, at::Ar
   check_disjoint(out);
 }
 
-// ---- the v2 CUDA project's cut of a segment into work items ---------------------------------
+// ---- the CUDA project's cut of a segment into work items -----------------------------------
 //
-// Host arithmetic only, here rather than in cuda/kernels_v2.cu so that every build can run (and
-// the tests can check) it: torch.ops.rbd_cuda._v2_project_plan returns it for one segment.
+// Host arithmetic only, here rather than in cuda/products.cu so that every build can run (and
+// the tests can check) it: torch.ops.rbd_cuda._cuda_project_plan returns it for one segment.
 
-constexpr int64_t kV2Tile = 32;                  // columns per work item (normal, uniform)
-constexpr int64_t kV2ItemsPerSegment = 16384;    // work items a large segment is cut into
-constexpr int64_t kV2MinRowBlocksPerItem = 64;   // (Rademacher: one per row lane, 256)
+constexpr int64_t kProjectTile = 32;                  // columns per work item (normal, uniform)
+constexpr int64_t kProjectItemsPerSegment = 16384;    // work items a large segment is cut into
+constexpr int64_t kProjectMinRowBlocksPerItem = 64;   // (Rademacher: one per row lane, 256)
 // The kernel walks a chunk's interior row blocks with a 32-bit counter (t < n, t += lanes, at most
 // 256 lanes): at most 2^30 row blocks per chunk keep t + lanes far below 2^32. Without the cap a
 // segment of 2^34 rows and dim 524288 gets one chunk of 2^32 row blocks (0 in 32 bits).
-constexpr int64_t kV2MaxChunk = int64_t(1) << 30;
+constexpr int64_t kProjectMaxChunk = int64_t(1) << 30;
 
-struct V2ProjectPlan {
+struct ProjectPlan {
   int64_t tiles;     // column tiles (Rademacher: 32-column groups)
-  int64_t chunk;     // row blocks per work item, in [1, kV2MaxChunk]
+  int64_t chunk;     // row blocks per work item, in [1, kProjectMaxChunk]
   int64_t n_chunks;  // work items per tile: ceil(n_rb / chunk)
 };
 
 // The cut depends on the segment alone, so it sums the same way in any table.
-inline V2ProjectPlan v2_project_plan(const Geometry& geo, int64_t n_rb, int64_t dim) {
-  V2ProjectPlan p;
-  p.tiles = geo.rademacher ? geo.n_cols : ceil_div(dim, kV2Tile);
-  const int64_t min_rows = geo.rademacher ? 256 : kV2MinRowBlocksPerItem;
-  const int64_t want = std::clamp<int64_t>(ceil_div(kV2ItemsPerSegment, p.tiles), 1,
+inline ProjectPlan cuda_project_plan(const Geometry& geo, int64_t n_rb, int64_t dim) {
+  ProjectPlan p;
+  p.tiles = geo.rademacher ? geo.n_cols : ceil_div(dim, kProjectTile);
+  const int64_t min_rows = geo.rademacher ? 256 : kProjectMinRowBlocksPerItem;
+  const int64_t want = std::clamp<int64_t>(ceil_div(kProjectItemsPerSegment, p.tiles), 1,
                                            std::max<int64_t>(1, ceil_div(n_rb, min_rows)));
-  p.chunk = std::clamp<int64_t>(ceil_div(n_rb, want), 1, kV2MaxChunk);
+  p.chunk = std::clamp<int64_t>(ceil_div(n_rb, want), 1, kProjectMaxChunk);
   p.n_chunks = ceil_div(n_rb, p.chunk);
   return p;
 }

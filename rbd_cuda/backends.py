@@ -1,19 +1,11 @@
 """Which kernels the ops run, and facts about the build.
 
-The settings are process-wide attributes, read by the ops on every call (never from the
-environment):
-
-- ``cpu.isa``: the CPU kernels' instruction set, ``"avx512"``, ``"avx2"`` or ``"baseline"``
-  (one of ``cpu.isas``, the ones this CPU and build run, best first); assigning ``"auto"``
-  selects the best. Every path gives the same results bit for bit: only the speed differs.
-- ``cuda.kernels``: the CUDA kernel family, ``"v1"`` (the default) or ``"v2"`` (new project and
-  expand kernels and one launch per grouped op; not the default until a GPU run has shown it
-  correct and faster). The CPU kernels do not depend on it.
-
-``with cpu.use_isa("avx2"):`` and ``with cuda.use_kernels("v2"):`` set one for a block and restore
-the previous value. The environment variables ``RBD_CPU_ISA`` and ``RBD_CUDA_KERNELS`` give the
-initial values, read once when ``rbd_cuda`` is imported. Being process-wide, a change applies to
-every thread's calls.
+``cpu.isa`` is the CPU kernels' instruction set, ``"avx512"``, ``"avx2"`` or ``"baseline"`` (one
+of ``cpu.isas``, the ones this CPU and build run, best first); assigning ``"auto"`` selects the
+best. Every path gives the same results bit for bit: only the speed differs. It is a process-wide
+setting, read by the ops on every call: a change applies to every thread's calls.
+``with cpu.use_isa("avx2"):`` sets it for a block and restores the previous value. The environment
+variable ``RBD_CPU_ISA`` gives the initial value, read once when ``rbd_cuda`` is imported.
 """
 
 from __future__ import annotations
@@ -26,7 +18,7 @@ import torch
 
 from . import _C  # noqa: F401  (loading the extension registers torch.ops.rbd_cuda)
 
-__all__ = ["built_with_cuda", "cpu", "cuda", "stream_version"]
+__all__ = ["built_with_cuda", "cpu", "stream_version"]
 
 
 def _name(setting: str, value) -> str:
@@ -63,31 +55,7 @@ class CPU:
             self.isa = previous
 
 
-class CUDA:
-    """The CUDA kernels (the module's ``cuda``)."""
-
-    @property
-    def kernels(self) -> str:
-        """The CUDA kernel family the ops use: ``"v1"`` or ``"v2"``; assignable."""
-        return str(torch.ops.rbd_cuda.cuda_kernels())
-
-    @kernels.setter
-    def kernels(self, name: str) -> None:
-        torch.ops.rbd_cuda.set_cuda_kernels(_name("rbd_cuda.backends.cuda.kernels", name))
-
-    @contextlib.contextmanager
-    def use_kernels(self, name: str) -> Iterator[None]:
-        """``kernels = name`` for the block, then the previous value again."""
-        previous = self.kernels
-        self.kernels = name
-        try:
-            yield
-        finally:
-            self.kernels = previous
-
-
 cpu = CPU()
-cuda = CUDA()
 
 
 def built_with_cuda() -> bool:
@@ -112,4 +80,3 @@ def _initial(variable: str, setting: str, owner, attribute: str) -> None:
 
 
 _initial("RBD_CPU_ISA", "rbd_cuda.backends.cpu.isa", cpu, "isa")
-_initial("RBD_CUDA_KERNELS", "rbd_cuda.backends.cuda.kernels", cuda, "kernels")

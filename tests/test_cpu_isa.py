@@ -1,4 +1,4 @@
-"""rbd_cuda.backends: the settings (CPU instruction set, CUDA kernel family), and the CPU kernels'
+"""rbd_cuda.backends: the setting (the CPU instruction set), and the CPU kernels'
 instruction-set paths (baseline, AVX2, AVX-512): each one this CPU runs is selected with
 ``backends.cpu.isa`` and must give the baseline's results bit for bit (words, entries of all three
 distributions, products) and agree with the float64 reference. The baseline is always among them,
@@ -58,12 +58,6 @@ def test_bad_settings_are_refused_and_change_nothing(use_isa):
     with pytest.raises(TypeError, match="rbd_cuda.backends.cpu.isa must be a str, got int"):
         backends.cpu.isa = 2
     assert backends.cpu.isa == "baseline"
-    kernels = backends.cuda.kernels
-    with pytest.raises(ValueError, match="the CUDA kernels must be 'v1' or 'v2', got 'v3'"):
-        backends.cuda.kernels = "v3"
-    with pytest.raises(TypeError, match="rbd_cuda.backends.cuda.kernels must be a str, got NoneType"):
-        backends.cuda.kernels = None
-    assert backends.cuda.kernels == kernels
 
 
 @pytest.mark.parametrize("isa", KNOWN)
@@ -76,20 +70,17 @@ def test_unavailable_isa_is_refused(isa):
 
 def test_the_settings_are_attributes_and_context_managers(monkeypatch):
     monkeypatch.setattr(backends.cpu, "isa", ISAS[0])
-    monkeypatch.setattr(backends.cuda, "kernels", "v1")
-    with backends.cpu.use_isa("baseline"), backends.cuda.use_kernels("v2"):
-        assert (backends.cpu.isa, backends.cuda.kernels) == ("baseline", "v2")
-    assert (backends.cpu.isa, backends.cuda.kernels) == (ISAS[0], "v1")
+    with backends.cpu.use_isa("baseline"):
+        assert backends.cpu.isa == "baseline"
+    assert backends.cpu.isa == ISAS[0]
     with pytest.raises(KeyError), backends.cpu.use_isa("baseline"):
         raise KeyError  # restored on the way out of an exception too
     assert backends.cpu.isa == ISAS[0]
-    backends.cuda.kernels = "v2"
-    assert backends.cuda.kernels == "v2"
 
 
 def _python(code: str, **env) -> subprocess.CompletedProcess:
     """``code`` in a fresh interpreter importing this copy of rbd_cuda, with ``env`` set (None: unset)."""
-    environ = {k: v for k, v in os.environ.items() if k not in ("RBD_CPU_ISA", "RBD_CUDA_KERNELS")}
+    environ = {k: v for k, v in os.environ.items() if k != "RBD_CPU_ISA"}
     root = os.path.dirname(os.path.dirname(rbd_cuda.__file__))
     environ["PYTHONPATH"] = os.pathsep.join([root, environ.get("PYTHONPATH", "")])
     environ.update(env)
@@ -100,17 +91,17 @@ def _python(code: str, **env) -> subprocess.CompletedProcess:
 def test_the_environment_gives_the_initial_values_once_at_import():
     code = """import os, torch, rbd_cuda
 from rbd_cuda import backends
-print(backends.cpu.isa, backends.cuda.kernels)
-# Read once: changing the variables afterwards changes nothing, and no op call reads them.
-os.environ["RBD_CPU_ISA"], os.environ["RBD_CUDA_KERNELS"] = "sse9", "v3"
+print(backends.cpu.isa)
+# Read once: changing the variable afterwards changes nothing, and no op call reads it.
+os.environ["RBD_CPU_ISA"] = "sse9"
 rbd_cuda.project(torch.ones(8), 4, seed=0)
-print(backends.cpu.isa, backends.cuda.kernels)"""
+print(backends.cpu.isa)"""
     run = _python(code)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.split() == [ISAS[0], "v1"] * 2  # the defaults: the best ISA, v1
-    run = _python(code, RBD_CPU_ISA="baseline", RBD_CUDA_KERNELS="v2")
+    assert run.stdout.split() == [ISAS[0]] * 2  # the default: the best ISA
+    run = _python(code, RBD_CPU_ISA="baseline")
     assert run.returncode == 0, run.stderr
-    assert run.stdout.split() == ["baseline", "v2"] * 2
+    assert run.stdout.split() == ["baseline"] * 2
     run = _python("import rbd_cuda", RBD_CPU_ISA="sse9")
     assert run.returncode != 0
     assert ("RBD_CPU_ISA='sse9' sets rbd_cuda.backends.cpu.isa: the CPU ISA must be 'avx512', 'avx2', "

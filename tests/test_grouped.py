@@ -1,8 +1,8 @@
 """The grouped ops against the per-segment ops (bit for bit) and the float64 reference.
 
 project_grouped sums each compartment's per-segment projections in list order, and
-expand_grouped_ gives every segment what expand_ gives it, on every device: with the v2 CUDA
-kernels (rbd_cuda.backends.cuda.kernels = "v2") that is one launch per op instead of one per segment.
+expand_grouped_ gives every segment what expand_ gives it, on every device: with the CUDA kernels
+that is one launch per op instead of one per segment (tests/test_cuda.py, emulated and on a GPU).
 """
 
 import itertools
@@ -265,11 +265,11 @@ PLANS = [(2**34, 524_288, 0, "normal"), (2**34 - 4, 524_288, 0, "normal"), (2**3
 
 
 @pytest.mark.parametrize("numel,dim,row_offset,dist", PLANS)
-def test_v2_project_plan_keeps_chunks_in_32_bits(numel, dim, row_offset, dist):
+def test_cuda_project_plan_keeps_chunks_in_32_bits(numel, dim, row_offset, dist):
     """The v2 CUDA project cuts each segment into work items on the host (the same arithmetic in
-    every build, torch.ops.rbd_cuda._v2_project_plan) and walks a chunk's row blocks with a 32-bit
+    every build, torch.ops.rbd_cuda._cuda_project_plan) and walks a chunk's row blocks with a 32-bit
     counter: the chunks must cover the segment's row blocks and hold at most 2**30 of them."""
-    tiles, chunk, n_chunks = torch.ops.rbd_cuda._v2_project_plan(numel, dim, row_offset, dist)
+    tiles, chunk, n_chunks = torch.ops.rbd_cuda._cuda_project_plan(numel, dim, row_offset, dist)
     n_rb = 0 if numel == 0 else (row_offset + numel + 3) // 4 - row_offset // 4
     assert 1 <= chunk <= 2**30
     assert n_chunks == -(-n_rb // chunk)
@@ -279,10 +279,10 @@ def test_v2_project_plan_keeps_chunks_in_32_bits(numel, dim, row_offset, dist):
         assert chunk == 2**30 and n_chunks == 4  # uncapped: one chunk of 2**32 row blocks
 
 
-def test_v2_project_plan_bad_input():
+def test_cuda_project_plan_bad_input():
     with pytest.raises((ValueError, RuntimeError), match="numel must be non-negative"):
-        torch.ops.rbd_cuda._v2_project_plan(-1, 4)
+        torch.ops.rbd_cuda._cuda_project_plan(-1, 4)
     with pytest.raises((ValueError, RuntimeError), match="row_offset \\+ numel must be at most 2\\*\\*34"):
-        torch.ops.rbd_cuda._v2_project_plan(2**34, 4, 1)
+        torch.ops.rbd_cuda._cuda_project_plan(2**34, 4, 1)
     with pytest.raises((ValueError, RuntimeError), match="distribution"):
-        torch.ops.rbd_cuda._v2_project_plan(10, 4, 0, "cauchy")
+        torch.ops.rbd_cuda._cuda_project_plan(10, 4, 0, "cauchy")

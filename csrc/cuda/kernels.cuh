@@ -1,4 +1,6 @@
-// Device helpers shared by the CUDA kernels (project.cu, expand.cu, materialize.cu).
+// Device helpers shared by the CUDA kernels (products.cu, materialize.cu), and the two macros that
+// let the same source build for the GPU (nvcc) and for the CPU emulator (csrc/emu, g++ with
+// RBD_EMU defined; the tests run every kernel there).
 #pragma once
 
 #include <algorithm>
@@ -13,11 +15,28 @@
 
 #include "../common.h"
 
+// RBD_LAUNCH(kernel, grid, block, shmem, stream)(args...) is kernel<<<grid, block, shmem, stream>>>(args...);
+// RBD_CUDA_IMPL(m) registers the CUDA implementations of torch.ops.rbd_cuda (the emulated build:
+// of torch.ops.rbd_emu, on CPU tensors).
+#if defined(RBD_EMU)
+#define RBD_LAUNCH(kernel, ...) EMU_LAUNCH(kernel, __VA_ARGS__)
+#define RBD_CUDA_IMPL(m) TORCH_LIBRARY_IMPL(rbd_emu, CPU, m)
+#else
+#define RBD_LAUNCH(kernel, ...) kernel<<<__VA_ARGS__>>>
+#define RBD_CUDA_IMPL(m) TORCH_LIBRARY_IMPL(rbd_cuda, CUDA, m)
+#endif
+
 namespace rbd {
 
 constexpr int kThreads = 256;
-constexpr int64_t kTargetBlocks = 4096;       // project: column tiles x row chunks, about
-constexpr int64_t kTargetThreads = 1 << 20;   // expand: split columns when rows are too few
+// expand: column lanes when a segment has fewer row blocks than about a GPU's resident threads.
+// The emulated GPU has a few SMs (csrc/emu), so its segments split at fewer rows, which lets the
+// tests reach both sides of the cut at the sizes an emulator runs.
+#if defined(RBD_EMU)
+constexpr int64_t kTargetThreads = 1 << 12;
+#else
+constexpr int64_t kTargetThreads = 1 << 20;
+#endif
 constexpr int kCTile = 2048;                  // expand: coefficients staged per pass (8 KB)
 
 template <typename T>
@@ -88,19 +107,18 @@ __device__ __forceinline__ void group_column_sums(const float (&acc)[32], float*
   }
 }
 
+// Four entries of one column (rows 4b..4b+3) from one Philox block; normal by box_muller_polar.
 template <Distribution D>
 __device__ __forceinline__ void entries4(const Philox4& x, float (&e)[4]) {
   if constexpr (D == Distribution::Normal) {
-    normal4(x, e);
+    float r0, s0, c0, r1, s1, c1;
+    box_muller_polar(x.w[0], x.w[1], r0, s0, c0);
+    box_muller_polar(x.w[2], x.w[3], r1, s1, c1);
+    e[0] = r0 * c0; e[1] = r0 * s0; e[2] = r1 * c1; e[3] = r1 * s1;
   } else {
     uniform4(x, e);
   }
 }
-
-struct Launch {
-  int64_t rb_first, rb_end;  // 4-row blocks of the stream covering the rows
-  int64_t n_chunks, chunk;   // project: row chunks (grid.y) and row blocks per chunk
-};
 
 #define RBD_DISPATCH_FLOAT(TYPE, NAME, ...)                    \
   AT_DISPATCH_SWITCH(TYPE, NAME,                               \
@@ -113,10 +131,5 @@ inline int64_t pow2_floor(int64_t v) {
   while (p * 2 <= v) p *= 2;
   return p;
 }
-
-// The v2 single ops (kernels_v2.cu), taken when RBD_CUDA_KERNELS=v2: c = P^T g in g's dtype, and
-// out += alpha P c32 (c32: fp32, contiguous, not aliasing out).
-at::Tensor project_v2(const at::Tensor& g, const StreamArgs& a, int64_t dim);
-void expand_inplace_v2(at::Tensor& out, const at::Tensor& c32, float alpha, const StreamArgs& a);
 
 }  // namespace rbd

@@ -1,4 +1,6 @@
-// CUDA materialize_ (tests and debugging) and the raw Philox op (known-answer tests).
+// CUDA materialize_ (tests and debugging) and the raw Philox op (known-answer tests). materialize
+// generates through the products' entry functions (entries4, kernels.cuh), so it writes the very
+// entries project and expand_ use.
 #include "kernels.cuh"
 
 namespace rbd {
@@ -72,8 +74,9 @@ void materialize_inplace_cuda(at::Tensor& out, int64_t seed, int64_t step, int64
   const int64_t blocks = std::min<int64_t>(ceil_div(n_rb * n_cols, kThreads), 65536);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "rbd_cuda::materialize_", [&] {
     with_distribution(a.dist, [&](auto tag) {
-      materialize_kernel<decltype(tag)::value, scalar_t><<<unsigned(blocks), kThreads, 0, stream>>>(
-          out.data_ptr<scalar_t>(), numel, dim, a, rb_first, n_rb, n_cols, first_col, shift);
+      const auto kernel = materialize_kernel<decltype(tag)::value, scalar_t>;
+      RBD_LAUNCH(kernel, unsigned(blocks), kThreads, 0, stream)(out.data_ptr<scalar_t>(), numel, dim, a, rb_first,
+                                                               n_rb, n_cols, first_col, shift);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -86,7 +89,7 @@ at::Tensor philox_cuda(const at::Tensor& counter, const at::Tensor& key, int64_t
   at::Tensor out = at::empty_like(ctr);
   const int64_t n = ctr.size(0);
   if (n == 0) return out;
-  philox_kernel<<<unsigned(ceil_div(n, kThreads)), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  RBD_LAUNCH(philox_kernel, unsigned(ceil_div(n, kThreads)), kThreads, 0, c10::cuda::getCurrentCUDAStream())(
       ctr.data_ptr<int64_t>(), k.data_ptr<int64_t>(), n, rounds == 7, out.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
@@ -94,7 +97,7 @@ at::Tensor philox_cuda(const at::Tensor& counter, const at::Tensor& key, int64_t
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(rbd_cuda, CUDA, m) {
+RBD_CUDA_IMPL(m) {
   m.impl("materialize_", &materialize_inplace_cuda);
   m.impl("philox4x32", &philox_cuda);
 }

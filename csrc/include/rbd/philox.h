@@ -13,6 +13,7 @@
 // tolerance-tested) and the reasons behind the layout.
 #pragma once
 
+#include <math.h>
 #include <stdint.h>
 
 #if defined(__CUDACC__)
@@ -152,10 +153,10 @@ RBD_HOST_DEVICE float rademacher(uint32_t word, int bit) {
 // From words (a, b): u1 = uniform_open0(a) in (0, 1], v = uniform_pm1(b) in [-1, 1),
 //   z0 = sqrt(-2 ln u1) * cos(pi v),   z1 = sqrt(-2 ln u1) * sin(pi v).
 // Words (0, 1) give rows 4b, 4b+1; words (2, 3) give rows 4b+2, 4b+3.
-// Device code uses the SFU (special-function unit) log2, square root, sine and cosine
-// (the angle is in [-pi, pi), where sine and cosine are accurate to ~2^-21 absolute);
-// host code uses the portable polynomials below, written branch-free so loops over
-// them vectorise and give the same bits as scalar code. The two agree to
+// The CPU kernels use box_muller, the portable polynomials below, written branch-free so loops
+// over them vectorise and give the same bits as scalar code. The CUDA kernels use
+// box_muller_polar, the special-function unit's log2, square root, sine and cosine (the angle is
+// in [-pi, pi), where sine and cosine are accurate to ~2^-21 absolute). The two agree to
 // 1e-5 + 2e-7 / |z| (docs/random_stream.md).
 
 namespace detail {
@@ -255,42 +256,77 @@ RBD_HOST_DEVICE void sincospi_poly(float v, float& s, float& c) {
 RBD_HOST_DEVICE void box_muller(uint32_t a, uint32_t b, float& z0, float& z1) {
   const float u1 = uniform_open0(a);
   const float v = uniform_pm1(b);
-#if defined(__CUDA_ARCH__)
-  // SFU log2 and square root: two instructions instead of ~25. lg2.approx has an
-  // absolute error ~2^-22, so the radius r is off by ~1.7e-7 / r: below 1e-5 unless
-  // r < 0.017 (probability 1.4e-4 per pair), and below 4e-4 always.
-  float radius;
-  // fmaxf: the SFU log's error bound does not exclude a tiny positive result at u1 ~ 1.
-  asm("sqrt.approx.f32 %0, %1;" : "=f"(radius) : "f"(fmaxf(0.0f, -2.0f * __logf(u1))));
-  float s, c;
-  __sincosf(v * 3.14159265358979f, &s, &c);
-#else
   const float radius = __builtin_sqrtf(-2.0f * detail::log_poly(u1));
   float s, c;
   detail::sincospi_poly(v, s, c);
-#endif
   z0 = radius * c;
   z1 = radius * s;
 }
 
-#if defined(__CUDACC__)
-// The v2 CUDA kernels' Box–Muller (cuda/kernels_v2.cu): z0 = r c, z1 = r s from words (a, b),
-// with the same integer inputs as box_muller above. Cheaper, and not bit-identical to it:
+// ---- the GPU's special-function unit, each with a host twin ------------------------------
+//
+// Device code gets the SFU approximations (inline PTX: about 2^-22 absolute error for lg2, sin and
+// cos in the ranges used here); host code, which is the CUDA emulator's build of the same kernels
+// (csrc/emu), gets libm's accurately rounded functions. So the emulator checks what the kernels
+// compute from these values, not the GPU's last bits.
+namespace sfu {
+
+RBD_HOST_DEVICE float lg2(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return __builtin_log2f(x);
+#endif
+}
+
+RBD_HOST_DEVICE float sqrt(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("sqrt.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return __builtin_sqrtf(x);
+#endif
+}
+
+RBD_HOST_DEVICE float sin(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("sin.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return __builtin_sinf(x);
+#endif
+}
+
+RBD_HOST_DEVICE float cos(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("cos.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return __builtin_cosf(x);
+#endif
+}
+
+}  // namespace sfu
+
+// The CUDA kernels' Box–Muller: z0 = r c, z1 = r s from words (a, b), with the same integer inputs
+// as box_muller above (the CPU kernels'), in fewer instructions, and not bit-identical to it:
 //  * lg2/sqrt in their FTZ forms: u1 >= 2^-24 and the square root's argument are never
 //    denormal (or are 0), where these agree with the non-FTZ forms, which carry denormal guards;
-//  * -2 ln u1 = lg2(u1) * (-2 ln 2) in one multiply instead of two (the radius moves by <= 1 ulp);
+//  * -2 ln u1 = lg2(u1) * (-2 ln 2) in one multiply instead of two;
 //  * the angle fma(k, pi 2^-23, -pi), k = b >> 8, equals uniform_pm1(b) * pi bit for bit for every
 //    k < 2^24 (checked exhaustively, docs/random_stream.md), in one instruction instead of two.
-__device__ __forceinline__ void box_muller_polar(uint32_t a, uint32_t b, float& r, float& s, float& c) {
-  float l2, rad;
-  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(l2) : "f"(uniform_open0(a)));
-  asm("sqrt.approx.ftz.f32 %0, %1;" : "=f"(rad) : "f"(fmaxf(0.0f, l2 * -1.38629436111989061f)));
-  r = rad;
+RBD_HOST_DEVICE void box_muller_polar(uint32_t a, uint32_t b, float& r, float& s, float& c) {
+  const float l2 = sfu::lg2(uniform_open0(a));
+  r = sfu::sqrt(fmaxf(0.0f, l2 * -1.38629436111989061f));
   const float angle = fmaf(float(b >> 8), 3.14159265358979f / 8388608.0f, -3.14159265358979f);
-  asm("sin.approx.ftz.f32 %0, %1;" : "=f"(s) : "f"(angle));
-  asm("cos.approx.ftz.f32 %0, %1;" : "=f"(c) : "f"(angle));
+  s = sfu::sin(angle);
+  c = sfu::cos(angle);
 }
-#endif
 
 // Four normal entries (rows 4b..4b+3 of one column) from one Philox block.
 RBD_HOST_DEVICE void normal4(const Philox4& x, float out[4]) {

@@ -1,28 +1,32 @@
-// The v2 CUDA kernels (RBD_CUDA_KERNELS=v2): project and expand_ over a table of segments in one
-// launch (the single ops are tables of one), from the static analysis of the v1 kernels:
+// The CUDA products: project and expand_ over a table of segments in one launch (the single ops
+// are tables of one segment), for every distribution and input dtype.
 //
-//  * project, normal/uniform: the row blocks of a work item split into at most two edge blocks
-//    (guarded loads) and an interior walked with a pointer and a 32-bit counter (no per-row
-//    bounds or alignment test); Box–Muller in polar form (box_muller_polar in rbd/philox.h) and
-//    z0 g0 + z1 g1 = r (c g0 + s g1); the last column tile of a d % 32 != 0 request is as narrow as
-//    its columns (4, 8 or 16 lanes) and gives its threads to more row lanes instead of idling them.
+//  * project, normal/uniform: a work item is a column tile x a row chunk of one segment. Its row
+//    blocks split into at most two edge blocks (guarded loads) and an interior walked with a
+//    pointer and a 32-bit counter (no per-row bounds or alignment test); Box–Muller in polar form
+//    (box_muller_polar in rbd/philox.h) and z0 g0 + z1 g1 = r (c g0 + s g1); the last column tile
+//    of a d % 32 != 0 request is as narrow as its columns (4, 8 or 16 lanes) and gives its threads
+//    to more row lanes instead of idling them. Rademacher: 256 row lanes on one 32-column group,
+//    one Philox call signing 4 rows x 32 columns.
+//  * project writes per-chunk partial sums; reduce_kernel adds them per coefficient in a fixed
+//    order (no float atomics), so results are deterministic, and each segment is cut on its own
+//    (cuda_project_plan, grouped.h), so a table of many segments gives each segment the bits a
+//    table of one gives it.
 //  * expand, normal/uniform: four columns per step from one 16-byte shared load; Rademacher by a
 //    table of signed 4-column sums in shared memory (one lookup per 4 entries instead of 4 sign
-//    flips); the column-lane reduction is a loop (v1 unrolls it 32 times and spills).
+//    flips); when rows are too few to fill the GPU, column lanes whose sums are added in lane order.
 //  * every kernel loops over its work items on a grid sized to the blocks the GPU holds at once.
 //
-// The integer stream is the v1 stream (same counters, same words); sums run in other orders than
-// v1, fixed by each segment's own shape, so results are deterministic and a table of many segments
-// gives each segment the bits a table of one gives it.
+// The same source runs on the CPU through the emulator (csrc/emu): the tests run every kernel there.
 #include <cstring>
 
 #include "../grouped.h"
 #include "kernels.cuh"
 
 namespace rbd {
-namespace v2 {
+namespace {
 
-constexpr int kTile = int(kV2Tile);        // project: columns per tile (its cut: v2_project_plan, grouped.h)
+constexpr int kTile = int(kProjectTile);   // project: columns per tile (its cut: cuda_project_plan, grouped.h)
 constexpr int kGroupsPerStage = 16;        // Rademacher expand: column groups per shared table
 constexpr int kLut = kGroupsPerStage * 8 * 16;  // its floats: groups x nibbles x 16 sign patterns
 static_assert(kLut == kCTile, "the Rademacher table reuses the coefficient stage");
@@ -102,18 +106,6 @@ __device__ __forceinline__ float dot4(const Philox4& x, const float (&gv)[4], fl
   }
 }
 
-template <Distribution D>
-__device__ __forceinline__ void entries4_v2(const Philox4& x, float (&e)[4]) {
-  if constexpr (D == Distribution::Normal) {
-    float r0, s0, c0, r1, s1, c1;
-    box_muller_polar(x.w[0], x.w[1], r0, s0, c0);
-    box_muller_polar(x.w[2], x.w[3], r1, s1, c1);
-    e[0] = r0 * c0; e[1] = r0 * s0; e[2] = r1 * c1; e[3] = r1 * s1;
-  } else {
-    uniform4(x, e);
-  }
-}
-
 // Calls body(rb, gv) for row blocks rb = lo + lane, lo + lane + lanes, ... < hi: first the edge
 // blocks (outside [interior_first, interior_end), at most one at each end of the segment) with
 // guarded loads, then the interior with load4, where only the pointer and a 32-bit count live.
@@ -180,7 +172,7 @@ __global__ void __launch_bounds__(kThreads, 4) project_dense_kernel(const Projec
   }
 }
 
-// Item (group, chunk): kThreads row lanes on one 32-column group, as in v1.
+// Item (group, chunk): kThreads row lanes on one 32-column group.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) project_rademacher_kernel(const ProjectSeg* __restrict__ table,
                                                                       int n_segs, uint32_t items, Keys k,
@@ -315,14 +307,14 @@ __global__ void __launch_bounds__(kThreads, kExpandMinBlocks[int(D)]) expand_ker
 #pragma unroll
           for (int m = 0; m < 4; ++m) {
             float e[4];
-            entries4_v2<D>(stream_block(uint32_t(rb), col0 + 4 * q + m, k.step, s.stream, k.rk), e);
+            entries4<D>(stream_block(uint32_t(rb), col0 + 4 * q + m, k.step, s.stream, k.rk), e);
 #pragma unroll
             for (int r = 0; r < 4; ++r) acc[r] = fmaf(e[r], cq[m], acc[r]);
           }
         }
         for (uint32_t jl = 4 * quads + js; jl < n; jl += s.js) {
           float e[4];
-          entries4_v2<D>(stream_block(uint32_t(rb), col0 + jl, k.step, s.stream, k.rk), e);
+          entries4<D>(stream_block(uint32_t(rb), col0 + jl, k.step, s.stream, k.rk), e);
 #pragma unroll
           for (int r = 0; r < 4; ++r) acc[r] = fmaf(e[r], stage[jl], acc[r]);
         }
@@ -364,7 +356,8 @@ int64_t resident_blocks(Kernel kernel) {
 
 unsigned grid_for(int64_t items, int64_t resident) { return unsigned(std::min(items, resident)); }
 
-// The tables travel to the device in one pinned, stream-ordered copy (no kernel launch).
+// The tables travel to the device in one pinned, stream-ordered copy (no kernel launch); in the
+// emulated build the "device" is the CPU and the staging tensor is the table.
 at::Tensor upload(const std::vector<std::pair<const void*, size_t>>& parts, at::Device device,
                   std::vector<size_t>& at) {
   size_t bytes = 0;
@@ -373,7 +366,7 @@ at::Tensor upload(const std::vector<std::pair<const void*, size_t>>& parts, at::
     bytes += (p.second + 15) & ~size_t(15);
   }
   at::Tensor host = at::empty({int64_t(std::max<size_t>(bytes, 1))},
-                              at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+                              at::TensorOptions().dtype(at::kByte).pinned_memory(device.is_cuda()));
   for (size_t q = 0; q < parts.size(); ++q) {
     std::memcpy(host.data_ptr<uint8_t>() + at[q], parts[q].first, parts[q].second);
   }
@@ -398,7 +391,7 @@ at::Tensor project(at::TensorList g, const GroupedArgs& ga, at::IntArrayRef comp
   for (const int64_t s : order) {
     const StreamArgs& a = ga.seg[s];
     const int64_t k = compartments[s], dim = ga.offset[k + 1] - ga.offset[k];
-    TORCH_CHECK_VALUE(dim < (int64_t(1) << 31), "rbd_cuda: dim must be below 2**31 with the v2 CUDA kernels, got ",
+    TORCH_CHECK_VALUE(dim < (int64_t(1) << 31), "rbd_cuda: dim must be below 2**31 with the CUDA kernels, got ",
                       decimal(dim));
     gc.push_back(g[s].contiguous());
     const at::Tensor& t = gc.back();
@@ -417,7 +410,7 @@ at::Tensor project(at::TensorList g, const GroupedArgs& ga, at::IntArrayRef comp
     p.shift = uint32_t(geo.shift);
     p.stream = a.stream;
     p.vec = a.row_offset % 4 == 0 && reinterpret_cast<uintptr_t>(p.g) % (4 * t.element_size()) == 0;
-    const V2ProjectPlan plan = v2_project_plan(geo, p.n_rb, dim);
+    const ProjectPlan plan = cuda_project_plan(geo, p.n_rb, dim);
     p.chunk = uint32_t(plan.chunk);
     p.n_chunks = uint32_t(plan.n_chunks);
     p.item_begin = uint32_t(items);
@@ -439,16 +432,16 @@ at::Tensor project(at::TensorList g, const GroupedArgs& ga, at::IntArrayRef comp
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int n_segs = int(segs.size());
   if (items > 0) {
-    RBD_DISPATCH_FLOAT(g[0].scalar_type(), "rbd_cuda::project (v2)", [&] {
+    RBD_DISPATCH_FLOAT(g[0].scalar_type(), "rbd_cuda::project", [&] {
       with_distribution(dist, [&](auto tag) {
         constexpr Distribution D = decltype(tag)::value;
         if constexpr (D == Distribution::Rademacher) {
           const auto kernel = project_rademacher_kernel<scalar_t>;
-          kernel<<<grid_for(items, resident_blocks(kernel)), kThreads, 0, stream>>>(
+          RBD_LAUNCH(kernel, grid_for(items, resident_blocks(kernel)), kThreads, 0, stream)(
               table, n_segs, uint32_t(items), keys, part.data_ptr<float>());
         } else {
           const auto kernel = project_dense_kernel<D, scalar_t>;
-          kernel<<<grid_for(items, resident_blocks(kernel)), kThreads, 0, stream>>>(
+          RBD_LAUNCH(kernel, grid_for(items, resident_blocks(kernel)), kThreads, 0, stream)(
               table, n_segs, uint32_t(items), keys, part.data_ptr<float>());
         }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -458,15 +451,15 @@ at::Tensor project(at::TensorList g, const GroupedArgs& ga, at::IntArrayRef comp
   const int64_t total = ga.offset.back();
   at::Tensor c = at::empty({total}, g[0].options().dtype(out_dtype));
   const unsigned blocks = unsigned(ceil_div(total, kThreads / 32));
-  AT_DISPATCH_SWITCH(out_dtype, "rbd_cuda::project (v2 reduce)",
+  AT_DISPATCH_SWITCH(out_dtype, "rbd_cuda::project (reduce)",
                      AT_DISPATCH_CASE(at::kFloat, [&] {
-                       reduce_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+                       RBD_LAUNCH(reduce_kernel<scalar_t>, blocks, kThreads, 0, stream)(
                            table, ctable, int(ga.n_comps), part.data_ptr<float>(), total, c.data_ptr<scalar_t>());
                      }) AT_DISPATCH_CASE(at::kHalf, [&] {
-                       reduce_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+                       RBD_LAUNCH(reduce_kernel<scalar_t>, blocks, kThreads, 0, stream)(
                            table, ctable, int(ga.n_comps), part.data_ptr<float>(), total, c.data_ptr<scalar_t>());
                      }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
-                       reduce_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+                       RBD_LAUNCH(reduce_kernel<scalar_t>, blocks, kThreads, 0, stream)(
                            table, ctable, int(ga.n_comps), part.data_ptr<float>(), total, c.data_ptr<scalar_t>());
                      }));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -483,7 +476,7 @@ void expand_(at::TensorList out, const at::Tensor& c32, at::ArrayRef<double> alp
     if (o.numel() == 0) continue;
     const StreamArgs& a = ga.seg[s];
     const int64_t k = compartments[s], dim = ga.offset[k + 1] - ga.offset[k];
-    TORCH_CHECK_VALUE(dim < (int64_t(1) << 31), "rbd_cuda: dim must be below 2**31 with the v2 CUDA kernels, got ",
+    TORCH_CHECK_VALUE(dim < (int64_t(1) << 31), "rbd_cuda: dim must be below 2**31 with the CUDA kernels, got ",
                       decimal(dim));
     const Geometry geo = make_geometry(a, o.numel(), dim);
     ExpandSeg e{};
@@ -499,7 +492,7 @@ void expand_(at::TensorList out, const at::Tensor& c32, at::ArrayRef<double> alp
     e.first_col = uint32_t(geo.first_col);
     e.shift = uint32_t(geo.shift);
     e.stream = a.stream;
-    // Column lanes only when the rows alone leave the GPU idle (as v1 chooses them).
+    // Column lanes only when the rows alone leave the GPU idle (fewer than kTargetThreads row blocks).
     const int64_t js = std::min<int64_t>({32, pow2_floor(std::max<int64_t>(1, kTargetThreads / geo.n_rb())),
                                           pow2_floor(geo.n_cols)});
     e.js = uint32_t(js);
@@ -515,11 +508,11 @@ void expand_(at::TensorList out, const at::Tensor& c32, at::ArrayRef<double> alp
   const auto* table = reinterpret_cast<const ExpandSeg*>(blob.data_ptr<uint8_t>());
   const Keys keys = keys_of(ga.seg[0]);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  RBD_DISPATCH_FLOAT(out[0].scalar_type(), "rbd_cuda::expand_ (v2)", [&] {
+  RBD_DISPATCH_FLOAT(out[0].scalar_type(), "rbd_cuda::expand_", [&] {
     with_distribution(ga.seg[0].dist, [&](auto tag) {
       const auto kernel = expand_kernel<decltype(tag)::value, scalar_t>;
-      kernel<<<grid_for(items, resident_blocks(kernel)), kThreads, 0, stream>>>(table, int(segs.size()),
-                                                                               uint32_t(items), keys);
+      RBD_LAUNCH(kernel, grid_for(items, resident_blocks(kernel)), kThreads, 0, stream)(table, int(segs.size()),
+                                                                                     uint32_t(items), keys);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -534,40 +527,42 @@ GroupedArgs single(const StreamArgs& a, int64_t dim) {
   return ga;
 }
 
-}  // namespace v2
-
-at::Tensor project_v2(const at::Tensor& g, const StreamArgs& a, int64_t dim) {
+at::Tensor project_cuda(const at::Tensor& g, int64_t dim, int64_t seed, int64_t step, int64_t stream_id,
+                        c10::string_view distribution, int64_t row_offset, int64_t col_offset) {
+  check_float_input(g, "g");
+  const StreamArgs a = make_stream_args(g.numel(), dim, seed, step, stream_id, std::string(distribution),
+                                        row_offset, col_offset);
+  const c10::cuda::CUDAGuard guard(g.device());
+  if (g.numel() == 0) return at::zeros({dim}, g.options());
   const int64_t zero = 0;
-  return v2::project(at::TensorList(g), v2::single(a, dim), at::IntArrayRef(zero), g.scalar_type());
+  return project(at::TensorList(g), single(a, dim), at::IntArrayRef(zero), g.scalar_type());
 }
 
-void expand_inplace_v2(at::Tensor& out, const at::Tensor& c32, float alpha, const StreamArgs& a) {
+void expand_inplace_cuda(at::Tensor& out, const at::Tensor& c, double alpha, int64_t seed, int64_t step,
+                         int64_t stream_id, c10::string_view distribution, int64_t row_offset, int64_t col_offset) {
+  check_out(out, "out");
+  check_same_device(out, "out", c, "c");
+  const at::Tensor c32 = coefficients_fp32(c);  // a copy: c may be a view of out
+  const StreamArgs a = make_stream_args(out.numel(), c32.numel(), seed, step, stream_id,
+                                        std::string(distribution), row_offset, col_offset);
+  mark_modified(out);
+  if (out.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(out.device());
   const int64_t zero = 0;
-  const double alpha_d = alpha;
-  v2::expand_(at::TensorList(out), c32, at::ArrayRef<double>(alpha_d), v2::single(a, c32.numel()),
-              at::IntArrayRef(zero));
+  expand_(at::TensorList(out), c32, at::ArrayRef<double>(alpha), single(a, c32.numel()), at::IntArrayRef(zero));
 }
-
-namespace {
 
 at::Tensor project_grouped_cuda(at::TensorList g, at::IntArrayRef row_offsets, at::IntArrayRef compartments,
                                 at::IntArrayRef dims, at::IntArrayRef streams, int64_t seed, int64_t step,
                                 c10::string_view distribution) {
-  if (cuda_kernels() == CudaKernels::V1) {
-    return project_grouped_loop(g, row_offsets, compartments, dims, streams, seed, step, distribution);
-  }
   const GroupedArgs ga = check_grouped(g, "g", row_offsets, compartments, dims, streams, seed, step, distribution);
   const c10::cuda::CUDAGuard guard(g[0].device());
-  return v2::project(g, ga, compartments, at::kFloat);
+  return project(g, ga, compartments, at::kFloat);
 }
 
 void expand_grouped_cuda_(at::TensorList out, const at::Tensor& c, at::ArrayRef<double> alphas,
                           at::IntArrayRef row_offsets, at::IntArrayRef compartments, at::IntArrayRef dims,
                           at::IntArrayRef streams, int64_t seed, int64_t step, c10::string_view distribution) {
-  if (cuda_kernels() == CudaKernels::V1) {
-    expand_grouped_loop_(out, c, alphas, row_offsets, compartments, dims, streams, seed, step, distribution);
-    return;
-  }
   const GroupedArgs ga = check_grouped(out, "out", row_offsets, compartments, dims, streams, seed, step,
                                        distribution);
   check_expand_grouped(out, c, alphas, ga);
@@ -577,12 +572,15 @@ void expand_grouped_cuda_(at::TensorList out, const at::Tensor& c, at::ArrayRef<
     at::Tensor t = o;
     mark_modified(t);
   }
-  v2::expand_(out, c32, alphas, ga, compartments);
+  expand_(out, c32, alphas, ga, compartments);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(rbd_cuda, CUDA, m) {
+RBD_CUDA_IMPL(m) {
+  m.impl("project", &project_cuda);
+  m.impl("expand", &expand_into_zeros<&expand_inplace_cuda>);
+  m.impl("expand_", &expand_inplace_cuda);
   m.impl("project_grouped", &project_grouped_cuda);
   m.impl("expand_grouped_", &expand_grouped_cuda_);
 }
