@@ -26,7 +26,6 @@ import signal
 import statistics
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -54,7 +53,7 @@ PAPER_EPOCHS = 100
 COMPARTMENTS = ("global", "layer", "tensor")
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Bases:
     """How a run draws its random bases, where it may differ from the paper's (normal entries, one
     global compartment of the row's d): the entries' distribution (RBD, FPD, NES), the
