@@ -68,8 +68,10 @@ reproduce: install
 	@cat docs/table1/table.md
 
 # The committed Table 1 runs as a table (docs/table1/table.md, table.json, curves.png); trains nothing.
+# Besides the paper's bases: other entries, and per-layer and per-tensor compartments at its total d.
 table1-report: install
 	$(BIN)/rbd-reproduce --report --rows fc-mnist,fc-fmnist --methods sgd,rbd,fpd,nes --crop-pads 3,0,1,2 --seeds 0,1,2 \
+	  --distributions normal,rademacher,uniform --compartments global,layer,tensor --total-dim 250 \
 	  --out docs/table1 --no-progress
 
 # On a GPU machine (its own python3/torch): Table 1's FC rows, 4 methods x 3 seeds x 100 epochs.

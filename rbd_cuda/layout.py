@@ -13,6 +13,7 @@ import operator
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import torch
 
@@ -84,20 +85,34 @@ class Fixed:
 
 @dataclass(frozen=True)
 class Proportional:
-    """A total of ``total`` directions split in proportion to compartment size (at least 1 each)."""
+    """A total of ``total`` directions split in proportion to compartment size, at least
+    ``minimum`` each: the dims sum to ``total`` exactly, deterministically.
+
+    Each share is rounded down (to ``minimum`` where it is smaller) and what rounding left over
+    goes to the largest remainders, ties to the earlier compartment. Where the minimums took more
+    than rounding left, the compartments above the minimum give directions back one at a time, the
+    one furthest above its share (relative to it) first.
+    """
 
     total: int
+    minimum: int = 1
 
     def allocate(self, sizes: Sequence[int]) -> list[int]:
-        if self.total < len(sizes):
-            raise ValueError(f"rbd_cuda: Proportional(total={self.total}) cannot give each of "
-                             f"{len(sizes)} compartments a direction")
+        if self.total < self.minimum * len(sizes):
+            raise ValueError(f"rbd_cuda: Proportional(total={self.total}, minimum={self.minimum}) cannot give each "
+                             f"of {len(sizes)} compartments {self.minimum} direction(s): the total must be at least "
+                             f"{self.minimum * len(sizes)}")
         whole = sum(sizes)
-        dims = [max(1, math.floor(self.total * n / whole)) for n in sizes]
-        # Hand out what rounding left over to the largest remainders, deterministically.
+        # Shares and remainders in floats, as the rule computed them before it had a minimum: the
+        # splits it made then (saved in state dicts) stay the same.
+        dims = [max(self.minimum, math.floor(self.total * n / whole)) for n in sizes]
         order = sorted(range(len(sizes)), key=lambda k: (-(self.total * sizes[k] / whole - dims[k]), k))
         for k in order[: max(0, self.total - sum(dims))]:
             dims[k] += 1
+        while sum(dims) > self.total:
+            k = max((k for k in range(len(sizes)) if dims[k] > self.minimum),
+                    key=lambda k: (Fraction(dims[k] * whole, self.total * sizes[k]), -k))
+            dims[k] -= 1
         return dims
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rbd_cuda.basis import NORMALIZATIONS
+from rbd_cuda.layout import Proportional
 from rbd_cuda.ops import DISTRIBUTIONS
 
 from . import data, models
@@ -29,9 +30,12 @@ PAPER_LR = {
 # The paper gives no learning rate for ResNet-8 (its code has no ResNet): the CNN's are used.
 PAPER_DIM = {"fc": 250, "cnn": 250, "resnet8": 500}
 # Fields a resumed run must share with the checkpoint (epochs and max_steps may change).
-RUN_IDENTITY = ("model", "dataset", "method", "dim", "lr", "batch_size", "seed", "split_seed",
-                "distribution", "normalize", "compartments", "momentum", "population", "sigma",
+RUN_IDENTITY = ("model", "dataset", "method", "dim", "total_dim", "min_dim", "lr", "batch_size", "seed",
+                "split_seed", "distribution", "normalize", "compartments", "momentum", "population", "sigma",
                 "augment", "val_size")
+# Fields of RUN_IDENTITY added after runs were first saved: a checkpoint without one ran as its
+# default does (``saved_identity``).
+ADDED_LATER = ("total_dim", "min_dim")
 # Fields that say where and how a run was started on one machine, not what it trains: kept out of
 # metrics.json, which records the run itself (``trained_on`` says where each part of it ran).
 WHERE_IT_RAN = ("device", "data_root", "out", "resume", "overwrite", "progress")
@@ -56,13 +60,22 @@ class TrainConfig:
     max_steps: int | None = field(default=None, metadata=_option("stop after this many optimizer steps in all",
                                                                   type=int))
     dim: int | None = field(default=None, metadata=_option("directions per compartment (default: the paper's, "
-                                                            "250; 500 for resnet8)", type=int))
+                                                            "250; 500 for resnet8; not with --total-dim)", type=int))
+    total_dim: int | None = field(default=None, metadata=_option(
+        "RBD/FPD: T directions in all, split over the compartments in proportion to their sizes with at least "
+        "--min-dim each (instead of --dim per compartment: compartments compared at equal total d)", type=int))
+    min_dim: int = field(default=1, metadata=_option("with --total-dim: the fewest directions a compartment gets"))
     lr: float | None = field(default=None, metadata=_option("learning rate (default: the paper's for the task "
                                                              "and method)", type=float))
     batch_size: int = field(default=32, metadata=_option("minibatch size"))
     seed: int = field(default=0, metadata=_option("initial weights, data order, augmentation and bases"))
     split_seed: int = field(default=0, metadata=_option("where the validation block is cut"))
-    distribution: str = field(default="normal", metadata=_option(f"entries of the bases: {', '.join(DISTRIBUTIONS)}"))
+    distribution: str = field(default="normal", metadata=_option(
+        f"entries of the bases: {', '.join(DISTRIBUTIONS)}. On a CPU an RBD step with Rademacher entries (±1) costs "
+        "about a tenth of one with normal entries, with uniform entries about half (the random numbers are most "
+        "of a step's cost). Rademacher entries have normal's variance, so the expected update is the same; "
+        "uniform U(-1, 1) entries have variance 1/3, so with --normalize paper, dim or none the expected update is "
+        "a third of normal's (unbiased and projection divide the variance out)"))
     normalize: str = field(default="paper", metadata=_option(f"basis scaling: {', '.join(NORMALIZATIONS)}"))
     compartments: str = field(default="global", metadata=_option("global, tensor, layer or max entries per "
                                                                  "compartment"))
@@ -81,12 +94,12 @@ class TrainConfig:
 
     def __post_init__(self):
         check_choices(self)
-        if self.dim is None:
+        if self.dim is None and self.total_dim is None:
             self.dim = PAPER_DIM.get(self.model, 250)
         if self.lr is None:
             self.lr = default_lr(self.model, self.dataset, self.method)
         if self.population is None:
-            self.population = self.dim
+            self.population = self.dim if self.total_dim is None else self.total_dim
         if self.augment is None:
             self.augment = data.Augment.paper(self.dataset)
         elif isinstance(self.augment, dict):
@@ -108,11 +121,21 @@ def check_choices(cfg: TrainConfig) -> None:
 
 
 def check_config(cfg: TrainConfig) -> None:
-    at_least_one = {"epochs": cfg.epochs, "dim": cfg.dim, "batch-size": cfg.batch_size,
-                    "population": cfg.population, "val-size": cfg.val_size}
+    if cfg.dim is not None and cfg.total_dim is not None:
+        raise ValueError("--dim and --total-dim exclude each other: --dim gives every compartment that many "
+                         "directions, --total-dim splits a total over them")
+    at_least_one = {"epochs": cfg.epochs, "dim": cfg.dim, "total-dim": cfg.total_dim, "min-dim": cfg.min_dim,
+                    "batch-size": cfg.batch_size, "population": cfg.population, "val-size": cfg.val_size}
     for name, value in at_least_one.items():
-        if value < 1:
+        if value is not None and value < 1:
             raise ValueError(f"--{name} must be at least 1, got {value}")
+    if cfg.total_dim is None and cfg.min_dim != 1:
+        raise ValueError(f"--min-dim {cfg.min_dim} needs --total-dim (with --dim every compartment gets --dim)")
+    if cfg.total_dim is not None and cfg.method not in ("rbd", "fpd"):
+        raise ValueError(f"--total-dim splits RBD's and FPD's directions over their compartments; --method "
+                         f"{cfg.method} has {'no basis' if cfg.method == 'sgd' else '--population directions'}")
+    if cfg.total_dim is not None and cfg.total_dim < cfg.min_dim:
+        raise ValueError(f"--total-dim {cfg.total_dim} is less than --min-dim {cfg.min_dim}")
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise ValueError(f"--max-steps must be at least 1, got {cfg.max_steps}")
     for name, value in (("lr", cfg.lr), ("sigma", cfg.sigma)):
@@ -130,6 +153,18 @@ def check_config(cfg: TrainConfig) -> None:
                          f"got {cfg.compartments!r}")
     if cfg.resume and cfg.overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
+
+
+def saved_identity(saved: dict) -> dict:
+    """The ``RUN_IDENTITY`` fields of a saved configuration, those ``ADDED_LATER`` at their defaults
+    where it was saved before they existed."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name in ADDED_LATER}
+    return {k: saved.get(k, defaults.get(k)) for k in RUN_IDENTITY}
+
+
+def dim_rule(cfg: TrainConfig) -> int | Proportional:
+    """The directions of RBD's and FPD's compartments: ``--dim`` each, or ``--total-dim`` split."""
+    return cfg.dim if cfg.total_dim is None else Proportional(cfg.total_dim, cfg.min_dim)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -4,9 +4,10 @@
     rbd-reproduce --rows fc-mnist,fc-fmnist --methods sgd,rbd,fpd,nes --crop-pads 0 --seeds 0,1,2 --epochs 100
 
 Each run trains as ``rbd-train`` would into ``OUT/runs/<row>-<method>-<augmentation>-s<seed>/``
-(e.g. ``fc-fmnist-rbd-crop1-b0.5-s0``) and is resumed from its checkpoint when the command is
-repeated (a finished run is reused; asking for more epochs continues it). ``--jobs N`` trains N runs
-at once, each in its own process on one CPU thread (``rbd-train`` uses every core; a run resumes
+(e.g. ``fc-fmnist-rbd-crop1-b0.5-s0``; bases other than the paper's add their tags after the
+method: ``fc-mnist-rbd-rademacher-crop3-b0.5-s0``, ``fc-mnist-rbd-rademacher-layer-t250-crop3-b0.5-s0``)
+and is resumed from its checkpoint when the command is repeated (a finished run is reused; asking
+for more epochs continues it). ``--jobs N`` trains N runs at once, each in its own process on one CPU thread (``rbd-train`` uses every core; a run resumes
 bit for bit only with the thread count it was started with). Ctrl-C or SIGTERM saves every running
 run after its step in progress and exits with status 130. Writes ``OUT/table.md`` (validation
 accuracy, mean ± std over seeds, beside the paper's number and the difference), ``OUT/table.json``
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -28,6 +30,8 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+
+from rbd_cuda.ops import DISTRIBUTIONS
 
 from . import data, loop
 from .config import METHODS, PAPER_DIM, TrainConfig, resolve_device
@@ -46,6 +50,62 @@ PAPER_TABLE = {
     "resnet8-cifar10": {},
 }
 PAPER_EPOCHS = 100
+COMPARTMENTS = ("global", "layer", "tensor")
+
+
+@dataclasses.dataclass(frozen=True)
+class Bases:
+    """How a run draws its random bases, where it may differ from the paper's (normal entries, one
+    global compartment of the row's d): the entries' distribution (RBD, FPD, NES), the
+    compartments and a total d split over them (``--total-dim``, ``--min-dim``; RBD and FPD)."""
+
+    distribution: str = "normal"
+    compartments: str = "global"
+    total_dim: int | None = None
+    min_dim: int = 1
+
+    @classmethod
+    def of(cls, method: str, model: str, distribution: str, compartments: str, total_dim: int | None,
+           min_dim: int) -> Bases:
+        """The bases a ``method`` run asks for, with what the method does not use left at the
+        default, so that the run is named (and trained) once: SGD draws no basis, NES draws
+        ``--population`` directions in one compartment."""
+        if method == "sgd":
+            return cls()
+        if method == "nes":
+            return cls(distribution)
+        if compartments == "global" and total_dim is not None and min_dim <= total_dim:
+            # One compartment takes the whole total, whatever the minimum; the row's d in it is the
+            # paper's run (the committed one).
+            min_dim = 1
+            total_dim = None if total_dim == PAPER_DIM[model] else total_dim
+        return cls(distribution, compartments, total_dim, min_dim)
+
+    def options(self) -> dict:
+        """The ``TrainConfig`` fields they set."""
+        return dataclasses.asdict(self)
+
+    def tag(self) -> str:
+        """The run name's part for what differs from the paper's bases: ``""`` (the paper's),
+        ``"-rademacher"``, ``"-rademacher-layer-t250"``, ``"-tensor-t250-min5"``."""
+        parts = [self.distribution] if self.distribution != "normal" else []
+        parts += [self.compartments] if self.compartments != "global" else []
+        parts += [f"t{self.total_dim}"] if self.total_dim is not None else []
+        parts += [f"min{self.min_dim}"] if self.min_dim != 1 else []
+        return "".join(f"-{part}" for part in parts)
+
+
+def describe_bases(bases: dict, model: str) -> str:
+    """What differs from the paper's bases in words for the tables (``""`` where nothing does)."""
+    parts = [f"{bases['distribution']} entries"] if bases["distribution"] != "normal" else []
+    if bases["compartments"] != "global":
+        parts.append(f"per {bases['compartments']}")
+        if bases["total_dim"] is None:
+            parts.append(f"d = {PAPER_DIM[model]} each")
+    if bases["total_dim"] is not None:
+        parts.append(f"d = {bases['total_dim']} in all" + (f", ≥ {bases['min_dim']} each" if bases["min_dim"] != 1
+                                                             else ""))
+    return ", ".join(parts)
 
 
 def parse_list(text: str, allowed, what: str) -> list[str]:
@@ -77,8 +137,8 @@ def row_augment(row: str, crop_pad: int | None, brightness: float | None) -> dat
     return data.Augment.paper(row.split("-")[1]).changed(crop_pad=crop_pad, brightness=brightness)
 
 
-def run_name(row: str, method: str, augment: data.Augment, seed: int) -> str:
-    return f"{row}-{method}-{augment.tag()}-s{seed}"
+def run_name(row: str, method: str, bases: Bases, augment: data.Augment, seed: int) -> str:
+    return f"{row}-{method}{bases.tag()}-{augment.tag()}-s{seed}"
 
 
 def final_row(history: list[dict]) -> dict | None:
@@ -86,12 +146,12 @@ def final_row(history: list[dict]) -> dict | None:
     return complete[-1] if complete else (history[-1] if history else None)
 
 
-def _config(row: str, method: str, augment: data.Augment, seed: int, epochs: int, out: Path,
+def _config(row: str, method: str, bases: Bases, augment: data.Augment, seed: int, epochs: int, out: Path,
             **kw) -> TrainConfig:
     model, dataset = row.split("-")
-    run_dir = out / "runs" / run_name(row, method, augment, seed)
+    run_dir = out / "runs" / run_name(row, method, bases, augment, seed)
     return TrainConfig(model=model, dataset=dataset, method=method, epochs=epochs, seed=seed, augment=augment,
-                       out=str(run_dir), resume=(run_dir / "checkpoint.pt").is_file(), **kw)
+                       out=str(run_dir), resume=(run_dir / "checkpoint.pt").is_file(), **bases.options(), **kw)
 
 
 _worker_stop: Callable[[], bool] = lambda: False
@@ -114,21 +174,30 @@ def _train_in_worker(cfg: TrainConfig) -> list[dict]:
     return train(cfg, stop=_worker_stop).history
 
 
-RunKey = tuple[str, str, data.Augment, int]  # (row, method, augmentation, seed)
+RunKey = tuple[str, str, Bases, data.Augment, int]  # (row, method, bases, augmentation, seed)
 
 
 def run_keys(rows: list[str], methods: list[str], crop_pads: list[int | None], brightness: float | None,
-             seeds: list[int]) -> list[RunKey]:
-    keys = [(row, method, row_augment(row, pad, brightness), seed)
-            for row in rows for method in methods for pad in crop_pads for seed in seeds]
-    return list(dict.fromkeys(keys))  # `--crop-pads paper,3` or `--seeds 0,0` name a run twice
+             seeds: list[int], distributions: list[str] = ("normal",), compartments: list[str] = ("global",),
+             total_dim: int | None = None, min_dim: int = 1) -> list[RunKey]:
+    """Every run asked for, once, each checked as ``rbd-train`` would check it (nothing trains
+    before every one is valid)."""
+    keys = [(row, method, Bases.of(method, row.split("-")[0], distribution, layout, total_dim, min_dim),
+             row_augment(row, pad, brightness), seed)
+            for row in rows for method in methods for distribution in distributions for layout in compartments
+            for pad in crop_pads for seed in seeds]
+    keys = list(dict.fromkeys(keys))  # `--crop-pads paper,3`, `--seeds 0,0` or SGD's bases name a run twice
+    for row, method, bases, _, _ in keys:
+        model, dataset = row.split("-")
+        TrainConfig(model=model, dataset=dataset, method=method, **bases.options())
+    return keys
 
 
 def group(histories: dict[RunKey, list[dict]]) -> dict:
-    """{row: {(method, augmentation): {seed: history}}} in the order of the keys."""
-    results: dict[str, dict[tuple[str, data.Augment], dict[int, list[dict]]]] = {}
-    for (row, method, augment, seed), history in histories.items():
-        results.setdefault(row, {}).setdefault((method, augment), {})[seed] = history
+    """{row: {(method, bases, augmentation): {seed: history}}} in the order of the keys."""
+    results: dict[str, dict[tuple[str, Bases, data.Augment], dict[int, list[dict]]]] = {}
+    for (row, method, bases, augment, seed), history in histories.items():
+        results.setdefault(row, {}).setdefault((method, bases, augment), {})[seed] = history
     return results
 
 
@@ -233,23 +302,24 @@ def collect(keys: list[RunKey], out: Path) -> tuple[dict, str]:
                 histories[key] = saved["history"]
                 devices.add(saved["device"])
     if not histories:
-        raise ValueError(f"--report: no finished runs under {out / 'runs'} for these rows, methods, crop pads and "
-                         "seeds")
+        raise ValueError(f"--report: no finished runs under {out / 'runs'} for these rows, methods, distributions, "
+                         "compartments, crop pads and seeds")
     return group(histories), ", ".join(sorted(devices))
 
 
 def summarize(results: dict) -> list[dict]:
-    """One entry per (row, method, augmentation): mean ± std of the final validation accuracy
-    over seeds."""
+    """One entry per (row, method, bases, augmentation): mean ± std of the final validation
+    accuracy over seeds."""
     table = []
     for row, by_series in results.items():
-        for (method, augment), by_seed in by_series.items():
+        for (method, bases, augment), by_seed in by_series.items():
             histories, behind = furthest(by_seed)
             finals = [final_row(h) for h in histories]
             accs = [f["val_acc"] for f in finals]
             paper = PAPER_TABLE[row].get(method)
             mean = statistics.fmean(accs)
-            table.append({"row": row, "method": method, "augment": augment.as_dict(), "seeds": len(accs),
+            table.append({"row": row, "method": method, "bases": bases.options(), "augment": augment.as_dict(),
+                          "seeds": len(accs),
                           "epochs": min(f["epoch"] for f in finals),
                           "val_acc_mean": mean, "val_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                           "paper_mean": paper[0] if paper else None, "paper_std": paper[1] if paper else None,
@@ -269,6 +339,12 @@ def describe(augment: dict) -> str:
     return ", ".join(parts)
 
 
+def describe_method(entry: dict) -> str:
+    """A table row's method, with its bases where they are not the paper's: ``rbd, rademacher
+    entries, per layer, d = 250 in all``."""
+    return ", ".join(filter(None, (entry["method"], describe_bases(entry["bases"], entry["row"].split("-")[0]))))
+
+
 def markdown(table: list[dict], device: str) -> str:
     lines = [(f"Validation accuracy (%), mean ± std over seeds; the paper's after {PAPER_EPOCHS} epochs with its "
               f"released pipeline (crop ±3 and brightness ±0.5 for MNIST/FMNIST). Device: {device}; images/s "
@@ -280,9 +356,9 @@ def markdown(table: list[dict], device: str) -> str:
         paper = f"{t['paper_mean']:g} ± {t['paper_std']:g}" if t["paper_mean"] is not None else "—"
         diff = f"{t['difference']:+.2f}" if t["difference"] is not None else "—"
         ours = f"{t['val_acc_mean']:.2f}" + (f" ± {t['val_acc_std']:.2f}" if t["seeds"] > 1 else "")
-        lines.append(f"| {t['row']} | {t['method']} | {describe(t['augment'])} | {t['epochs']:.3g} | {t['seeds']} | "
-                     f"{ours} | {paper} | {diff} |")
-    behind = [f"{t['row']} {t['method']} {describe(t['augment'])}: seed {b['seed']} at epoch {b['epoch']:.3g}"
+        lines.append(f"| {t['row']} | {describe_method(t)} | {describe(t['augment'])} | {t['epochs']:.3g} | "
+                     f"{t['seeds']} | {ours} | {paper} | {diff} |")
+    behind = [f"{t['row']} {describe_method(t)} {describe(t['augment'])}: seed {b['seed']} at epoch {b['epoch']:.3g}"
               for t in table for b in t["behind"]]
     if behind:
         lines += ["", "Under way, left out of their rows until they reach the rows' epochs: " + "; ".join(behind) + "."]
@@ -303,9 +379,10 @@ def plot(results: dict, path: Path) -> None:
     panels = []
     for row, by_series in results.items():
         curves, references = {}, {}
-        for (method, augment), by_seed in by_series.items():
+        for (method, bases, augment), by_seed in by_series.items():
             histories, _ = furthest(by_seed)
-            label = f"{method}, {describe(augment.as_dict())} (n={len(histories)})"
+            series = describe_method({"row": row, "method": method, "bases": bases.options()})
+            label = f"{series}, {describe(augment.as_dict())} (n={len(histories)})"
             curves[label] = mean_curve(histories)
             if method in PAPER_TABLE[row]:
                 references[label] = PAPER_TABLE[row][method][0]
@@ -324,6 +401,17 @@ def main(argv: list[str] | None = None) -> int:
                         "released code's: 3 for MNIST/FMNIST, 4 for CIFAR-10) or K (shifts of up to ±K; 0 = no crop)")
     p.add_argument("--brightness", type=float,
                    help="brightness range of the augmentation (default: the paper's, 0.5 for MNIST/FMNIST)")
+    p.add_argument("--distributions", default="normal",
+                   help=f"comma-separated entries of the bases, each runs of its own, of {', '.join(DISTRIBUTIONS)} "
+                        "(rbd-train --help: what each costs and changes; SGD has no basis)")
+    p.add_argument("--compartments", default="global",
+                   help=f"comma-separated compartments of RBD and FPD, each runs of its own, of "
+                        f"{', '.join(COMPARTMENTS)} (with the row's d each, or --total-dim split over them)")
+    p.add_argument("--total-dim", type=int,
+                   help="RBD and FPD: this many directions in all, split over the compartments in proportion to their "
+                        "sizes (compartments compared at equal total d; global with the row's d is the paper's run)")
+    p.add_argument("--min-dim", type=int, default=1, help="with --total-dim: the fewest directions a compartment gets "
+                                                          "(default 1)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--max-steps", type=int, help="cap each run's optimizer steps (quick checks)")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once, one process and one CPU thread each")
@@ -340,7 +428,9 @@ def main(argv: list[str] | None = None) -> int:
         rows = parse_list(args.rows, PAPER_TABLE, "rows")
         methods = parse_list(args.methods, METHODS, "methods")
         seeds = parse_seeds(args.seeds)
-        keys = run_keys(rows, methods, parse_crop_pads(args.crop_pads), args.brightness, seeds)
+        keys = run_keys(rows, methods, parse_crop_pads(args.crop_pads), args.brightness, seeds,
+                        parse_list(args.distributions, DISTRIBUTIONS, "distributions"),
+                        parse_list(args.compartments, COMPARTMENTS, "compartments"), args.total_dim, args.min_dim)
         if args.jobs < 1:
             raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
         device = str(resolve_device(args.device))

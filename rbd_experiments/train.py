@@ -67,9 +67,16 @@ def make_optimizer(cfg: config.TrainConfig, model: torch.nn.Module) -> torch.opt
                    normalize=cfg.normalize, seed=cfg.seed)
     compartments = int(cfg.compartments) if cfg.compartments.isdigit() else cfg.compartments
     kind = RBD if cfg.method == "rbd" else FPD
-    return kind(model.named_parameters(), cfg.lr, cfg.dim, compartments=compartments,
-                distribution=cfg.distribution, normalize=cfg.normalize, momentum=cfg.momentum,
-                seed=cfg.seed)
+    try:
+        return kind(model.named_parameters(), cfg.lr, config.dim_rule(cfg), compartments=compartments,
+                    distribution=cfg.distribution, normalize=cfg.normalize, momentum=cfg.momentum,
+                    seed=cfg.seed)
+    except ValueError as err:
+        if cfg.total_dim is None:
+            raise
+        # The split is refused once the compartments are counted: say which options asked for it.
+        raise ValueError(f"--total-dim {cfg.total_dim} with --min-dim {cfg.min_dim} and --compartments "
+                         f"{cfg.compartments}: {err}") from None
 
 
 class Run:
@@ -212,9 +219,9 @@ class Run:
                              "delete it (or use --overwrite) to start the run afresh") from None
         if isinstance(saved.get("augment"), bool):  # checkpoints written before Augment existed
             saved["augment"] = (data.Augment.paper(saved["dataset"]) if saved["augment"] else data.NO_AUGMENT).as_dict()
-        now = dataclasses.asdict(self.cfg)
-        differ = [f"{k} ({saved.get(k)!r} in the checkpoint, {now[k]!r} now)"
-                  for k in config.RUN_IDENTITY if saved.get(k) != now[k]]
+        now, saved = dataclasses.asdict(self.cfg), config.saved_identity(saved)
+        differ = [f"{k} ({saved[k]!r} in the checkpoint, {now[k]!r} now)"
+                  for k in config.RUN_IDENTITY if saved[k] != now[k]]
         if differ:
             raise ValueError(f"--resume: the checkpoint at {path} is from another run: " + "; ".join(differ))
         self.model.load_state_dict(model)

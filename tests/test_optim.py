@@ -3,6 +3,7 @@
 import ast
 import io
 import itertools
+import math
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,75 @@ def test_dimension_rules():
     assert Compression(400, minimum=10).allocate([101_770, 50]) == [255, 10]
     comps = plan(list(mlp().named_parameters()), "tensor", Proportional(40))
     assert sum(c.dim for c in comps) == 40
+
+
+@pytest.mark.parametrize(("sizes", "total", "minimum", "expected"), [
+    ([100_480, 1_290], 250, 1, [247, 3]),  # the FC network per layer
+    # Per tensor: the two small tensors' shares fall below 1; rounding each up to 1 once made 251.
+    ([100_352, 128, 1_280, 10], 250, 1, [245, 1, 3, 1]),
+    ([100_352, 128, 1_280, 10], 250, 5, [235, 5, 5, 5]),
+    ([320, 16, 48, 3], 100, 1, [83, 4, 12, 1]),  # what Proportional(100) gave before it had a minimum
+    ([5, 5, 5], 10, 1, [4, 3, 3]),  # a tie goes to the earlier compartment
+    ([1, 1, 1, 97], 8, 2, [2, 2, 2, 2]),
+    ([7], 9, 9, [9]),
+])
+def test_proportional_splits_the_total_exactly_with_a_minimum_each(sizes, total, minimum, expected):
+    assert Proportional(total, minimum).allocate(sizes) == expected
+
+
+def _proportional_before_the_minimum(total: int, sizes: list[int]) -> list[int]:
+    """Proportional(total) as it was before it had a minimum (its splits are saved in state dicts)."""
+    whole = sum(sizes)
+    dims = [max(1, math.floor(total * n / whole)) for n in sizes]
+    order = sorted(range(len(sizes)), key=lambda k: (-(total * sizes[k] / whole - dims[k]), k))
+    for k in order[: max(0, total - sum(dims))]:
+        dims[k] += 1
+    return dims
+
+
+def test_proportional_sums_to_the_total_and_follows_the_sizes():
+    rng = np.random.default_rng(0)
+    unchanged = 0
+    for _ in range(1000):
+        sizes = [int(n) for n in rng.integers(1, 10**int(rng.integers(1, 6)), int(rng.integers(1, 7)))]
+        minimum = int(rng.integers(1, 4)) if rng.random() < 0.5 else 1
+        total = minimum * len(sizes) + int(rng.integers(0, 50))
+        dims = Proportional(total, minimum).allocate(sizes)
+        assert sum(dims) == total and min(dims) >= minimum, (sizes, total, minimum, dims)
+        assert dims == Proportional(total, minimum).allocate(sizes)
+        # A larger compartment never gets fewer directions; one above the minimum is within one
+        # direction of its share of what the compartments at the minimum left.
+        assert all(dims[i] <= dims[j] for i in range(len(sizes)) for j in range(len(sizes)) if sizes[i] < sizes[j])
+        free = [k for k, d in enumerate(dims) if d > minimum]
+        rest = total - minimum * (len(sizes) - len(free))
+        for k in free:
+            assert abs(dims[k] - rest * sizes[k] / sum(sizes[j] for j in free)) < 1, (sizes, total, minimum, dims)
+        # Where the rule without a minimum summed to the total, its split is kept.
+        before = _proportional_before_the_minimum(total, sizes)
+        if minimum == 1 and sum(before) == total:
+            assert dims == before, (sizes, total)
+            unchanged += 1
+    assert unchanged > 400
+    assert Proportional(40) == Proportional(40, 1) == Proportional(total=40, minimum=1)
+
+
+def test_proportional_refuses_a_total_below_the_minimums():
+    with pytest.raises(ValueError, match=r"Proportional\(total=7, minimum=2\) cannot give each of 4 compartments 2 "
+                                         r"direction\(s\): the total must be at least 8"):
+        Proportional(7, 2).allocate([5, 5, 5, 5])
+    assert Proportional(8, 2).allocate([5, 5, 5, 5]) == [2, 2, 2, 2]
+    with pytest.raises(ValueError, match=r"Proportional\(total=3, minimum=1\) cannot give each of 4 compartments"):
+        RBD(mlp().named_parameters(), lr=0.1, dim=Proportional(3), compartments="tensor")
+
+
+def test_the_state_dict_refuses_another_split_of_the_total():
+    """The compartments' dims are part of the saved configuration: a state dict of one split does
+    not load into an optimizer of another (the rule itself is not saved; the dims it gave are)."""
+    saved = RBD(mlp().named_parameters(), lr=0.1, dim=Proportional(12), compartments="tensor").state_dict()
+    RBD(mlp().named_parameters(), lr=0.1, dim=Proportional(12), compartments="tensor").load_state_dict(saved)
+    other = RBD(mlp().named_parameters(), lr=0.1, dim=Proportional(12, 2), compartments="tensor")
+    with pytest.raises(ValueError, match="compartment 0's dim: 9 saved, 6 here"):
+        other.load_state_dict(saved)
 
 
 # ---- the update --------------------------------------------------------------------------------

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 import torch
 
+from rbd_cuda.layout import Proportional
 from rbd_experiments import data, loop, models, reproduce, train
-from rbd_experiments.config import METHODS, WHERE_IT_RAN, TrainConfig
+from rbd_experiments.config import ADDED_LATER, METHODS, WHERE_IT_RAN, TrainConfig, augment_from_args, dim_rule
 
 # --- models --------------------------------------------------------------------------------------
 
@@ -344,6 +345,17 @@ def test_resume_refuses_another_runs_checkpoint(tmp_path):
     (["--device", "meta"], "--device must be auto, cpu, cuda or cuda:N"),
     (["--seed", str(2**64)], "--seed must be in [0, 2**64)"),
     (["--split-seed", "-1"], "--split-seed must be in [0, 2**64)"),
+    (["--dim", "250", "--total-dim", "250"], "--dim and --total-dim exclude each other"),
+    (["--total-dim", "0"], "--total-dim must be at least 1, got 0"),
+    (["--total-dim", "250", "--min-dim", "0"], "--min-dim must be at least 1, got 0"),
+    (["--min-dim", "3"], "--min-dim 3 needs --total-dim"),
+    (["--total-dim", "5", "--min-dim", "6"], "--total-dim 5 is less than --min-dim 6"),
+    (["--method", "sgd", "--total-dim", "250"], "--total-dim splits RBD's and FPD's directions"),
+    (["--method", "nes", "--total-dim", "250"], "--method nes has --population directions"),
+    (["--total-dim", "3", "--compartments", "tensor"],
+     "--total-dim 3 with --min-dim 1 and --compartments tensor: rbd_cuda: Proportional(total=3, minimum=1) cannot "
+     "give each of 4 compartments 1 direction(s): the total must be at least 4"),
+    (["--total-dim", "9", "--min-dim", "5", "--compartments", "layer"], "the total must be at least 10"),
 ])
 def test_cli_errors_name_the_argument(argv, message, capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(data, "load", lambda *a, **k: synthetic_splits())
@@ -352,6 +364,25 @@ def test_cli_errors_name_the_argument(argv, message, capsys, monkeypatch, tmp_pa
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def cli_config(argv: list[str]) -> TrainConfig:
+    """The configuration ``rbd-train argv`` trains (as ``train.main`` builds it)."""
+    args = vars(train.parser().parse_args(argv))
+    args["augment"] = augment_from_args(args["dataset"], args)
+    return TrainConfig(**args)
+
+
+def test_total_dim_and_min_dim_are_parsed_into_the_configuration():
+    cfg = cli_config(["--total-dim", "250", "--min-dim", "2", "--compartments", "layer", "--distribution",
+                      "rademacher"])
+    assert (cfg.dim, cfg.total_dim, cfg.min_dim, cfg.compartments, cfg.distribution) == \
+        (None, 250, 2, "layer", "rademacher")
+    assert dim_rule(cfg) == Proportional(250, 2)
+    default = cli_config([])
+    assert (default.dim, default.total_dim, default.min_dim) == (250, None, 1)
+    assert dim_rule(default) == 250
+    assert cli_config(["--method", "fpd", "--total-dim", "100"]).total_dim == 100
 
 
 def test_the_cli_defaults_are_the_configs():
@@ -525,6 +556,108 @@ def test_reproduce_runs_each_crop_pad_as_a_pipeline_of_its_own(tmp_path, monkeyp
 def test_a_run_named_twice_is_trained_once():
     keys = reproduce.run_keys(["fc-fmnist"], ["sgd"], [None, 3, 1], None, [0, 0])
     assert [reproduce.run_name(*k) for k in keys] == ["fc-fmnist-sgd-crop3-b0.5-s0", "fc-fmnist-sgd-crop1-b0.5-s0"]
+
+
+# --- compartments at equal total d, other entries ---------------------------------------------------
+
+
+def test_a_total_dim_run_splits_it_over_the_layers_and_records_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "load", lambda *a, **k: synthetic_splits())
+    out = tmp_path / "run"
+    argv = ["--total-dim", "250", "--compartments", "layer", "--distribution", "rademacher", "--max-steps", "2",
+            "--device", "cpu", "--out", str(out), "--no-progress"]
+    assert train.main(argv) == 0
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    # The FC network's layers: 784·128 + 128 and 128·10 + 10 entries, d = 247 and 3 (250 in all).
+    assert [(c[1], c[2]) for c in state["optimizer"]["rbd"]["compartments"]] == [(247, 100_480), (3, 1_290)]
+    assert state["optimizer"]["rbd"]["distribution"] == "rademacher"
+    recorded = json.loads((out / "metrics.json").read_text())["config"]
+    for saved in (recorded, state["config"]):
+        assert (saved["dim"], saved["total_dim"], saved["min_dim"], saved["compartments"]) == (None, 250, 1, "layer")
+    # Per tensor (100,352, 128, 1,280 and 10 entries) with at least 2 each: the shares 246.5, 0.3, 3.1
+    # and 0.02 rounded to 246, 2, 3, 2, and the 3 directions too many taken from the first.
+    run = train.Run(cli_config(["--total-dim", "250", "--min-dim", "2", "--compartments", "tensor", "--device", "cpu",
+                                "--out", str(tmp_path / "t")]), synthetic_splits())
+    assert [c["dim"] for c in run.optimizer.summary()["compartments"]] == [243, 2, 3, 2]
+
+
+def test_resume_refuses_a_changed_total_dim_and_continues_an_unchanged_one(tmp_path):
+    splits = synthetic_splits()
+    first = train.train(config(tmp_path, "rbd", dim=None, total_dim=40, compartments="tensor", max_steps=2), splits)
+    assert sum(c.dim for c in first.optimizer.compartments) == 40
+    for change, message in [({"total_dim": 48}, r"total_dim \(40 in the checkpoint, 48 now\)"),
+                            ({"total_dim": 40, "min_dim": 2}, r"min_dim \(1 in the checkpoint, 2 now\)"),
+                            ({"total_dim": None, "dim": 40}, r"dim \(None in the checkpoint, 40 now\)")]:
+        with pytest.raises(ValueError, match=message):
+            train.train(config(tmp_path, "rbd", **{"dim": None, "compartments": "tensor", **change}, resume=True),
+                        splits)
+    resumed = train.train(config(tmp_path, "rbd", dim=None, total_dim=40, compartments="tensor", resume=True,
+                                 max_steps=4), splits)
+    assert resumed.global_step == 4
+
+
+def test_a_checkpoint_saved_before_total_dim_existed_resumes(tmp_path):
+    splits = synthetic_splits()
+    cfg = config(tmp_path, "rbd", max_steps=2)
+    train.train(cfg, splits)
+    path = Path(cfg.out) / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    for name in ADDED_LATER:  # as the committed Table 1 checkpoints were written
+        del state["config"][name]
+    torch.save(state, path)
+    assert train.train(dataclasses.replace(cfg, max_steps=3, resume=True), splits).global_step == 3
+    # Absent, they count as their defaults: a run with another value is still refused.
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"total_dim \(None in the checkpoint, 32 now\)"):
+        train.train(dataclasses.replace(cfg, dim=None, total_dim=32, resume=True), splits)
+
+
+def test_reproduce_names_other_bases_with_tags_and_keeps_the_default_names():
+    def names(methods, **kw):
+        return [reproduce.run_name(*k) for k in reproduce.run_keys(["fc-mnist"], methods, [None], None, [0], **kw)]
+
+    assert names(["sgd", "rbd", "fpd", "nes"]) == [f"fc-mnist-{m}-crop3-b0.5-s0" for m in ("sgd", "rbd", "fpd", "nes")]
+    assert names(["rbd"], distributions=["rademacher"]) == ["fc-mnist-rbd-rademacher-crop3-b0.5-s0"]
+    # Global with the row's d is the paper's run (the committed one); SGD has no basis, NES no compartments.
+    assert names(["sgd", "rbd", "nes"], distributions=["normal", "rademacher"], compartments=["global", "layer", "tensor"],
+                 total_dim=250) == [
+        "fc-mnist-sgd-crop3-b0.5-s0",
+        "fc-mnist-rbd-crop3-b0.5-s0", "fc-mnist-rbd-layer-t250-crop3-b0.5-s0", "fc-mnist-rbd-tensor-t250-crop3-b0.5-s0",
+        "fc-mnist-rbd-rademacher-crop3-b0.5-s0", "fc-mnist-rbd-rademacher-layer-t250-crop3-b0.5-s0",
+        "fc-mnist-rbd-rademacher-tensor-t250-crop3-b0.5-s0",
+        "fc-mnist-nes-crop3-b0.5-s0", "fc-mnist-nes-rademacher-crop3-b0.5-s0"]
+    assert names(["rbd"], compartments=["layer"]) == ["fc-mnist-rbd-layer-crop3-b0.5-s0"]
+    assert names(["rbd"], compartments=["global", "tensor"], total_dim=300, min_dim=5) == [
+        "fc-mnist-rbd-t300-crop3-b0.5-s0", "fc-mnist-rbd-tensor-t300-min5-crop3-b0.5-s0"]
+    with pytest.raises(ValueError, match="--min-dim 5 needs --total-dim"):
+        reproduce.run_keys(["fc-mnist"], ["rbd"], [None], None, [0], min_dim=5)
+
+
+def test_report_finds_and_describes_runs_with_other_bases(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "load", lambda *a, **k: synthetic_splits())
+    out = tmp_path / "rep"
+    argv = ["--methods", "sgd,rbd", "--distributions", "rademacher", "--compartments", "global,layer",
+            "--total-dim", "40", "--epochs", "1", "--max-steps", "2", "--device", "cpu", "--out", str(out),
+            "--no-progress"]
+    assert reproduce.main(argv) == 0
+    tagged = out / "runs" / "fc-mnist-rbd-rademacher-layer-t40-crop3-b0.5-s0" / "metrics.json"
+    saved = json.loads(tagged.read_text())["config"]
+    assert (saved["distribution"], saved["compartments"], saved["total_dim"], saved["dim"]) == \
+        ("rademacher", "layer", 40, None)
+    assert json.loads((out / "runs" / "fc-mnist-rbd-rademacher-t40-crop3-b0.5-s0" / "metrics.json").read_text()
+                      )["config"]["total_dim"] == 40
+    assert reproduce.main([*argv, "--report", "--methods", "rbd", "--compartments", "layer"]) == 0
+    [row] = json.loads((out / "table.json").read_text())["rows"]
+    assert row["bases"] == {"distribution": "rademacher", "compartments": "layer", "total_dim": 40, "min_dim": 1}
+    assert row["val_acc_mean"] == json.loads(tagged.read_text())["history"][-1]["val_acc"]
+    assert "| fc-mnist | rbd, rademacher entries, per layer, d = 40 in all | crop ±3, brightness ±0.5 |" in \
+        (out / "table.md").read_text()
+    # The default bases are not described; another distribution alone is.
+    assert reproduce.main([*argv, "--report"]) == 0
+    table = (out / "table.md").read_text()
+    assert "| fc-mnist | sgd | crop ±3" in table and "| fc-mnist | rbd, rademacher entries, d = 40 in all |" in table
+    assert reproduce.main([*argv, "--report", "--distributions", "normal"]) == 0  # SGD's run only
+    assert [r["method"] for r in json.loads((out / "table.json").read_text())["rows"]] == ["sgd"]
 
 
 def test_reproduce_names_a_diverging_run_and_exits_1(tmp_path, monkeypatch, capsys):

@@ -302,6 +302,8 @@ def test_reference_rejects_the_same():
     (Compression(10, minimum=0), "Compression's minimum must be positive"),
     (Fixed(2.5), "Fixed's dim must be an int, got 2.5"),
     (Proportional(0), "Proportional's total must be positive"),
+    (Proportional(250, 0), "Proportional's minimum must be positive, got 0"),
+    (Proportional(250, 2.5), "Proportional's minimum must be an int, got 2.5"),
 ], ids=repr)
 def test_bad_dimension_rules_name_the_argument(rule, match):
     with pytest.raises((ValueError, TypeError), match=match):
