@@ -43,6 +43,7 @@ from .basis import (
 )
 from .layout import Compression, Fixed, as_dim_rule, check_saved, compartment_plan, spans
 from .optim import FPD, RBD, Exchange
+from .optim.base import refuse_copy
 from .optim.ranks import agree, agree_on_load, collective_device, fingerprint, run_collective
 
 SCHEMES = ("shared", "independent")
@@ -131,6 +132,11 @@ class Collective(Exchange):
         self.broadcast = broadcast
         self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.comm = CommStats()
+
+    def __getstate__(self) -> dict:
+        if self.group is not None:
+            refuse_copy("a distributed optimizer built with a process group")
+        return self.__dict__
 
     def bind(self, optimizer) -> None:
         self.n_compartments = len(optimizer.compartments)

@@ -20,6 +20,7 @@ so that plain SGD with learning rate lr on c moves θ exactly as ``FPD(lr, norma
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import reprlib
 from collections.abc import Iterator
@@ -47,6 +48,36 @@ _SHORT = reprlib.Repr()
 _SHORT.maxstring = _SHORT.maxother = 40
 _SHORT.maxlist = _SHORT.maxdict = 3
 _SHORT.maxlevel = 2
+
+
+class _SignedForward:
+    """``RandomSubspace.forward``: the wrapper's ``_forward`` bound to the wrapper, with the wrapped
+    module's signature. A plain ``forward(*args, **kwargs)`` hides it, and the HF Trainer, which
+    keeps only the dataset columns the model's forward names, would drop them all. A non-data
+    descriptor, so that frameworks can still assign ``wrapper.forward`` (accelerate's autocast)."""
+
+    def __get__(self, wrapper, owner=None):
+        return owner._forward if wrapper is None else _BoundForward(wrapper)
+
+
+class _BoundForward:
+    """A bound ``RandomSubspace._forward`` whose ``__signature__`` is the wrapped module's forward's."""
+
+    __slots__ = ("__self__",)
+
+    def __init__(self, wrapper: RandomSubspace):
+        self.__self__ = wrapper
+
+    @property
+    def __func__(self):  # what frameworks rebind after wrapping it (accelerate's autocast)
+        return RandomSubspace._forward
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(self.__self__.module.forward)
+
+    def __call__(self, *args, **kwargs):
+        return self.__self__._forward(*args, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -89,10 +120,12 @@ class RandomSubspace(nn.Module):
             per layer l (parameters sharing a module), θ_l = θ₀_l + λ_l √s P c restricted to the
             layer's rows; λ starts at 1. The layers are those of ``compartments="layer"``.
 
-    ``forward(*args, **kwargs)`` runs ``module`` with θ₀ + P c through
-    ``torch.func.functional_call``; ``export()`` returns a plain copy of the module with those
-    weights as ordinary parameters (use its ``save_pretrained``/``generate``: ``self.module``
-    holds θ₀). ``state_dict()`` holds tensors only: θ₀ (each tied parameter once), c, λ, and
+    ``forward`` takes what the module's forward takes, and runs ``module`` with θ₀ + P c through
+    ``torch.func.functional_call``; ``inspect.signature(wrapper.forward)`` is the module's (the HF
+    Trainer reads it to keep the dataset's columns). ``export()`` returns a plain copy of the module
+    with those weights as ordinary parameters (use its ``save_pretrained``/``generate``:
+    ``self.module`` holds θ₀, and its ``generate``, also reached as ``wrapper.generate``, refuses,
+    pointing to ``export``). ``state_dict()`` holds tensors only: θ₀ (each tied parameter once), c, λ, and
     ``subspace_config()`` (seed, distribution, normalisation, SAID flag, layout) as JSON in a uint8
     tensor. ``load_state_dict`` checks all of it before changing anything and refuses a state saved
     by a wrapper built otherwise, naming the first differing field. c and λ stay fp32 through
@@ -160,6 +193,9 @@ class RandomSubspace(nn.Module):
         for method in NEEDS_EXPORT:
             if callable(getattr(module, method, None)):
                 setattr(module, method, _NeedsExport(method))
+        if "generate" in module.__dict__:
+            # A Seq2SeqTrainer calls model.generate: through the wrapper it refuses as the module's does.
+            self.generate = module.generate
         self.module = module
         # load_state_dict(assign=True) replaces θ₀ under its saved (first) name only.
         self.register_load_state_dict_post_hook(_retie_after_load)
@@ -290,9 +326,11 @@ class RandomSubspace(nn.Module):
             out[name] = theta0 + delta.to(theta0.dtype).view(self._shapes[name])
         return out
 
-    def forward(self, *args, **kwargs):
+    def _forward(self, *args, **kwargs):
         # Only the canonical name of a tied parameter is passed: functional_call ties the aliases.
         return functional_call(self.module, self.weights(), args, kwargs)
+
+    forward = _SignedForward()
 
     def _apply(self, fn, recurse=True):
         keep = [t for t in (self.c, self.lambdas) if t is not None]

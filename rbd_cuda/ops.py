@@ -13,6 +13,7 @@ itself) and ``philox4x32`` (the raw generator). Which kernels run, and facts abo
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 from collections.abc import Sequence
@@ -377,8 +378,8 @@ class SegmentPlan:
             if not 0 <= x < 2**32:
                 raise ValueError(f"rbd_cuda: streams[{k}] must be in [0, 2**32), got {x}")
         for s, (numel, r, k) in enumerate(zip(numels, rows, comps, strict=True)):
-            if numel < 0:
-                raise ValueError(f"rbd_cuda: numels[{s}] must be non-negative, got {numel}")
+            if not 0 <= numel <= 2**34:
+                raise ValueError(f"rbd_cuda: numels[{s}] must be in [0, 2**34] (the stream's row range), got {numel}")
             if not 0 <= k < len(self.dims):
                 raise ValueError(f"rbd_cuda: compartments[{s}] must be in [0, len(dims)={len(self.dims)}), got {k}")
             if not 0 <= r <= 2**34 - numel:
@@ -387,6 +388,11 @@ class SegmentPlan:
 
     def select(self, segments: Sequence[int]) -> SegmentPlan:
         """The plan of the segments at indices ``segments`` (in that order), all compartments kept."""
+        segments = [_integer(f"segments[{i}]", s) for i, s in enumerate(segments)]
+        for i, s in enumerate(segments):
+            # A negative index would silently take a segment from the end.
+            if not 0 <= s < len(self.numels):
+                raise ValueError(f"rbd_cuda: segments[{i}] must be in [0, {len(self.numels)}), got {s}")
         return SegmentPlan([self.numels[s] for s in segments], [self.row_offsets[s] for s in segments],
                            [self.compartments[s] for s in segments], self.dims, self.streams)
 
@@ -429,7 +435,8 @@ def project_grouped(g, plan: SegmentPlan, *, seed: int, step: int = 0,
     ``g``: one tensor per segment of ``plan`` (one dtype, one device, any shape, flattened).
     Compartment k's coefficients are the sum over its segments s, in list order, of
     ``project(g[s].float(), dims[k], row_offset=row_offsets[s], stream=streams[k], ...)``, bit for
-    bit on each device; a compartment without segments gets zeros.
+    bit on each device; a compartment without segments gets zeros. Differentiable in ``g`` (the
+    derivative is the adjoint, ``expand`` of each compartment's incoming gradient).
     """
     g = _plan_tensors(g, "g", plan)
     return torch.ops.rbd_cuda.project_grouped(g, plan.row_offsets, plan.compartments, plan.dims, plan.streams,
@@ -462,6 +469,29 @@ def expand_grouped_(out, c: torch.Tensor, alphas, plan: SegmentPlan, *, seed: in
 @torch.library.register_fake("rbd_cuda::project_grouped")
 def _project_grouped_fake(g, row_offsets, compartments, dims, streams, *, seed, step=0, distribution="normal"):
     return g[0].new_empty((sum(dims),), dtype=torch.float32)
+
+
+def _save_segment_table(ctx, inputs, keyword_only_inputs, output):
+    g, ctx.row_offsets, ctx.compartments, dims, ctx.streams = inputs
+    ctx.stream = dict(keyword_only_inputs)
+    ctx.shapes, ctx.dtype = [t.shape for t in g], g[0].dtype
+    ctx.columns = [(end - d, end) for d, end in zip(dims, itertools.accumulate(dims), strict=True)]
+
+
+def _project_grouped_backward(ctx, grad_c):
+    # c_k = Σ_s P_sᵀ g_s over compartment k's segments, so ∂L/∂g_s = P_s ∂L/∂c_k: expand, as for project.
+    grad_c = grad_c.contiguous()
+    grads = []
+    for shape, row_offset, k in zip(ctx.shapes, ctx.row_offsets, ctx.compartments, strict=True):
+        start, stop = ctx.columns[k]
+        grad_g = torch.ops.rbd_cuda.expand(grad_c[start:stop], math.prod(shape), row_offset=row_offset,
+                                           stream=ctx.streams[k], col_offset=0, **ctx.stream)
+        grads.append(grad_g.reshape(shape).to(ctx.dtype))
+    return grads, None, None, None, None
+
+
+torch.library.register_autograd("rbd_cuda::project_grouped", _project_grouped_backward,
+                                setup_context=_save_segment_table)
 
 
 @torch.library.register_fake("rbd_cuda::expand_grouped_")

@@ -445,21 +445,27 @@ class BatchSource:
 def pack(name: str, root: Path, target: Path) -> list[Path]:
     """Verified, gzip-compressed copies of a dataset's files under ``target/<name>/`` (for carrying
     the data to a machine without network; ``load(name, target)`` reads them)."""
-    written = []
     if name == "cifar10":
         _load_cifar(root, download=True)
         destination = _cifar_dir(target)
+    else:
+        _load_idx(name, root, download=True, verify=True)
+        destination = target / name
+    written = []
+    try:
         destination.mkdir(parents=True, exist_ok=True)
-        for f in CIFAR_FILES:
-            shutil.copyfile(_cifar_dir(root) / f, destination / f)
-            written.append(destination / f)
-        return written
-    _load_idx(name, root, download=True, verify=True)
-    (target / name).mkdir(parents=True, exist_ok=True)
-    for stem in IDX_SHA256[name]:
-        out = target / name / f"{stem}.gz"
-        out.write_bytes(gzip.compress(_read_maybe_gz(_find_idx(name, root, stem)), mtime=0))
-        written.append(out)
+        if name == "cifar10":
+            for f in CIFAR_FILES:
+                shutil.copyfile(_cifar_dir(root) / f, destination / f)
+                written.append(destination / f)
+        else:
+            for stem in IDX_SHA256[name]:
+                out = destination / f"{stem}.gz"
+                out.write_bytes(gzip.compress(_read_maybe_gz(_find_idx(name, root, stem)), mtime=0))
+                written.append(out)
+    except OSError as err:
+        raise DataError(f"could not write {err.filename or destination}: {err.strerror or err} (the packed copies "
+                        f"go under {target}, which must be a directory this user can write)") from None
     return written
 
 

@@ -227,7 +227,10 @@ def run_all(keys: list[RunKey], epochs: int, out: Path, *, max_steps: int | None
             outer.set_postfix_str(run_name(*key))
             if cfg.dataset not in cache:
                 cache[cfg.dataset] = data.load(cfg.dataset, data_root, split_seed=cfg.split_seed)
-            histories[key] = _named(key, lambda cfg=cfg: train(cfg, cache[cfg.dataset], stop=stop).history)
+            try:
+                histories[key] = _named(key, lambda cfg=cfg: train(cfg, cache[cfg.dataset], stop=stop).history)
+            except Interrupted as err:
+                raise _interrupted([f"{run_name(*key)}: {err}"]) from None
             outer.update()
     else:
         _train_in_pool(keys, epochs, out, common, jobs, stop, histories, outer.update)
@@ -257,13 +260,25 @@ def _train_in_pool(keys: list[RunKey], epochs: int, out: Path, common: dict, job
                     histories[futures[future]] = _named(futures[future], future.result)
                 except Interrupted as err:
                     interrupted.append(f"{run_name(*futures[future])}: {err}")
+                except concurrent.futures.BrokenExecutor:
+                    if not stop():
+                        raise
+                    # A signal to the process group killed a worker still starting (before _start_worker
+                    # installed its handlers), and the pool broke with it.
+                    interrupted.append(f"{run_name(*futures[future])}: its worker stopped without reporting (one "
+                                       "still starting dies of the signal); the run keeps its last checkpoint")
                 advance()
     finally:
         stop_event.set()  # whatever ends this (an error, a second Ctrl-C), the workers save and stop
         pool.shutdown(wait=True, cancel_futures=True)
     if interrupted or stop():
-        raise Interrupted("interrupted; each run was saved after its step in progress (repeat the command to "
-                          "continue):\n  " + "\n  ".join(interrupted or ["no run was in progress"]))
+        raise _interrupted(interrupted or ["no run was in progress"])
+
+
+def _interrupted(runs: list[str]) -> Interrupted:
+    """The interrupt of the whole command, naming where each run stopped."""
+    return Interrupted("interrupted; each run was saved after its step in progress (repeat the command to "
+                       "continue):\n  " + "\n  ".join(runs))
 
 
 def _named(key: RunKey, result):

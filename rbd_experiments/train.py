@@ -113,7 +113,14 @@ class Run:
         self.out.mkdir(parents=True, exist_ok=True)
         if self.epoch < cfg.epochs and not self._at_max_steps():
             here = {"from_step": self.global_step, **machine(self.device)}
-            if not self.trained_on or {k: v for k, v in self.trained_on[-1].items() if k != "from_step"} != \
+            last = self.trained_on[-1] if self.trained_on else None
+            if last and last["device"] == here["device"] == "cpu" and last["threads"] != here["threads"]:
+                # Another thread count changes the order of torch's sums: the run goes on, not bit for bit.
+                tqdm.write(f"note: {self.out} resumes on {here['threads']} CPU thread(s); its last stretch ran on "
+                           f"{last['threads']}, so it does not continue bit for bit (rbd-reproduce --jobs 2 or more "
+                           f"trains each run on 1 thread; OMP_NUM_THREADS={last['threads']} sets rbd-train's)",
+                           file=sys.stderr)
+            if not last or {k: v for k, v in last.items() if k != "from_step"} != \
                     {k: v for k, v in here.items() if k != "from_step"}:
                 self.trained_on.append(here)
         while self.epoch < cfg.epochs and not self._at_max_steps():
@@ -143,10 +150,9 @@ class Run:
                 self.totals = loop.Totals()
             self.save()
             self.write_results()  # after the checkpoint: the metrics are never ahead of it
-            if stop():
+            if stop():  # how to continue is the command's to say (rbd-train: --resume)
                 raise Interrupted(f"interrupted at epoch {self.epoch + 1}, step {self.step_in_epoch} of "
-                                  f"{self.steps_per_epoch}; saved to {self.checkpoint_path()} (continue with "
-                                  "--resume)")
+                                  f"{self.steps_per_epoch}; saved to {self.checkpoint_path()}")
         return self.history
 
     def _at_max_steps(self) -> bool:
@@ -249,10 +255,18 @@ def _write_atomically(path: Path, content: str | bytes) -> None:
 def train(cfg: config.TrainConfig, splits: data.Splits | None = None, stop: Callable[[], bool] = lambda: False) -> Run:
     """Runs (or resumes) training as configured; returns the finished Run. ``stop`` is polled
     between steps: once true, the run is saved and ``Interrupted`` raised."""
-    checkpoint = Path(cfg.out) / "checkpoint.pt"
+    out = Path(cfg.out)
+    checkpoint = out / "checkpoint.pt"
     if checkpoint.is_file() and not (cfg.resume or cfg.overwrite):
         raise ValueError(f"--out {cfg.out} already holds a run ({checkpoint}): continue it with --resume, "
                          "start it afresh with --overwrite, or choose another --out")
+    if not cfg.resume:  # a resumed run's directory holds its checkpoint (Run.load checks)
+        try:  # before the data is loaded and the model built
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            problem = ("is a file, not a directory" if out.is_file() else
+                       f"cannot be created ({err.filename}: {err.strerror})")
+            raise ValueError(f"--out {cfg.out} {problem}") from None
     run = Run(cfg, splits)
     if cfg.resume:
         run.load()
@@ -310,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         args["augment"] = config.augment_from_args(args["dataset"], args)
         cfg = config.TrainConfig(**args)
         run = train(cfg, stop=stop)
+    except Interrupted as err:
+        return report_error(Interrupted(f"{err} (continue with --resume)"))
     except CLI_ERRORS as err:
         return report_error(err)
     finally:

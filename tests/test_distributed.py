@@ -199,6 +199,43 @@ def divergence_is_detected(rank, world):
     return None
 
 
+def non_finite_on_one_rank(rank, world):
+    """Rank 1's gradient holds a NaN: every rank refuses the step (the coefficients they all-reduce
+    are NaN), none changes, and a clean step afterwards keeps them identical."""
+    model = mlp()
+    opt = DistributedRBD(model.parameters(), lr=0.1, dim=4, seed=1, check_every=1)
+    x, y = local(0, rank, world)
+    F.cross_entropy(model(x), y).backward()
+    if rank == 1:
+        model[2].weight.grad[1, 4] = float("nan")
+    before = flat(model)
+    try:
+        opt.step()
+        error = None
+    except ValueError as refusal:
+        error = str(refusal)
+    unchanged = torch.equal(flat(model), before) and opt.steps_taken == 0
+    train_steps(model, opt, 1, rank, world)
+    return {"error": error, "unchanged": unchanged, "hash": fingerprint(model.parameters())}
+
+
+def copies(rank, world):
+    """A copy of a distributed optimizer (on the default group) steps as the original; one built with
+    a process group, which cannot be copied, is refused at copy time."""
+    model = mlp()
+    opt = DistributedRBD(model.parameters(), lr=0.1, dim=4, seed=1, momentum=0.5)
+    copied_model, copied = copy.deepcopy((model, opt))
+    train_steps(model, opt, 2, rank, world)
+    train_steps(copied_model, copied, 2, rank, world)
+    grouped = DistributedRBD(mlp().parameters(), lr=0.1, dim=4, seed=1, group=dist.new_group(list(range(world))))
+    try:
+        copy.deepcopy(grouped)
+        refusal = None
+    except TypeError as error:
+        refusal = str(error)
+    return {"same": torch.equal(flat(model), flat(copied_model)), "refusal": refusal}
+
+
 def mismatched_seed_is_refused(rank, world):
     model = mlp()
     try:
@@ -342,6 +379,8 @@ def scenarios(rank, world):
         "identical": runs_stay_identical(rank, world),
         "divergence": divergence_is_detected(rank, world),
         "seed": mismatched_seed_is_refused(rank, world),
+        "non-finite": non_finite_on_one_rank(rank, world),
+        "copies": copies(rank, world),
         "hook-step": hook_one_step(rank, world),
         "hook-ef": hook_error_feedback(rank, world),
         "hook-trains": hook_trains(rank, world, False),
@@ -489,6 +528,24 @@ def test_a_rank_that_diverges_is_reported_on_every_rank(results):
     for r, res in enumerate(results):
         assert res["divergence"] is not None, f"rank {r} did not see the difference"
         assert "rank(s) [1] differ from rank 0" in res["divergence"]
+
+
+def test_a_non_finite_gradient_on_one_rank_is_refused_on_every_rank(results):
+    for r, res in enumerate(results):
+        error = res["non-finite"]["error"]
+        assert error is not None and res["non-finite"]["unchanged"], f"rank {r} stepped"
+        if r == 1:
+            assert "the gradient of parameter param2 holds NaN or infinite values; step 0 was not taken" in error
+        else:
+            assert "another rank's gradient holds NaN or infinite values" in error
+        assert res["non-finite"]["hash"] == results[0]["non-finite"]["hash"]
+
+
+def test_a_copy_of_a_distributed_optimizer_steps_as_the_original(results):
+    for res in results:
+        assert res["copies"]["same"]
+        assert ("a distributed optimizer built with a process group cannot be copied or pickled, since a process "
+                "group cannot: copy its state_dict()") in res["copies"]["refusal"]
 
 
 def test_ranks_with_different_seeds_are_refused(results):

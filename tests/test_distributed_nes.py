@@ -64,8 +64,14 @@ def cases(rank, world):
 
     own, _ = dist.new_subgroups(group_size=1)
     model = mlp()
-    train(model, NES(model.parameters(), group=own, **KW), mine)
+    own_opt = NES(model.parameters(), group=own, **KW)
+    train(model, own_opt, mine)
     out["own"] = flat(model)
+    try:
+        copy.deepcopy(own_opt)
+        out["copy"] = None
+    except TypeError as error:
+        out["copy"] = str(error)
     first = dist.new_group([0])  # rank 1 is not in it
     try:
         NES(mlp().parameters(), group=first, **KW)
@@ -143,6 +149,7 @@ def test_a_one_rank_group_trains_each_rank_on_its_own(results):
         torch.testing.assert_close(res["own"], expected, rtol=1e-6, atol=1e-7)
     assert not torch.allclose(results[0]["own"], results[1]["own"])  # by choice, as before
     assert results[0]["not a member"] is None
+    assert "NES built with a process group cannot be copied or pickled, since a process group cannot" in results[0]["copy"]
     assert "this rank (1) is not in the group" in results[1]["not a member"]
 
 

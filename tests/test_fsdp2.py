@@ -11,6 +11,7 @@ interruption; what is not supported is refused.
 
 from __future__ import annotations
 
+import copy
 import io
 
 import pytest
@@ -191,7 +192,8 @@ def refusals(mesh):
     return {"hsdp": refusal(lambda: RBD(hsdp.parameters(), lr=0.1, dim=4)),
             "part": refusal(lambda: FPD(part.named_parameters(), lr=0.1, dim=4, compartments="tensor")),
             "record": refusal(lambda: RBD(sharded(mesh).parameters(), lr=0.1, dim=4, record=True)),
-            "diagnostics": refusal(lambda: FPD(sharded(mesh).parameters(), lr=0.1, dim=4, diagnostics=True))}
+            "diagnostics": refusal(lambda: FPD(sharded(mesh).parameters(), lr=0.1, dim=4, diagnostics=True)),
+            "copy": refusal(lambda: copy.deepcopy(RBD(sharded(mesh).parameters(), lr=0.1, dim=4)))}
 
 
 @pytest.fixture(scope="module")
@@ -248,3 +250,5 @@ def test_other_placements_plain_tensors_record_and_diagnostics_are_refused(resul
         assert "ValueError: rbd_cuda: parameter 2.weight is a plain tensor among the other parameters' row shards" in str(found["part"])
         assert "ValueError: rbd_cuda: RBD over row shards (FSDP2) keeps no record and no diagnostics" in str(found["record"])
         assert "ValueError: rbd_cuda: FPD over row shards (FSDP2) keeps no record and no diagnostics" in str(found["diagnostics"])
+        assert ("TypeError: rbd_cuda: an optimizer over row shards (FSDP2) cannot be copied or pickled, since a "
+                "process group cannot: copy its state_dict() instead") in str(found["copy"])

@@ -179,14 +179,20 @@ def test_project_grouped_bad_input(device, message, args, direct):
 def test_segment_plan_is_checked_once_and_the_tensors_at_every_call():
     with pytest.raises(ValueError, match="at least one segment"):
         rbd_cuda.SegmentPlan([], [], [], [4], [0])
-    with pytest.raises(ValueError, match="numels\\[1\\] must be non-negative"):
+    with pytest.raises(ValueError, match="numels\\[1\\] must be in \\[0, 2\\*\\*34\\]"):
         rbd_cuda.SegmentPlan([5, -1], [0, 0], [0, 0], [4], [0])
+    with pytest.raises(ValueError, match="numels\\[0\\] must be in \\[0, 2\\*\\*34\\] \\(the stream's row range\\), got "
+                                         "1099511627776"):
+        rbd_cuda.SegmentPlan([2**40], [0], [0], [4], [0])
     with pytest.raises(ValueError, match="row_offsets\\[0\\] must be in \\[0, 2\\*\\*34 - numels\\[0\\]\\]"):
         rbd_cuda.SegmentPlan([5], [2**34 - 4], [0], [4], [0])
     with pytest.raises(TypeError, match="dims\\[0\\] must be an int"):
         rbd_cuda.SegmentPlan([5], [0], [0], [4.0], [0])
     plan = rbd_cuda.SegmentPlan([5, 3], [0, 5], [0, 0], [4], [0])
     assert plan.total == 4 and plan.numels == (5, 3) and plan.select([1]).row_offsets == (5,)
+    for bad in (-1, 2):
+        with pytest.raises(ValueError, match=f"segments\\[1\\] must be in \\[0, 2\\), got {bad}"):
+            plan.select([0, bad])
     with pytest.raises(AttributeError):
         plan.dims = (5,)  # frozen: what was checked stays what is used
     g = [torch.ones(5), torch.ones(3)]
@@ -231,6 +237,26 @@ def test_opcheck_grouped(device, dist):
     torch.library.opcheck(torch.ops.rbd_cuda.project_grouped.default, (g,), table)
     c = random_vector(sum(dims), device=device)
     torch.library.opcheck(torch.ops.rbd_cuda.expand_grouped_.default, (g, c, [1.0] * len(g)), table)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_project_grouped_differentiates_as_the_sum_of_projects(device, dtype):
+    """Its derivative is the adjoint (expand of each compartment's incoming gradient), as autograd
+    gives it for the per-segment projects it sums; with inputs that require grad, opcheck runs it."""
+    _, rows, comps, dims, streams = LAYOUTS["mixed"]
+    g = [t.requires_grad_() for t in _segments("mixed", dtype, device)]
+    weights = random_vector(sum(dims), device=device, seed=9)
+    c = rbd_cuda.project_grouped(g, _plan(g, rows, comps, dims, streams), **KW)
+    assert c.requires_grad
+    (c * weights).sum().backward()
+    off = _offsets(dims)
+    ref = [t.detach().clone().requires_grad_() for t in g]
+    sum((rbd_cuda.project(t.float(), dims[k], row_offset=r, stream=streams[k], **KW) * weights[off[k]:off[k + 1]]).sum()
+        for t, r, k in zip(ref, rows, comps, strict=True)).backward()
+    for s, (got, want) in enumerate(zip(g, ref, strict=True)):
+        assert got.grad.dtype == dtype and torch.equal(got.grad, want.grad), s
+    table = {"row_offsets": rows, "compartments": comps, "dims": dims, "streams": streams, "seed": 3, "step": 1}
+    torch.library.opcheck(torch.ops.rbd_cuda.project_grouped.default, (g,), table)
 
 
 @pytest.mark.parametrize("dist", DISTRIBUTIONS)

@@ -1,9 +1,11 @@
 """The RBD, FPD and NES optimizers and their compartments."""
 
 import ast
+import copy
 import io
 import itertools
 import math
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -387,11 +389,16 @@ def corrupt(sd: dict, what: str) -> dict:
         sd["param_groups"] = sd["param_groups"][:1]
     elif what == "format":
         sd["rbd"]["format"] = 99
+    elif what == "no format":
+        del sd["rbd"]["format"]
+    elif what == "group key":
+        sd["param_groups"][-1]["betas"] = (0.9, 0.999)
     return sd
 
 
 @pytest.mark.parametrize("what", ["lr", "momentum", "steps str", "steps negative", "steps fraction", "steps bool",
-                                  "buffer shape", "buffer nan", "buffer int", "unknown state", "groups", "format"])
+                                  "buffer shape", "buffer nan", "buffer int", "unknown state", "groups", "format",
+                                  "no format", "group key"])
 def test_a_refused_load_changes_nothing(what):
     model = mlp()
     kw = {"lr": 0.2, "dim": 6, "compartments": "tensor", "momentum": 0.5, "seed": 8}
@@ -411,6 +418,38 @@ def test_a_refused_load_changes_nothing(what):
     assert opt.steps_taken == twin.steps_taken == 3
     for a, b in zip(fresh_model.parameters(), twin_model.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(("cls", "kw"), [(RBD, {"dim": 4}), (FPD, {"dim": 4}), (NES, {"population": 4})])
+@pytest.mark.parametrize("key", ["betas", "weight_deacy", "nesterov"])
+def test_a_loaded_group_key_the_optimizer_does_not_implement_is_refused(cls, kw, key):
+    model = mlp()
+    opt = cls([{"params": model[0].parameters()}, {"params": model[2].parameters()}], lr=0.1, **kw)
+    sd = opt.state_dict()
+    sd["param_groups"][1][key] = 0.9
+    with pytest.raises(ValueError, match=f"param group 1 has the key '{key}', which {cls.__name__} does not implement"):
+        opt.load_state_dict(sd)
+    assert key not in opt.param_groups[1]
+
+
+def test_the_keys_schedulers_add_load():
+    opt = RBD(mlp().parameters(), lr=0.1, dim=4, momentum=0.5)
+    torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.5, total_steps=10)  # initial_lr, max_lr, min_lr, momenta
+    torch.optim.swa_utils.SWALR(opt, swa_lr=0.05)
+    sd = opt.state_dict()
+    added = {"initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum", "swa_lr"}
+    assert added <= set(sd["param_groups"][0])
+    fresh = RBD(mlp().parameters(), lr=0.1, dim=4, momentum=0.5)
+    fresh.load_state_dict(sd)
+    assert {key: fresh.param_groups[0][key] for key in added} == {key: sd["param_groups"][0][key] for key in added}
+
+
+def test_a_state_dict_without_its_format_is_refused_naming_it():
+    opt = RBD(mlp().parameters(), lr=0.1, dim=4)
+    sd = opt.state_dict()
+    del sd["rbd"]["format"]
+    with pytest.raises(ValueError, match="the state_dict's 'rbd' entry has no 'format'"):
+        opt.load_state_dict(sd)
 
 
 @pytest.mark.parametrize("what", ["state", "steps", "lr", "weight_decay"])
@@ -537,6 +576,95 @@ def test_nes_bad_arguments(kw, match):
         NES(mlp().parameters(), **{"lr": 0.1, "population": 4, **kw})
     with pytest.raises(ValueError, match="closure"):
         NES(mlp().parameters(), lr=0.1, population=4).step()
+
+
+def test_nes_skips_frozen_parameters_their_rows_unused():
+    """A frozen parameter (requires_grad=False) is neither perturbed, decayed nor updated; the others
+    follow the documented update (test_nes_step_equals_its_documented_update) on their own rows of
+    P, the scale still that of all the parameters given."""
+    model = mlp()
+    model[0].bias.requires_grad_(False)
+    x, y = classification_data()
+    lr, sigma, wd, population = 0.2, 0.05, 0.5, 4
+    opt = NES(model.parameters(), lr=lr, population=population, sigma=sigma, weight_decay=wd, normalize="paper",
+              seed=4)
+    theta0 = torch.cat([p.detach().double().reshape(-1) for p in model.parameters()])
+    trained = torch.ones(387, dtype=torch.float64)
+    trained[320:336] = 0.0  # 0.bias's rows
+    seen, losses = [], []
+
+    def closure():
+        seen.append(torch.cat([p.detach().double().reshape(-1) for p in model.parameters()]))
+        losses.append(float(torch.nn.functional.cross_entropy(model(x), y)))
+        return losses[-1]
+
+    opt.step(closure)
+    P = reference.materialize(387, population, seed=4)
+    for j, at in enumerate(seen):
+        torch.testing.assert_close(at, theta0 + trained * sigma * P[:, j], rtol=1e-5, atol=1e-6)
+    order = sorted(range(population), key=lambda i: losses[i])
+    a = [0.0] * population
+    for rank, i in enumerate(order):
+        a[i] = 0.5 - rank / (population - 1)
+    step = sum(a[j] * P[:, j] for j in range(population)) / (sigma * population)
+    expected = theta0 * (1 - lr * wd * trained) + trained * lr * (1 / 387) ** 0.5 * step
+    got = torch.cat([p.detach().double().reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got[320:336], theta0[320:336])
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="every parameter has requires_grad=False"):
+        opt.step(closure)
+    assert opt.steps_taken == 1 and torch.equal(torch.cat([p.detach().double().reshape(-1) for p in model.parameters()]), got)
+
+
+# ---- copies ---------------------------------------------------------------------------------------
+
+
+def through_torch_save(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+COPIES = {"deepcopy": copy.deepcopy, "pickle": lambda obj: pickle.loads(pickle.dumps(obj)),
+          "torch.save": through_torch_save}
+
+
+@pytest.mark.parametrize("how", COPIES)
+@pytest.mark.parametrize("cls", [RBD, FPD, NES])
+def test_a_copy_continues_as_the_original(cls, how):
+    """A copy of a model and its optimizer (under an LR scheduler, which wraps opt.step) steps on its
+    own and as the original does: the seed, the step count, the compartments and the state go with it."""
+    model = mlp()
+    groups = [{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 0.1}]
+    opt = (NES(groups, lr=0.2, population=4, sigma=0.1, weight_decay=0.1, seed=5) if cls is NES else
+           cls(groups, lr=0.2, dim=5, compartments="tensor", momentum=0.5, weight_decay=0.1, seed=5))
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+    x, y = classification_data()
+
+    def step(model, opt):
+        if isinstance(opt, NES):
+            opt.step(lambda: torch.nn.functional.cross_entropy(model(x), y))
+        else:
+            train(model, opt, 1, (x, y))
+
+    for _ in range(2):
+        step(model, opt)
+        scheduler.step()
+    copied_model, copied = COPIES[how]((model, opt))
+    assert copied.steps_taken == 2 and copied.seed == 5
+    original = [p.detach().clone() for p in model.parameters()]
+    for _ in range(2):
+        step(copied_model, copied)
+    assert all(torch.equal(a, b) for a, b in zip(original, model.parameters(), strict=True))
+    assert opt.steps_taken == 2
+    for _ in range(2):
+        step(model, opt)
+    assert copied.steps_taken == opt.steps_taken == 4
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), copied_model.parameters(), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(original, model.parameters(), strict=True))
 
 
 # ---- diagnostics and replay ---------------------------------------------------------------------
@@ -668,6 +796,18 @@ def test_layer_compartments_need_names():
         RBD(mlp().parameters(), lr=0.1, dim=4, compartments="layer")
 
 
+def test_parameters_that_share_memory_are_refused_naming_them():
+    weight = torch.nn.Parameter(torch.zeros(10))
+    view = torch.nn.Parameter(weight.data[4:8])
+    bias = torch.nn.Parameter(torch.zeros(3))
+    for cls, kw in ((RBD, {"dim": 2}), (NES, {"population": 2})):
+        with pytest.raises(ValueError, match="parameters weight and view share memory"):
+            cls([("weight", weight), ("bias", bias), ("view", view)], lr=0.1, **kw)
+    RBD([("weight", weight), ("bias", bias)], lr=0.1, dim=2)
+    flat = torch.zeros(13)  # adjacent pieces of one tensor do not overlap
+    RBD([torch.nn.Parameter(flat[:10]), torch.nn.Parameter(flat[10:])], lr=0.1, dim=2)
+
+
 def test_a_parameter_in_two_groups_is_refused():
     model = mlp()
     with pytest.raises(ValueError, match="more than one"):
@@ -762,7 +902,7 @@ def grads_everywhere(model):
     torch.nn.functional.cross_entropy(model(x), y).backward()
 
 
-@pytest.mark.parametrize("problem", ["inf lr", "nan momentum", "sparse grad"])
+@pytest.mark.parametrize("problem", ["inf lr", "nan momentum", "sparse grad", "nan grad"])
 def test_a_refused_step_changes_nothing(problem):
     model = mlp()
     opt = RBD([{"params": model[0].parameters()}, {"params": model[2].parameters()}], lr=0.1, dim=4,
@@ -774,14 +914,40 @@ def test_a_refused_step_changes_nothing(problem):
     elif problem == "nan momentum":
         opt.param_groups[1]["momentum"] = float("nan")
         match = r"momentum \(param group 1\) must be finite"
-    else:
+    elif problem == "sparse grad":
         model[2].bias.grad = model[2].bias.grad.to_sparse()
         match = "parameter param3 has a torch.sparse_coo gradient"
+    else:
+        model[2].bias.grad[1] = float("nan")
+        match = "the gradient of parameter param3 holds NaN or infinite values"
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(ValueError, match=match):
         opt.step()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     assert opt.steps_taken == 0 and not opt.state
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("cls", [RBD, FPD])
+def test_a_non_finite_gradient_entry_is_refused_naming_its_parameter(cls, dtype, value):
+    model = mlp().to(dtype)
+    opt = cls(model.named_parameters(), lr=0.3, dim=5, momentum=0.5, seed=2)
+    x, y = classification_data()
+    train(model, opt, 2, (x.to(dtype), y))  # the last step's gradients stay
+    model[0].weight.grad[3, 7] = value  # one entry of 387
+    before = [p.detach().clone() for p in model.parameters()]
+    buffers = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"the gradient of parameter 0.weight holds NaN or infinite values; step 2 "
+                                         r"was not taken \(the parameters and the step count are unchanged\)"):
+        opt.step()
+    assert opt.steps_taken == 2
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert all(torch.equal(a, opt.state[p]["momentum_buffer"]) for a, p in zip(buffers, model.parameters(),
+                                                                              strict=True))
+    model[0].weight.grad[3, 7] = 0.0
+    opt.step()
+    assert opt.steps_taken == 3 and all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_numpy_integers_are_taken_and_the_state_dict_loads_with_weights_only():

@@ -87,3 +87,21 @@ def test_each_name_has_one_home():
     for module, names in former.items():
         assert [name for name in names if hasattr(module, name)] == [], module.__name__
     assert not {"ENTRY_VARIANCE", "NORMALIZATIONS"} & set(rbd.__all__)
+
+
+def test_names_a_docstring_says_come_from_a_module_are_there():
+    """"a rule from ``rbd_cuda.layout``: ``Fixed(d)``, ...": each name listed after "from
+    ``module``:" in a docstring of the library is an attribute of that module."""
+    import importlib
+    import re
+
+    listed = re.compile(r"from ``(rbd_cuda(?:\.\w+)*)``:((?:\s*``\w+(?:\([^`]*\))?``,?)+)")
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and ast.get_docstring(node):
+                for module, names in listed.findall(ast.get_docstring(node)):
+                    found += [(path.name, module, name) for name in re.findall(r"``(\w+)", names)]
+    missing = [entry for entry in found if not hasattr(importlib.import_module(entry[1]), entry[2])]
+    assert not missing, missing
+    assert ("rbd.py", "rbd_cuda.layout", "Fixed") in found  # the pattern still finds what it checks

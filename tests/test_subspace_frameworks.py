@@ -2,7 +2,11 @@
 (safetensors checkpoints) and Lightning. Each trains, checkpoints, and resumes bit for bit as the
 uninterrupted run."""
 
+import copy
+import inspect
 import json
+import pickle
+import types
 
 import pytest
 import torch
@@ -39,12 +43,12 @@ def hf_trainer(wrapper, out, max_steps, stop_at=None, **kw):
     class Interrupt(transformers.TrainerCallback):
         def on_step_end(self, args, state, control, **_):
             control.should_training_stop = state.global_step == stop_at
-    # remove_unused_columns=False: the wrapper's forward takes (*args, **kwargs), so the Trainer
-    # cannot read the model's input names from its signature (it would drop every column).
+    # remove_unused_columns keeps its default (True): the Trainer keeps the columns the wrapper's
+    # forward names, which are the wrapped model's.
     args = transformers.TrainingArguments(str(out), max_steps=max_steps, per_device_train_batch_size=4,
                                           learning_rate=0.05, save_steps=3, save_strategy="steps", logging_steps=1,
-                                          report_to=[], use_cpu=True, seed=7, remove_unused_columns=False,
-                                          dataloader_num_workers=0, disable_tqdm=True, **kw)
+                                          report_to=[], use_cpu=True, seed=7, dataloader_num_workers=0,
+                                          disable_tqdm=True, **kw)
     return transformers.Trainer(model=wrapper, args=args, train_dataset=token_data(), callbacks=[Interrupt()])
 
 
@@ -69,6 +73,23 @@ def test_the_hf_trainer_trains_checkpoints_with_safetensors_and_resumes_bit_exac
     assert torch.equal(resumed(input_ids=ids).logits, whole(input_ids=ids).logits)
 
 
+def test_the_wrapper_shows_the_wrapped_forwards_signature():
+    # The HF Trainer keeps the dataset columns this signature names (the training test above).
+    model = tiny_gpt2()
+    expected = inspect.signature(model.forward)
+    wrapper = RandomSubspace(model, 8, seed=3)
+    assert inspect.signature(wrapper.forward) == expected
+    assert "input_ids" in expected.parameters
+    # Copies keep it; a framework may still replace forward (accelerate's autocast does).
+    assert inspect.signature(copy.deepcopy(wrapper).forward) == expected
+    assert inspect.signature(pickle.loads(pickle.dumps(wrapper)).forward) == expected
+    ids = torch.arange(8).view(1, 8)
+    wrapper.eval()
+    logits = wrapper(input_ids=ids).logits
+    wrapper.forward = types.MethodType(wrapper.forward.__func__, wrapper)
+    assert torch.equal(wrapper(input_ids=ids).logits, logits)
+
+
 def test_the_hf_trainer_refuses_a_checkpoint_of_another_subspace(tmp_path):
     first = RandomSubspace(tiny_gpt2(), 8, seed=3)
     hf_trainer(first, tmp_path, 6, stop_at=3).train()
@@ -89,6 +110,9 @@ def test_the_wrapped_models_save_pretrained_and_generate_point_to_export(tmp_pat
     for call in (lambda m: m.save_pretrained(tmp_path / "theta0"), lambda m: m.generate(prompt, max_new_tokens=2)):
         with pytest.raises(RuntimeError, match=r"holds θ₀ .* call wrapper.export\(\)"):
             call(wrapper.module)
+    # A Seq2SeqTrainer calls model.generate, on the wrapper.
+    with pytest.raises(RuntimeError, match=r"holds θ₀ .* call wrapper.export\(\).generate"):
+        wrapper.generate(prompt, max_new_tokens=2)
 
     plain = wrapper.export()
     plain.save_pretrained(tmp_path / "trained")

@@ -385,6 +385,21 @@ def test_total_dim_and_min_dim_are_parsed_into_the_configuration():
     assert cli_config(["--method", "fpd", "--total-dim", "100"]).total_dim == 100
 
 
+def test_an_out_that_cannot_be_a_directory_is_named_before_any_work(tmp_path, monkeypatch, capsys):
+    loads = []
+    monkeypatch.setattr(data, "load", lambda *a, **k: loads.append(1) or synthetic_splits())
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory")
+    for out, message in [(a_file, f"--out {a_file} is a file, not a directory"),
+                         (a_file / "run", f"--out {a_file / 'run'} cannot be created ({a_file / 'run'}: Not a directory)"),
+                         (Path("/sys/rbd-cuda-test/run"), "--out /sys/rbd-cuda-test/run cannot be created (/sys/rbd-cuda-test: ")]:
+        assert train.main(["--method", "sgd", "--max-steps", "1", "--device", "cpu", "--out", str(out),
+                           "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+    assert not loads and a_file.read_text() == "not a directory"
+
+
 def test_the_cli_defaults_are_the_configs():
     args = vars(train.parser().parse_args([]))
     for f in dataclasses.fields(TrainConfig):
@@ -672,6 +687,32 @@ def test_reproduce_names_a_diverging_run_and_exits_1(tmp_path, monkeypatch, caps
     assert "fc-mnist-rbd-crop3-b0.5-s0: the training loss is nan at step 3" in capsys.readouterr().err
 
 
+def test_reproduce_says_to_repeat_the_command_not_resume(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "load", lambda *a, **k: synthetic_splits())
+    keys = reproduce.run_keys(["fc-mnist"], ["sgd"], [0], None, [0])
+    with pytest.raises(train.Interrupted) as interrupted:
+        reproduce.run_all(keys, 1, tmp_path, device="cpu", progress=False, stop=lambda: True)
+    message = str(interrupted.value)
+    assert "(repeat the command to continue):\n  fc-mnist-sgd-crop0-b0.5-s0: interrupted at epoch 1, step 0" in message
+    assert "--resume" not in message  # an option rbd-reproduce does not have
+
+
+def test_a_run_resumed_on_another_thread_count_says_so_in_one_line(tmp_path, capsys, restore_threads):
+    splits = synthetic_splits()
+    cfg = config(tmp_path, "sgd", epochs=2, max_steps=3)
+    torch.set_num_threads(1)
+    train.train(cfg, splits)
+    train.train(dataclasses.replace(cfg, max_steps=5, resume=True), splits)
+    assert "note:" not in capsys.readouterr().err  # the same count
+    torch.set_num_threads(2)
+    train.train(dataclasses.replace(cfg, max_steps=7, resume=True), splits)
+    [line] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert line.startswith(f"note: {cfg.out} resumes on 2 CPU thread(s); its last stretch ran on 1, so it does "
+                           "not continue bit for bit (rbd-reproduce --jobs 2 or more trains each run on 1 thread")
+    saved = json.loads((Path(cfg.out) / "metrics.json").read_text())["trained_on"]
+    assert [(s["from_step"], s["threads"]) for s in saved] == [(0, 1), (5, 2)]
+
+
 def test_a_stop_during_the_last_step_of_an_epoch_still_records_it(tmp_path):
     splits = synthetic_splits()
     polls = []
@@ -717,11 +758,19 @@ def test_pack_writes_copies_that_load_offline(tmp_path):
     assert torch.equal(original.train_x, packed.train_x) and torch.equal(original.test_y, packed.test_y)
 
 
-def test_data_cli_names_bad_arguments(capsys):
+def test_data_cli_names_bad_arguments(capsys, tmp_path):
     assert data.main(["fetch", "svhn"]) == 2
     assert "names: svhn not among mnist, fmnist, cifar10" in capsys.readouterr().err
     assert data.main(["pack", "mnist"]) == 2
     assert "pack needs --to DIR" in capsys.readouterr().err
+    write_cifar(tmp_path / "src" / "cifar10" / "cifar-10-batches-py")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    for to in (a_file, Path("/sys/rbd-cuda-test")):
+        assert data.main(["pack", "cifar10", "--root", str(tmp_path / "src"), "--to", str(to)]) == 2
+        err = capsys.readouterr().err
+        assert f"error: could not write {to}" in err and f"the packed copies go under {to}" in err
+        assert "Traceback" not in err
 
 
 # --- where a run ran, failed saves, signals to reproduce's workers --------------------------------
@@ -862,6 +911,59 @@ def test_a_signal_to_reproduce_saves_every_running_run_and_stops_its_workers(tmp
         state = torch.load(checkpoint, weights_only=True)
         assert state["global_step"] == 4 * state["epoch"] + state["step_in_epoch"] > 0  # 4 steps per epoch
     # No worker left behind (multiprocessing's resource tracker leaves a moment after the main process).
+    for _ in range(50):
+        if not _processes_in_group(child.pid):
+            break
+        subprocess.run(["sleep", "0.2"], check=True)
+    assert _processes_in_group(child.pid) == []
+
+
+def _workers_in_group(pgid: int) -> list[int]:
+    """The multiprocessing workers (spawned) among the processes of group ``pgid``."""
+    workers = []
+    for pid in _processes_in_group(pgid):
+        try:
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                workers.append(pid)
+        except OSError:
+            continue
+    return workers
+
+
+@pytest.mark.slow
+def test_a_sigterm_to_the_process_group_while_the_workers_start_exits_130(tmp_path):
+    """What `docker stop`, systemd and batch schedulers do: SIGTERM to every process of the group.
+    A worker still starting (its handlers not yet installed; here it sleeps while it imports the
+    main script) dies of it and breaks the pool: that is the interrupt, not an error."""
+    write_idx_dataset(tmp_path / "data" / "mnist", n_train=10_100, n_test=10)
+    script = tmp_path / "child.py"
+    script.write_text(REPRODUCE_CHILD.replace('if __name__ == "__main__":',
+                                              'if __name__ != "__main__":  # a worker, starting slowly\n'
+                                              '    import time\n    time.sleep(60)\n'
+                                              'if __name__ == "__main__":'))
+    out = tmp_path / "rep"
+    argv = ["--methods", "sgd,rbd", "--crop-pads", "0", "--epochs", "1", "--jobs", "2", "--device", "cpu",
+            "--data-root", str(tmp_path / "data"), "--out", str(out), "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(Path(reproduce.__file__).parents[1])}
+    child = subprocess.Popen([sys.executable, str(script), str(tmp_path / "data"), *argv], stderr=subprocess.PIPE,
+                             text=True, env=env, start_new_session=True)
+    try:
+        deadline = 120
+        while len(_workers_in_group(child.pid)) < 2:
+            assert child.poll() is None, child.stderr.read()
+            deadline -= 0.1
+            assert deadline > 0, "the workers did not start"
+            subprocess.run(["sleep", "0.1"], check=True)
+        subprocess.run(["sleep", "1"], check=True)  # the main process waits on its workers
+        os.killpg(child.pid, signal.SIGTERM)
+        _, err = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+    assert child.returncode == 130, err
+    assert "Traceback" not in err and "BrokenProcessPool" not in err
+    assert "interrupted; each run was saved after its step in progress (repeat the command to continue)" in err
+    assert "fc-mnist-sgd-crop0-b0.5-s0: its worker stopped without reporting" in err
     for _ in range(50):
         if not _processes_in_group(child.pid):
             break

@@ -9,9 +9,10 @@ the trajectory and is checked on load.
 from __future__ import annotations
 
 import copy
+import itertools
 import sys
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import ClassVar, NoReturn
 
 import torch
 
@@ -50,6 +51,14 @@ EAGER_STEP = ("rbd_cuda: the optimizers' step runs eagerly, since a traced step 
               "(and freeze the basis)")
 # Keys torch.optim.Optimizer itself puts in a param group.
 TORCH_GROUP_KEYS = ("params", "param_names")
+# Keys torch's schedulers add to the groups of the optimizer they drive (every LRScheduler's
+# initial_lr, OneCycleLR's and CyclicLR's, SWALR's): a state dict saved under one holds them.
+SCHEDULER_GROUP_KEYS = ("initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum", "swa_lr")
+# Attributes a copy (deepcopy, pickle) leaves out, as torch.optim.Optimizer's own copies do: the
+# hooks, and the step an LR scheduler wraps, which would step the original.
+UNCOPIED = ("step", "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
+            "_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks",
+            "_optimizer_load_state_dict_post_hooks")
 
 
 def _on_stack(function) -> bool:
@@ -76,6 +85,27 @@ def stepped_by_checkpoint() -> bool:
     checkpoint would change the run. The optimizers' ``step`` returns at once instead."""
     helpers = sys.modules.get("torch.distributed.checkpoint.state_dict")
     return _on_stack(getattr(helpers, "_init_optim_state", None))
+
+
+def _first_overlap(named: Sequence[tuple[str, torch.Tensor]]) -> tuple[str, str] | None:
+    """The names of two parameters whose entries on this process share memory, or None."""
+    spans = []
+    for name, p in named:
+        local = p.to_local() if is_row_shard(p) else p
+        if local.numel() and local.device.type != "meta":  # meta tensors have no memory to share
+            start = local.data_ptr()
+            spans.append((str(local.device), start, start + local.numel() * local.element_size(), name))
+    spans.sort()
+    for before, after in itertools.pairwise(spans):
+        if before[0] == after[0] and after[1] < before[2]:
+            return before[3], after[3]
+    return None
+
+
+def refuse_copy(holder: str) -> NoReturn:
+    """Raise at copy time for an optimizer bound to a process group, which cannot be copied."""
+    raise TypeError(f"rbd_cuda: {holder} cannot be copied or pickled, since a process group cannot: copy its "
+                    "state_dict() instead and load it into an optimizer built over the copy's parameters")
 
 
 class RandomBasesOptimizer(torch.optim.Optimizer):
@@ -129,8 +159,13 @@ class RandomBasesOptimizer(torch.optim.Optimizer):
         if compartments == "layer" and any(name is None for name, _ in named):
             raise ValueError("rbd_cuda: compartments='layer' needs named parameters: pass "
                              "model.named_parameters()")
-        planned = plan([(name or f"param{i}", p) for i, (name, p) in enumerate(named)], compartments, dim,
-                       shards=shards)
+        labelled = [(name or f"param{i}", p) for i, (name, p) in enumerate(named)]
+        planned = plan(labelled, compartments, dim, shards=shards)
+        overlap = _first_overlap(labelled)
+        if overlap:
+            raise ValueError(f"rbd_cuda: parameters {overlap[0]} and {overlap[1]} share memory (one is a view of "
+                             "the other, or they overlap): each is updated in place, so every step would move "
+                             "the shared entries twice; pass each tensor once")
         self._params = [p for _, p in named]
         # The whole layout (over row shards too), as every rank and one process on the whole model plan it.
         self._layout = describe(planned, self._params)
@@ -141,7 +176,7 @@ class RandomBasesOptimizer(torch.optim.Optimizer):
         self.compartments: list[Compartment] = planned if self.mesh is None else local_pieces(planned)
         # Group index of every parameter and segment: groups are looked up at step time, since
         # load_state_dict and schedulers replace or change the group dicts.
-        self._group_of = {id(p): k for k, group in enumerate(self.param_groups) for p in group["params"]}
+        self._group_of = self._groups_by_id()
         self._segment_groups = [[self._group_of[id(s.param)] for s in c.segments] for c in self.compartments]
         self.total_numel = sum(p.numel() for p in self._params)
         # The products' plans of each compartment by stream (segment_plan): validated once, when built
@@ -150,6 +185,21 @@ class RandomBasesOptimizer(torch.optim.Optimizer):
                                                            for k, c in enumerate(self.compartments) if c.segments}
         self.steps_taken = 0
         self._planned = True
+
+    def _groups_by_id(self) -> dict[int, int]:
+        return {id(p): k for k, group in enumerate(self.param_groups) for p in group["params"]}
+
+    # ---- copies -------------------------------------------------------------------------------
+
+    def __getstate__(self) -> dict:
+        # torch.optim.Optimizer's copies keep defaults, state and param_groups only: a copy without
+        # the seed, step count and compartments could not step.
+        return {key: value for key, value in self.__dict__.items() if key not in UNCOPIED and key != "_group_of"}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if "_params" in state:  # a copy (torch's load_state_dict passes the groups and state alone)
+            self._group_of = self._groups_by_id()  # the copy's parameters are other objects
 
     def add_param_group(self, param_group: dict) -> None:
         if self._planned:
@@ -289,6 +339,10 @@ class RandomBasesOptimizer(torch.optim.Optimizer):
             raise ValueError(f"rbd_cuda: this state_dict has no 'rbd' entry (not saved by {name}'s state_dict; "  # noqa: TRY004
                              "torch.distributed.checkpoint's get_optimizer_state_dict drops it: save opt.state_dict() "
                              "instead, on each rank under FSDP2)")
+        if "format" not in saved and "layout" not in saved:
+            raise ValueError("rbd_cuda: the state_dict's 'rbd' entry has no 'format': every version after a02b069 "
+                             "writes one (and a02b069's entries hold a 'layout'), so the entry was changed after "
+                             "it was saved")
         version = saved.get("format", 1)  # a02b069 wrote no format; its layout entries are [stream, dim, numel]
         if version == 1:
             mine = [entry[:3] for entry in self._layout]
@@ -317,6 +371,15 @@ class RandomBasesOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"rbd_cuda: the state_dict's param group {k} does not hold "
                                  f"{len(mine['params'])} parameters, as this optimizer's does")
             group = dict(group)
+            if version == 1 and "momentum" not in self.HYPERPARAMETERS:
+                group.pop("momentum", None)  # a02b069's NES derived from RBD: its groups held an unused momentum
+            # As at construction (add_param_group): a key no step reads would load and be ignored.
+            unknown = [key for key in group if key not in (*TORCH_GROUP_KEYS, *SCHEDULER_GROUP_KEYS)
+                       and key not in self.HYPERPARAMETERS]
+            if unknown:
+                raise ValueError(f"rbd_cuda: the state_dict's param group {k} has the key {unknown[0]!r}, which {name} "
+                                 f"does not implement; its groups take {', '.join(self.HYPERPARAMETERS)} (and the "
+                                 f"keys torch's schedulers add: {', '.join(SCHEDULER_GROUP_KEYS)})")
             if version < FORMAT and "weight_decay" in self.HYPERPARAMETERS:
                 if group.get("weight_decay", 0.0) != 0.0:
                     raise ValueError(f"rbd_cuda: param group {k} of this state_dict (format {version}) holds "

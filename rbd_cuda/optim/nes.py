@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from ..basis import check_finite
-from .base import EAGER_STEP, RandomBasesOptimizer, stepped_by_checkpoint
+from .base import EAGER_STEP, RandomBasesOptimizer, refuse_copy, stepped_by_checkpoint
 from .ranks import agree, collective_device, fingerprint, run_collective
 
 
@@ -41,6 +41,9 @@ class NES(RandomBasesOptimizer):
 
     ``weight_decay`` (per param group, as ``lr``): the update first multiplies the parameters
     by 1 − lr · weight_decay (decoupled, as in ``RBD``), after the population is evaluated.
+    Parameters with ``requires_grad=False`` (read at every step) are skipped: neither perturbed,
+    decayed nor updated, as torch's optimizers skip those without a gradient; a step with none to
+    train is refused.
     ``step`` runs eagerly under ``torch.compile`` (excluded from tracing, as ``RBD.step``).
 
     On several ranks (torchrun, with or without DDP, whose forward under ``no_grad`` synchronises
@@ -94,6 +97,11 @@ class NES(RandomBasesOptimizer):
         return {**super().config(), "population": self.population, "sigma": self.sigma,
                 "antithetic": self.antithetic}
 
+    def __getstate__(self) -> dict:
+        if self.group is not None:
+            refuse_copy("NES built with a process group")
+        return super().__getstate__()
+
     @staticmethod
     def _grad_marks(params) -> list:
         return [None if p.grad is None else (id(p.grad), p.grad._version) for p in params]
@@ -145,15 +153,21 @@ class NES(RandomBasesOptimizer):
         if group is not None:
             self._agree(group)
         comp = self.compartments[0]
+        # Frozen parameters are skipped, as torch's optimizers skip those without a gradient (their
+        # rows of the basis go unused).
+        trained = [k for k, seg in enumerate(comp.segments) if seg.param.requires_grad]
+        if not trained:
+            raise ValueError("rbd_cuda: NES.step: every parameter has requires_grad=False, so there is nothing "
+                             "to train")
         basis = self.basis(comp)
-        views = [seg.view(seg.param) for seg in comp.segments]
-        saved = [v.clone() for v in views]
+        views = {k: comp.segments[k].view(comp.segments[k].param) for k in trained}
+        saved = {k: view.clone() for k, view in views.items()}
         members = [(j, sign) for j in range(comp.dim) for sign in ((1.0, -1.0) if self.antithetic else (1.0,))]
         losses = []
         marks = self._grad_marks(self._params)
         for j, sign in members:
-            coeff = torch.full((1,), sign * self.sigma, device=views[0].device)
-            self._expand(0, basis, coeff, [(view, k, 1.0) for k, view in enumerate(views)], col_offset=j)
+            coeff = torch.full((1,), sign * self.sigma, device=views[trained[0]].device)
+            self._expand(0, basis, coeff, [(view, k, 1.0) for k, view in views.items()], col_offset=j)
             try:
                 losses.append(float(closure()))
                 if len(losses) == 1 and any(m is not None and m != before for m, before in
@@ -164,8 +178,8 @@ class NES(RandomBasesOptimizer):
                                      "self.automatic_optimization = False and call opt.step(closure) in "
                                      "training_step with a closure that returns the loss (docs/optimizers.md)")
             finally:  # exact restore (no drift from adding and subtracting), whatever the closure did
-                for view, original in zip(views, saved, strict=True):
-                    view.copy_(original)
+                for k, view in views.items():
+                    view.copy_(saved[k])
         mine = losses
         if group is not None:  # before the finiteness check, so that every rank refuses a non-finite loss
             losses = self._mean_over_ranks(losses, group)
@@ -188,7 +202,7 @@ class NES(RandomBasesOptimizer):
             c[j] += sign * a / (self.sigma * n)
         root_s = self.scale(comp, root=True)
         groups = self._segment_groups[0]
-        self._decay(self._params, hyper)
-        self._expand(0, basis, c, [(view, k, hyper[groups[k]]["lr"] * root_s) for k, view in enumerate(views)])
+        self._decay([comp.segments[k].param for k in trained], hyper)
+        self._expand(0, basis, c, [(view, k, hyper[groups[k]]["lr"] * root_s) for k, view in views.items()])
         self.steps_taken += 1
         return sum(losses) / n

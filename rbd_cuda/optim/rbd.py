@@ -21,14 +21,14 @@ for the whole run (FPD, Li et al. 2018: ``step`` stays 0). ``s`` is set by ``nor
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import ClassVar
+from typing import ClassVar, NoReturn
 
 import torch
 import torch.distributed as dist
 
 from ..basis import expand_compartment, project_compartment
 from ..layout import Compartment, check_saved, sharded_as, spans
-from .base import EAGER_STEP, RandomBasesOptimizer, stepped_by_checkpoint
+from .base import EAGER_STEP, RandomBasesOptimizer, refuse_copy, stepped_by_checkpoint
 from .ranks import agree, agree_on_load, collective_device, run_collective
 
 __all__ = ["FPD", "RBD", "Exchange", "replay"]
@@ -82,6 +82,9 @@ class RowShards(Exchange):
     def __init__(self, mesh):
         self.group = mesh.get_group()
 
+    def __getstate__(self) -> NoReturn:
+        refuse_copy("an optimizer over row shards (FSDP2)")
+
     def bind(self, optimizer: RBD) -> None:
         self.device = optimizer._params[0].to_local().device
         self._slices, self._numel = spans([comp.dim for comp in optimizer.compartments])
@@ -115,7 +118,7 @@ class RBD(RandomBasesOptimizer):
             float16 or bfloat16, contiguous. All groups are given here: ``add_param_group`` is
             refused, since the compartments are planned over every parameter at construction.
         lr: learning rate (per param group; read at every step, so schedulers work).
-        dim: directions per compartment (int), or a rule from ``rbd_cuda.optim``:
+        dim: directions per compartment (int), or a rule from ``rbd_cuda.layout``:
             ``Fixed(d)``, ``Proportional(total)``, ``Compression(factor, minimum)``.
         compartments: ``"global"``, ``"tensor"``, ``"layer"``, an int (pack parameters into
             compartments of at most that many entries, splitting large tensors) or a list of
@@ -147,7 +150,9 @@ class RBD(RandomBasesOptimizer):
     Param groups take ``lr``, ``momentum`` and ``weight_decay``; any other key is refused.
     Parameters whose ``grad`` is None are skipped (neither projected, decayed nor updated), as in
     SGD. A step is all-or-nothing: the groups' values, every gradient and momentum buffer are
-    checked before any parameter changes. ``step`` runs eagerly under ``torch.compile`` (it is
+    checked before any parameter changes, and a gradient holding NaN or infinite values is refused
+    with a ``ValueError`` naming its parameter (GradScaler skips such steps without calling
+    ``step``). ``step`` runs eagerly under ``torch.compile`` (it is
     excluded from tracing, so its step count and bases advance as in eager mode).
     """
 
@@ -201,6 +206,27 @@ class RBD(RandomBasesOptimizer):
                 if buf is not None and comp.segments[k].sharded and not sharded_as(buf, p):
                     raise ValueError(f"rbd_cuda: the momentum buffer of parameter {comp.segments[k].name} is not "
                                      f"sharded as the parameter (placements {tuple(p.placements)} on its mesh)")
+
+    def _check_finite(self, terms: Sequence[Sequence[Term]], present: list[list[int]]) -> None:
+        """Refuse a step whose coefficients are not finite: one NaN or infinite gradient entry would
+        turn its whole compartment into NaN. The combined coefficients are checked (Σd numbers, the
+        same on every rank, so that every rank refuses), then the gradients, to name the parameter."""
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for comp_terms in terms:
+            for c, _, _ in comp_terms:
+                by_device.setdefault(c.device, []).append(c)
+        if all(bool(torch.isfinite(torch.cat(cs)).all()) for cs in by_device.values()):
+            return
+        unchanged = f"step {self.steps_taken} was not taken (the parameters and the step count are unchanged)"
+        for comp, segments in zip(self.compartments, present, strict=True):
+            for k in segments:
+                seg = comp.segments[k]
+                if not bool(torch.isfinite(seg.view(seg.param.grad)).all()):
+                    raise ValueError(f"rbd_cuda: the gradient of parameter {seg.name} holds NaN or infinite values; "
+                                     f"{unchanged}")
+        raise ValueError("rbd_cuda: the gradient's coefficients are not finite, though this process's gradients "
+                         "are: another rank's gradient holds NaN or infinite values, or a half-precision "
+                         f"projection overflowed; {unchanged}")
 
     def _project(self, index: int, segments: list[int]) -> torch.Tensor | None:
         if not segments:
@@ -287,6 +313,7 @@ class RBD(RandomBasesOptimizer):
         self._check_buffers(present)
         coeffs = [self._project(index, segments) for index, segments in enumerate(present)]
         terms = self.exchange.combine(self.compartments, coeffs, present, self.steps_taken)
+        self._check_finite(terms, present)
         if self.track_diagnostics:
             self.diagnostics = [self._diagnose(comp, c, segments) for comp, c, segments
                                 in zip(self.compartments, coeffs, present, strict=True) if c is not None]
