@@ -123,6 +123,23 @@ def test_every_relative_link_and_anchor_resolves(path):
     assert not problems, "broken links:\n" + "\n".join(problems)
 
 
+def test_the_documents_are_there():
+    names = {str(p.relative_to(ROOT)) for p in documents()}
+    assert {"README.md", "CHANGELOG.md", "docs/README.md", "docs/reproducing.md",
+            "docs/formats.md"} <= names
+
+
+def test_reproducing_md_carries_the_committed_table():
+    """docs/reproducing.md holds docs/table1/table.md between its markers, as `make
+    table1-report` copies it there."""
+    text = (ROOT / "docs" / "reproducing.md").read_text(encoding="utf-8")
+    match = re.search(r"(?s)<!-- docs/table1/table.md begins.*?-->\n"
+                      r"(.*?)<!-- docs/table1/table.md ends -->", text)
+    assert match, "docs/reproducing.md lost its table markers"
+    assert match.group(1) == (ROOT / "docs" / "table1" / "table.md").read_text(encoding="utf-8"), \
+        "docs/reproducing.md's copy of docs/table1/table.md is stale: run make table1-report"
+
+
 def test_slugs_are_githubs():
     assert slug("FPD: converged at 100 epochs, 2–3 points below the paper") == \
         "fpd-converged-at-100-epochs-23-points-below-the-paper"
