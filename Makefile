@@ -67,12 +67,18 @@ reproduce: install
 	@printf '\n== For comparison, the committed long runs (docs/table1/table.md; epochs and augmentation per row) ==\n\n'
 	@cat docs/table1/table.md
 
-# The committed Table 1 runs as a table (docs/table1/table.md, table.json, curves.png); trains nothing.
-# Besides the paper's bases: other entries, and per-layer and per-tensor compartments at its total d.
+# The committed Table 1 runs as a table (docs/table1/table.md, table.json, curves.png), copied into
+# docs/reproducing.md between its markers; trains nothing. Besides the paper's bases: other
+# entries, and per-layer and per-tensor compartments at its total d.
 table1-report: install
 	$(BIN)/rbd-reproduce --report --rows fc-mnist,fc-fmnist --methods sgd,rbd,fpd,nes --crop-pads 3,0,1,2 --seeds 0,1,2 \
 	  --distributions normal,rademacher,uniform --compartments global,layer,tensor --total-dim 250 \
 	  --out docs/table1 --no-progress
+	$(BIN)/python -c "import re, pathlib; doc = pathlib.Path('docs/reproducing.md'); \
+	  table = pathlib.Path('docs/table1/table.md').read_text(); \
+	  text, n = re.subn(r'(?s)(<!-- docs/table1/table.md begins.*?-->\n).*?(<!-- docs/table1/table.md ends -->)', \
+	  lambda m: m[1] + table + m[2], doc.read_text()); assert n == 1, 'docs/reproducing.md lost its table markers'; \
+	  doc.write_text(text)"
 
 # On a GPU machine (its own python3/torch): Table 1's FC rows, 4 methods x 3 seeds x 100 epochs.
 table1-gpu:

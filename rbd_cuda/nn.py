@@ -35,9 +35,10 @@ from .layout import check_saved, layer_of, plan, split_name
 
 __all__ = ["RandomSubspace", "SubspaceCompartment"]
 
-# The configuration's layout in the state dict: 1 (fcd40d6 and before) a dict as extra state, with
-# each compartment a list [stream, dim, numel, segments]; 2 JSON in a uint8 tensor (a state dict of
-# tensors only, which safetensors needs), each compartment and segment a dict.
+# The configuration's layout in the state dict: JSON in a uint8 tensor (a state dict of tensors
+# only, which safetensors needs), each compartment and segment a dict. Format 1 (fcd40d6 and
+# before: a dict as extra state, tied θ₀ under each name) is no longer read: nothing committed
+# holds one (docs/formats.md).
 CONFIG_FORMAT = 2
 # Methods of the wrapped module that would use θ₀ rather than θ₀ + P c (the module's weights are θ₀
 # buffers; θ₀ + P c exists only inside the wrapper's forward) or fail obscurely (transformers reads
@@ -261,17 +262,6 @@ class RandomSubspace(nn.Module):
         self._check_config(_read_config(state[config_key], config_key))
         expected = {prefix + key: value for key, value in self.state_dict(keep_vars=True).items()
                     if key != "_extra_state"}
-        # Format 1 states hold θ₀ of a tied parameter under each of its names: the same tensor.
-        for name in self._names:
-            canonical = f"{prefix}module.{name}"
-            for alias in self._aliases[name]:
-                key = f"{prefix}module.{alias}"
-                if key != canonical and key in state:
-                    if not (isinstance(state[key], torch.Tensor) and canonical in state
-                            and isinstance(state[canonical], torch.Tensor) and torch.equal(state[key], state[canonical])):
-                        raise ValueError(f"rbd_cuda: state entry {key!r} must equal {canonical!r}: the two names "
-                                         "are one tied parameter")
-                    del state[key]
         if strict:
             missing = [key for key in expected if key not in state]
             unexpected = [key for key in state if key.startswith(prefix) and key not in expected
@@ -411,7 +401,7 @@ class _NeedsExport:
 
 
 def _read_config(value, key: str) -> dict:
-    """The saved configuration, without its format: from JSON in a uint8 tensor (format 2) or a dict (1)."""
+    """The saved configuration, without its format: from JSON in a uint8 tensor (format 2)."""
     if isinstance(value, torch.Tensor):
         if value.dtype != torch.uint8 or value.dim() != 1:
             raise ValueError(f"rbd_cuda: state entry {key!r} must be the RandomSubspace configuration as a 1-D "
@@ -424,16 +414,9 @@ def _read_config(value, key: str) -> dict:
             raise ValueError(f"rbd_cuda: state entry {key!r} is not a format-{CONFIG_FORMAT} RandomSubspace "
                              f"configuration")
     elif isinstance(value, dict) and value.get("format") == 1:
-        compartments = value.get("compartments")
-        try:
-            compartments = [{"stream": stream, "dim": dim, "numel": numel,
-                             "segments": [{"param": name, "start": start, "numel": count, "row_offset": row}
-                                          for name, start, count, row in segments]}
-                            for stream, dim, numel, segments in compartments]
-        except (TypeError, ValueError):
-            raise ValueError(f"rbd_cuda: state entry {key!r} has malformed compartments") from None
-        config = {**value, "compartments": compartments}
+        raise ValueError(f"rbd_cuda: state entry {key!r} is a RandomSubspace configuration of format 1 (written "
+                         "by fcd40d6 or before), which this version no longer reads (docs/formats.md)")
     else:
-        raise ValueError(f"rbd_cuda: state entry {key!r} must be a RandomSubspace configuration (a uint8 tensor, "
-                         f"or the dict of format 1), got {type(value).__name__}")
+        raise ValueError(f"rbd_cuda: state entry {key!r} must be a RandomSubspace configuration (a uint8 tensor "
+                         f"of format {CONFIG_FORMAT}), got {type(value).__name__}")
     return {k: v for k, v in config.items() if k != "format"}

@@ -33,7 +33,8 @@ from .ranks import agree, agree_on_load, collective_device, run_collective
 
 __all__ = ["FPD", "RBD", "Exchange", "replay"]
 
-# Version of RBD(record=True).record; format 1 (before weight decay) still replays.
+# Version of RBD(record=True).record. Format 1 (before weight decay) no longer replays: nothing
+# committed holds one (docs/formats.md).
 RECORD_FORMAT = 2
 # (coefficients, stream of their basis, indices of the compartment's segments they update)
 Term = tuple[torch.Tensor, int, list[int]]
@@ -351,8 +352,8 @@ def replay(optimizer: RBD, record: dict) -> None:
     coefficients per compartment: a model update that ships as d floats per step instead of D.
     An optimizer that differs from the recorded one in any of these is refused.
     """
-    if not isinstance(record, dict) or record.get("format") not in (1, RECORD_FORMAT):
-        raise ValueError(f"rbd_cuda: replay needs a record of this version (format {RECORD_FORMAT}, or 1), as "
+    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
+        raise ValueError(f"rbd_cuda: replay needs a record of this version (format {RECORD_FORMAT}), as "
                          "RBD(..., record=True) keeps in opt.record")
     check_saved(record, optimizer.config(), "replay: the optimizer is not built as the recorded one was", saved_as="recorded")
     index_of = {comp.stream: k for k, comp in enumerate(optimizer.compartments)}
@@ -360,9 +361,8 @@ def replay(optimizer: RBD, record: dict) -> None:
         if entry["step"] != optimizer.steps_taken:
             raise ValueError(f"rbd_cuda: the record continues at step {entry['step']}, the optimizer "
                              f"is at step {optimizer.steps_taken}")
-        # Format 1 records predate weight decay: their runs had none.
-        decay = entry.get("weight_decay", [0.0] * len(optimizer.param_groups))
-        for group, lr, momentum, wd in zip(optimizer.param_groups, entry["lr"], entry["momentum"], decay, strict=True):
+        for group, lr, momentum, wd in zip(optimizer.param_groups, entry["lr"], entry["momentum"],
+                                           entry["weight_decay"], strict=True):
             group["lr"], group["momentum"], group["weight_decay"] = lr, momentum, wd
         hyper = optimizer.hyperparameters()
         terms = [[] for _ in optimizer.compartments]
