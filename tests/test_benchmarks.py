@@ -85,7 +85,7 @@ def test_wrong_baseline_fails_the_check(monkeypatch):
 
 
 def test_wrong_baseline_is_reported_failed(tmp_path, monkeypatch):
-    """A baseline (or fused_v2) whose check fails is not timed, is listed as FAILED, not as skipped,
+    """A baseline whose check fails is not timed, is listed as FAILED, not as skipped,
     and the suite exits non-zero after timing the others (the device script marks the stage failed)."""
     def wrong_scale(self, gen, rows, d, dist):
         return 2 * torch.randn(rows, d, generator=gen)
