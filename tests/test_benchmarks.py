@@ -150,6 +150,20 @@ def test_gpu_check_reports_what_did_not_run(tmp_path):
     assert "FAILED stages: tests_collect, bench, steps, probe" in (tmp_path / "OUT" / "summary.md").read_text()
 
 
+def test_gpu_summary_checks_the_fused_targets():
+    """Only the fused ops at D = 1e8, d = 1000, fp32 are held to the issue's targets."""
+    from benchmarks import gpu_summary
+
+    D, d = gpu_summary.TARGET_SHAPE
+    row = {"dist": "normal", "op": "project", "D": D, "d": d, "dtype": "float32"}
+    rows = [{**row, "method": "fused", "Gps": 1400.0}, {**row, "method": "torch_chunked", "Gps": 300.0},
+            {**row, "op": "expand", "method": "fused", "Gps": 1000.0},
+            {**row, "d": 128, "method": "fused", "Gps": 1.0}]
+    assert gpu_summary.targets({"bench_1e8x1000": {"rows": rows}}) == [
+        {"dist": "normal", "op": "project", "Gps": 1400.0, "target_Gps": 1300, "met": True},
+        {"dist": "normal", "op": "expand", "Gps": 1000.0, "target_Gps": 1350, "met": False}]
+
+
 def test_bad_arguments_are_named(capsys):
     with pytest.raises(SystemExit):
         ops_bench.main(["--shapes", "1000x0"])
