@@ -190,7 +190,9 @@ def test_sass_count_finds_the_unrolled_loop():
     listing += main_loop + ["@P0 BRA 0x20"]                          # 0x20 .. branch back to 0x20
     listing += tail + [f"@P1 BRA {hex(16 * (len(listing)))}"]         # tail loop
     listing += ["@P2 BRA 0x10", "EXIT"]                               # the outer loop
-    name = "_ZN3rbd2v213expand_kernelILNS_12DistributionE0EfEEvPKNS0_9ExpandSegEijNS0_4KeysE"
+    # Names as the build gives them (csrc/cuda/products.cu: rbd::(anonymous namespace)::...).
+    anon = "_ZN3rbd50_GLOBAL__N__c824a7f1_11_products_cu_744cfd2d_12550"
+    name = anon + "13expand_kernelILNS_12DistributionE0EfEEvPKNS0_9ExpandSegEijNS0_4KeysE"
     kernels = sass_count.functions(_sass(name, listing))
     assert list(kernels) == [f"{name} (sm_90)"] and len(kernels[f"{name} (sm_90)"]) == len(listing)
     body = sass_count.hot_loop(kernels[f"{name} (sm_90)"])
@@ -198,3 +200,6 @@ def test_sass_count_finds_the_unrolled_loop():
     assert sass_count.per_entry(name, body) == (2, 64 / 8)
     rademacher = name.replace("DistributionE0E", "DistributionE2E")
     assert sass_count.per_entry(rademacher, body) == (2, 64 / 256)
+    # project's Rademacher kernel has no Distribution parameter: its name says it.
+    project_rademacher = anon + "25project_rademacher_kernelIfEEvPKNS0_10ProjectSegEijNS0_4KeysEPf"
+    assert sass_count.per_entry(project_rademacher, body) == (2, 64 / 256)
