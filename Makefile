@@ -97,9 +97,9 @@ bench-optim: install
 bench-quick: install
 	$(BIN)/python -m benchmarks.ops_bench --device cpu --quick --out $(RESULTS)/ops_bench_quick
 
-# On a GPU machine (uses that machine's python3/torch; builds for the local GPU): CUDA tests with the
-# v1 and v2 kernels, v1 vs v2 vs torch at D = 1e8, RBD vs SGD step times and launches, probe;
-# at most 9 minutes (benchmarks/README.md).
+# On a GPU machine (uses that machine's python3/torch; builds for the local GPU): the CUDA tests,
+# fused vs torch at D = 1e8, RBD vs SGD step times and launches, probe; at most 9 minutes
+# (benchmarks/README.md).
 gpu-check:
 	bash benchmarks/gpu_check.sh $(RESULTS)/gpu-check
 

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The one prepared GPU check, sized for one device-tool call of at most 9 minutes (make gpu-check):
 #   build         the extension for the local GPU only; ptxas registers/spills per kernel -> ptxas.txt
-#   tests_v1      every CUDA test (-m cuda) with the v1 kernels (the default)
-#   tests_v2      the same with RBD_CUDA_KERNELS=v2 (the v2 kernels, one-launch grouped ops)
-#   bench_1e8x1000  the suite at D = 1e8, d = 1000, fp32, every distribution: fused v1, fused v2 and
+#   tests         every CUDA test (-m cuda: the GPU parameters of tests/test_cuda.py, whose emulated
+#                 twins every test run already checks, and the cuda device parameters elsewhere)
+#   bench_1e8x1000  the suite at D = 1e8, d = 1000, fp32, every distribution: the fused ops and
 #                 torch (materialised where P fits, else chunked) side by side, interleaved
 #   steps         an RBD step against an SGD step (FC-MNIST; ResNet-8, a compartment per tensor; a
-#                 synthetic D = 1e8 model, d = 250) with v1 and v2, and kernel launches per step
+#                 synthetic D = 1e8 model, d = 250), and kernel launches per step
 #                 (benchmarks/launch_count.py)
 #   probe         instruction rates and the SM clock the rooflines assume (benchmarks/gpu_probe.py)
 #   bench_1e8x128, bench_1e8x100   the suite at d = 128 and 100
@@ -21,7 +21,7 @@
 #
 # --cpu (make gpu-check-cpu, and tests/test_benchmarks.py): the rehearsal without a GPU, with the
 # extension as built here: the test modules imported and the CUDA tests collected as the test
-# stages select them (not run), the probe compiled with nvcc (not run), the bench and the steps on
+# stage selects them (not run), the probe compiled with nvcc (not run), the bench and the steps on
 # the CPU at tiny sizes, the summary and the packing.
 #
 # Results: DIR, else $RBD_RESULTS_DIR, else results/gpu-check (results/gpu-check-cpu with --cpu).
@@ -106,19 +106,17 @@ if [ $mode = gpu ]; then
     grep -E "Compiling entry|Used [0-9]+ registers|spill stores" "$out/build.log" >"$out/ptxas.txt" || true
     # Several workers when pytest-xdist is there: faster, and a crash fails one test, not the run.
     workers=$("$py" -c "import xdist" 2>/dev/null && echo "-n 8" || true)
-    for k in v1 v2; do
-      # shellcheck disable=SC2086
-      stage "tests_$k" 120 env RBD_CUDA_KERNELS=$k "$py" -m pytest -q -m cuda tests -p no:cacheprovider $workers
-    done
+    # shellcheck disable=SC2086
+    stage tests 180 "$py" -m pytest -q -m cuda tests -p no:cacheprovider $workers
     bench() {  # bench d CAP: D = 1e8
       stage "bench_1e8x$1" "$2" "$py" -m benchmarks.ops_bench --device cuda --shapes "100000000x$1" --dtypes float32 \
-        --baselines fused_v2 torch torch_chunked --reps 5 --no-memory --out "$out/bench_1e8x$1"
+        --baselines torch torch_chunked --reps 5 --no-memory --out "$out/bench_1e8x$1"
     }
     bench 1000 120
-    stage steps 75 "$py" -m benchmarks.launch_count --out "$out"
+    stage steps 60 "$py" -m benchmarks.launch_count --out "$out"
     stage probe 45 "$py" -m benchmarks.gpu_probe --out "$out"
-    bench 128 60
-    bench 100 60
+    bench 128 75
+    bench 100 75
   fi
   kill "$sampler" 2>/dev/null
 else

@@ -13,8 +13,8 @@ median over blocks):
   mufu_rsq / mufu_lg2 / mufu_sin   the special-function unit (sin.approx includes its FMUL.RZ)
   i2f_mufu   I2F and MUFU rsqrt chains side by side: whether the conversion runs on the MUFU pipe
   philox10   rbd::stream_block calls (csrc/include/rbd/philox.h), 4 independent per step
-  normal_v1 / normal_v2   Philox calls turned into 4 normal entries by box_muller (v1 kernels)
-                          or box_muller_polar (v2 kernels)
+  normal     the same calls turned into 4 normal entries by rbd::box_muller_polar, the CUDA
+             kernels' Box–Muller
 
 Needs CuPy (its nvcc backend compiles the probes against the project's header). Writes
 gpu_probe.json and prints a table. Without a GPU, ``--compile-only`` compiles the same source with
@@ -90,8 +90,8 @@ extern "C" __global__ void __launch_bounds__(256) probe_{name}(unsigned long lon
 #undef INIT
 """
 
-# Philox and the two Box–Muller forms: 4 independent calls per step (x: the call's words), folded
-# into the accumulators.
+# Philox alone and with the kernels' Box–Muller: 4 independent calls per step (x: the call's
+# words), folded into the accumulators.
 RNG_KERNEL = r"""
 #define INIT 0
 extern "C" __global__ void __launch_bounds__(256) probe_{name}(unsigned long long* sink, int iters,
@@ -110,9 +110,8 @@ extern "C" __global__ void __launch_bounds__(256) probe_{name}(unsigned long lon
 """
 RNG_BODIES = {
     "philox10": ("unsigned", "acc[k] ^= x.w[0] ^ x.w[1] ^ x.w[2] ^ x.w[3];"),
-    "normal_v1": ("float", "float e[4]; rbd::normal4(x, e); acc[k] += (e[0] + e[1]) + (e[2] + e[3]);"),
-    "normal_v2": ("float", ("float r0, s0, c0, r1, s1, c1; rbd::box_muller_polar(x.w[0], x.w[1], r0, s0, c0); "
-                            "rbd::box_muller_polar(x.w[2], x.w[3], r1, s1, c1); acc[k] += r0 * (c0 + s0) + r1 * (c1 + s1);")),
+    "normal": ("float", ("float r0, s0, c0, r1, s1, c1; rbd::box_muller_polar(x.w[0], x.w[1], r0, s0, c0); "
+                         "rbd::box_muller_polar(x.w[2], x.w[3], r1, s1, c1); acc[k] += r0 * (c0 + s0) + r1 * (c1 + s1);")),
 }
 RNG_CALLS_PER_STEP = 4
 

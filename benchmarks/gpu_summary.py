@@ -5,7 +5,7 @@
 Writes DIR/gpu_check.json: the commit (``git rev-parse HEAD``, else $RBD_COMMIT), the device
 (nvidia-smi's GPU name, else the CPU), torch and Python versions, every stage's result and time,
 the SM clock samples' range, and every stage's own JSON (probe, launch_count, each ops_bench run),
-with the issue's throughput targets checked at D = 1e8, d = 1000, fp32 for fused v1 and v2. Appends
+with the issue's throughput targets checked for the fused ops at D = 1e8, d = 1000, fp32. Appends
 the tables to DIR/summary.md. Exits non-zero when a stage did not pass.
 """
 
@@ -59,15 +59,14 @@ def sm_clock(folder: Path) -> dict | None:
 
 
 def targets(benches: dict[str, dict]) -> list[dict]:
-    """Fused v1 and v2 at the target shape against the issue's targets, where the run has them."""
+    """The fused ops at the target shape against the issue's targets, where the run has them."""
     out = []
     for data in benches.values():
         for r in data.get("rows", []):
             key = (r["dist"], r["op"])
             if (r["D"], r["d"]) == TARGET_SHAPE and r["dtype"] == "float32" and key in TARGETS \
-                    and r["method"] in ("fused", "fused_v2"):
-                kernels = "v2" if r["method"] == "fused_v2" else "v1"
-                out.append({"dist": r["dist"], "op": r["op"], "kernels": kernels, "Gps": r["Gps"],
+                    and r["method"] == "fused":
+                out.append({"dist": r["dist"], "op": r["op"], "Gps": r["Gps"],
                             "target_Gps": TARGETS[key], "met": r["Gps"] >= TARGETS[key]})
     return out
 
@@ -83,8 +82,8 @@ def markdown(res: dict) -> str:
     lines = []
     if res["targets"]:
         lines += ["## Targets at D = 1e8, d = 1000, fp32 (G entries/s per product)", "",
-                  "| distribution | op | kernels | measured | target | met |", "|---|---|---|---|---|---|"]
-        lines += [f"| {t['dist']} | {t['op']} | {t['kernels']} | {t['Gps']:.0f} | {t['target_Gps']} | "
+                  "| distribution | op | measured | target | met |", "|---|---|---|---|---|"]
+        lines += [f"| {t['dist']} | {t['op']} | {t['Gps']:.0f} | {t['target_Gps']} | "
                   f"{'yes' if t['met'] else 'NO'} |" for t in res["targets"]]
         lines.append("")
     folder = Path(res["folder"])

@@ -12,10 +12,10 @@ Models (fp32; the gradients of one random batch, kept; only ``optimizer.step()``
 
 Variants of each model:
 
-  rbd_v1, rbd_v2           RBD.step() with backends.cuda.kernels = "v1" / "v2" (on the CPU one variant, rbd)
-  grouped_v1, grouped_v2   resnet8 only: the same update as one project_grouped and one
-                           expand_grouped_ over all its compartments (on the CPU: grouped)
-  sgd                      torch.optim.SGD.step(), for scale
+  rbd       RBD.step()
+  grouped   resnet8 only: the same update as one project_grouped and one expand_grouped_ over all
+            its compartments
+  sgd       torch.optim.SGD.step(), for scale
 
 Counted on CUDA (torch.profiler, one step after a warm-up): kernel launches issued, kernels and
 memory copies run on the device. Timed: CUDA events (the CPU: perf_counter) around one step,
@@ -36,7 +36,6 @@ import torch
 
 import rbd_cuda
 from benchmarks import common
-from benchmarks.methods import with_cuda_kernels
 from rbd_cuda.optim import RBD
 from rbd_experiments import models
 
@@ -78,15 +77,13 @@ def grouped_step(model: torch.nn.Module, dim: int):
     return step
 
 
-def variants(name: str, model: torch.nn.Module, device: str) -> dict:
+def variants(name: str, model: torch.nn.Module) -> dict:
     _, _, dim, compartments = MODELS[name]
     rbd = RBD(model.named_parameters(), lr=LR, dim=dim, compartments=compartments, seed=SEED)
     sgd = torch.optim.SGD(model.parameters(), lr=LR)
     steps = {"rbd": rbd.step}
     if name == "resnet8":
         steps["grouped"] = grouped_step(model, dim)
-    if device == "cuda":  # both kernel generations side by side
-        steps = {f"{k}_{gen}": with_cuda_kernels(gen, fn) for k, fn in steps.items() for gen in ("v1", "v2")}
     return {**steps, "sgd": sgd.step}
 
 
@@ -164,7 +161,7 @@ def main(argv=None) -> int:
         model = model_with_grads(name, args.device, int(args.synthetic_numel), args.batch)
         params = [p for p in model.parameters() if p.grad is not None]
         out = {}
-        for v, fn in variants(name, model, args.device).items():
+        for v, fn in variants(name, model).items():
             counted = count(fn) if args.device == "cuda" else {}
             out[v] = {**counted, "step_ms": time_ms(fn, args.device, args.reps, args.warmup)}
         _, _, dim, compartments = MODELS[name]

@@ -11,7 +11,6 @@ Ops (for a case: distribution, D rows, d directions, input dtype, device):
 
 Methods:
   fused          rbd_cuda, P generated inside the product (never in memory)
-  fused_v2       the same with the v2 CUDA kernels (backends.cuda.kernels = "v2" around each call; CUDA only)
   torch          P drawn into memory with torch (randn / uniform_ / randint → ±1), then matvecs
   torch_chunked  the same, row chunks of bounded size (``chunk_rows``) drawn from one seeded
                  generator; the second pass of a step re-seeds it and draws the same chunks again
@@ -23,7 +22,6 @@ Methods:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -34,7 +32,7 @@ from rbd_cuda import reference
 from rbd_cuda.optim import RBD
 
 OPS = ("project", "expand", "step")
-BASELINES = ("fused_v2", "torch", "torch_chunked", "numpy", "numpy_chunked", "cupy", "cupy_chunked")
+BASELINES = ("torch", "torch_chunked", "numpy", "numpy_chunked", "cupy", "cupy_chunked")
 METHODS = ("fused", *BASELINES)
 SEED = 99
 LR = 1e-3
@@ -46,8 +44,8 @@ TOL = {"float32": 1e-4, "bfloat16": 3e-2}
 
 class CheckFailed(RuntimeError):
     """A fused op or a baseline gave a wrong result; nothing of it is timed (a wrong fused op stops
-    the suite; a wrong baseline or fused_v2 is reported as failed, the others are still timed, and
-    the suite exits non-zero)."""
+    the suite; a wrong baseline is reported as failed, the others are still timed, and the suite
+    exits non-zero)."""
 
 
 @dataclass(frozen=True)
@@ -82,8 +80,6 @@ def make_inputs(case: Case) -> dict[str, torch.Tensor]:
 
 def applies(method: str, case: Case) -> str | None:
     """None when ``method`` can run ``case``, else why not."""
-    if method == "fused_v2" and case.device != "cuda":
-        return "fused_v2: the v2 kernels are CUDA kernels"
     lib = method.removesuffix("_chunked")
     if lib == "numpy" and (case.device != "cpu" or case.dtype != "float32"):
         return "numpy: CPU and float32 only"
@@ -343,28 +339,16 @@ def baseline(method: str, op: str, case: Case, x: dict, chunk_rows: int):
     return {"project": project, "expand": expand, "step": step}[op]
 
 
-def with_cuda_kernels(name: str, fn: Callable[[], object]) -> Callable[[], object]:
-    """``fn`` run with ``rbd_cuda.backends.cuda.kernels = name``, then the previous value again."""
-    def call():
-        with rbd_cuda.backends.cuda.use_kernels(name):
-            return fn()
-    return call
-
-
 def build(method: str, op: str, case: Case, x: dict, chunk_rows: int):
     if method == "fused":
         return fused(op, case, x)
-    if method == "fused_v2":
-        return with_cuda_kernels("v2", fused(op, case, x))
     return baseline(method, op, case, x, chunk_rows)
 
 
 def check_baseline(method: str, case: Case) -> dict:
-    """fused_v2: ``check_fused`` with the v2 kernels. Else: a baseline on 1,000 rows of the case (chunked ones in 3 chunks, the last one short) against a
+    """A baseline on 1,000 rows of the case (chunked ones in 3 chunks, the last one short) against a
     float64 product of the same P, redrawn from the same seed; and P's entries have the
     distribution's mean and variance (0, and 1, 1/3 or 1). Raises CheckFailed."""
-    if method == "fused_v2":
-        return with_cuda_kernels("v2", lambda: check_fused(case, make_inputs(case)))()
     small = Case(case.dist, 1000, case.d, case.dtype, case.device)
     rows = 384 if method.endswith("_chunked") else small.D
     lib = LIBS[method.removesuffix("_chunked")](small)

@@ -90,7 +90,7 @@ def parse_args(argv):
                     help="input dtypes (default: float32 and bfloat16; float32 only with --quick)")
     ap.add_argument("--ops", nargs="+", default=list(methods.OPS), choices=list(methods.OPS))
     ap.add_argument("--baselines", nargs="*", default=None, choices=list(methods.BASELINES),
-                    help="default: torch, torch_chunked and numpy, numpy_chunked (CPU) or fused_v2, cupy, cupy_chunked (CUDA)")
+                    help="default: torch, torch_chunked and numpy, numpy_chunked (CPU) or cupy, cupy_chunked (CUDA)")
     ap.add_argument("--threads", nargs="+", type=int, default=None,
                     help="CPU thread counts to time at (default: 1 and all cores)")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per method (median)")
@@ -112,8 +112,7 @@ def parse_args(argv):
     args.preset = args.preset or ("gpu" if args.device == "cuda" else "cpu")
     if args.baselines is None:
         lib = "cupy" if args.device == "cuda" else "numpy"
-        v2 = ["fused_v2"] if args.device == "cuda" else []
-        args.baselines = [*v2, "torch", "torch_chunked", lib, f"{lib}_chunked"]
+        args.baselines = ["torch", "torch_chunked", lib, f"{lib}_chunked"]
     args.dtypes = args.dtypes or (["float32"] if args.preset == "quick" else list(DTYPE_LABEL))
     if args.shapes:
         try:
@@ -298,7 +297,7 @@ def targets_text(tg: dict) -> str:
     return "\n".join(lines + mem) + "\n"
 
 
-METHOD_COLUMNS = ("fused_v2", "torch", "torch_chunked", "numpy", "numpy_chunked", "cupy", "cupy_chunked")
+METHOD_COLUMNS = ("torch", "torch_chunked", "numpy", "numpy_chunked", "cupy", "cupy_chunked")
 
 
 def skipped_text(records: list[dict]) -> str:
