@@ -134,7 +134,7 @@ class Basis:
 
 
 def _one_launch(tensors: Sequence[torch.Tensor]) -> bool:
-    """Whether a compartment's segments go to the grouped ops (one launch per product with the v2
+    """Whether a compartment's segments go to the grouped ops (one launch per product with the
     CUDA kernels): several fp32 tensors on one device, for which the grouped ops compute exactly
     what the per-segment loop computes. Half-precision segments keep the loop, which rounds each
     segment's coefficients to its dtype as recorded trajectories did."""

@@ -332,7 +332,7 @@ torch.library.register_autograd("rbd_cuda::project", _project_backward, setup_co
 torch.library.register_autograd("rbd_cuda::expand", _expand_backward, setup_context=_save_stream)
 
 
-# ---- grouped ops: one call (one launch with the v2 CUDA kernels) over a plan of segments ------
+# ---- grouped ops: one call (one launch with the CUDA kernels) over a plan of segments ---------
 #
 # Segment s is the flattened tensor g[s] (or out[s]) of plan.numels[s] entries at rows
 # plan.row_offsets[s] of compartment plan.compartments[s]'s matrix; compartment k has

@@ -77,8 +77,10 @@ SANITIZE_TESTS = ("emu and (philox_known or materialize_seeds or (materialize_ma
 
 def sanitize(kind: str) -> int:
     runtime = {"address": "libasan.so", "thread": "libtsan.so"}[kind]
-    preload = subprocess.run(["g++", f"-print-file-name={runtime}"], capture_output=True, text=True,
-                             check=True).stdout.strip()
+    # libstdc++ preloaded too: the sanitizer's __cxa_throw interceptor must find the real one
+    # before a library that carries its own (torch's triton) throws, or the runtime aborts.
+    preload = " ".join(subprocess.run(["g++", f"-print-file-name={name}"], capture_output=True, text=True,
+                                      check=True).stdout.strip() for name in (runtime, "libstdc++.so"))
     flags = [f"-fsanitize={kind}"] + (["-DEMU_OS_THREADS"] if kind == "thread" else [])
     with tempfile.TemporaryDirectory() as tmp:
         library = build(ROOT / "csrc", Path(tmp) / "_emu.so", flags)

@@ -292,7 +292,7 @@ PLANS = [(2**34, 524_288, 0, "normal"), (2**34 - 4, 524_288, 0, "normal"), (2**3
 
 @pytest.mark.parametrize("numel,dim,row_offset,dist", PLANS)
 def test_cuda_project_plan_keeps_chunks_in_32_bits(numel, dim, row_offset, dist):
-    """The v2 CUDA project cuts each segment into work items on the host (the same arithmetic in
+    """The CUDA project cuts each segment into work items on the host (the same arithmetic in
     every build, torch.ops.rbd_cuda._cuda_project_plan) and walks a chunk's row blocks with a 32-bit
     counter: the chunks must cover the segment's row blocks and hold at most 2**30 of them."""
     tiles, chunk, n_chunks = torch.ops.rbd_cuda._cuda_project_plan(numel, dim, row_offset, dist)
