@@ -31,7 +31,6 @@ import rbd_cuda
 from rbd_cuda.ops import int64_seed
 
 ERR = (ValueError, RuntimeError)
-EMU_DEFAULTS = ("fwd", 0, 4, 0)  # schedule, its seed, emulated SMs, worker threads (0: one per core)
 
 
 class Kernels:
@@ -99,14 +98,17 @@ def _emu_built() -> bool:
 
 
 @functools.cache
-def _load_emu() -> None:
+def _load_emu() -> tuple:
     """Registers torch.ops.rbd_emu: rbd_cuda._emu, or the build RBD_EMU_LIBRARY names (tests/emu_check.py
-    runs these tests against sanitized and mutated builds)."""
+    runs these tests against sanitized and mutated builds). Returns the emulator's settings as the
+    environment made them (EMU_SCHED, EMU_SEED, EMU_SMS, EMU_WORKERS): schedule, its seed, emulated
+    SMs, worker threads (0: one per core)."""
     library = os.environ.get("RBD_EMU_LIBRARY")
     if library:
         torch.ops.load_library(library)
     else:
         import rbd_cuda._emu  # noqa: F401
+    return tuple(torch.ops.rbd_emu.configuration())
 
 
 BACKENDS = [
@@ -123,10 +125,10 @@ def kern(request) -> Kernels:
             pytest.fail("a CUDA GPU is present but rbd_cuda was built without its CUDA kernels "
                         "(rebuild with RBD_CUDA=1)")
         return Kernels("cuda")
-    _load_emu()
-    torch.ops.rbd_emu.configure(*EMU_DEFAULTS)
+    settings = _load_emu()
+    torch.ops.rbd_emu.configure(*settings)
     yield Kernels("emu")
-    torch.ops.rbd_emu.configure(*EMU_DEFAULTS)
+    torch.ops.rbd_emu.configure(*settings)
 
 
 @pytest.fixture
@@ -345,10 +347,14 @@ def test_unaligned_and_strided_inputs(kern, dist):
         got = kern.project(kern.to(base)[off:off + 40_000], 37, **kw)
         assert_matches_cpu(got, rbd_cuda.project(g, 37, **kw), kern, f"unaligned {off}")
         out_cpu = g.clone()
-        out = kern.to(base.clone())[off:off + 40_000]
+        whole = kern.to(base.clone())
+        out = whole[off:off + 40_000]
         kern.expand_(out, kern.to(torch.ones(37)), 0.5, **kw)
         rbd_cuda.expand_(out_cpu, torch.ones(37), 0.5, **kw)
         assert_matches_cpu(out, out_cpu, kern, f"unaligned expand_ {off}")
+        # nothing outside the view is written
+        assert torch.equal(whole[:off].cpu(), base[:off]) and torch.equal(whole[off + 40_000:].cpu(),
+                                                                          base[off + 40_000:]), off
     g2 = random_vector(2 * 20_000, seed=4).reshape(200, 200).T  # non-contiguous
     assert_matches_cpu(kern.project(kern.to(g2), 37, **kw), rbd_cuda.project(g2, 37, **kw), kern)
 
@@ -625,8 +631,15 @@ def test_grouped_ops_are_one_launch_each_way(kern, dist):
     plan = rbd_cuda.SegmentPlan(sizes, [s % 5 for s in range(40)], list(range(40)), [10] * 40, list(range(40)))
     stream = {"seed": 1, "step": 2, "distribution": dist}
     c = kern.project_grouped(g, plan, **stream)
-    out = [t.clone() for t in g]
+    # the segments as views of one buffer with a guard entry after each: nothing else is written
+    buffer = torch.full((sum(sizes) + 40,), 7.0, device=kern.device)
+    out, at = [], 0
+    for t in g:
+        out.append(buffer[at:at + t.numel()].copy_(t))
+        at += t.numel() + 1
     kern.expand_grouped_(out, c, [0.5] * 40, plan, **stream)
+    guards = torch.tensor([sum(sizes[:s + 1]) + s for s in range(40)], device=kern.device)
+    assert torch.equal(buffer[guards], torch.full((40,), 7.0, device=kern.device))
     for s in range(40):
         kw = {"row_offset": s % 5, "stream": s, "seed": 1, "step": 2, "distribution": dist}
         assert torch.equal(c[10 * s: 10 * s + 10], kern.project(g[s], 10, **kw))
