@@ -18,6 +18,7 @@ from rbd_cuda.ops import DISTRIBUTIONS
 from . import data, models
 
 METHODS = ("sgd", "rbd", "fpd", "nes")
+LR_SCHEDULES = ("constant", "cosine")
 # Learning rates of the paper's code for batch 32 (docs/reproducing.md): (RBD/FPD/NES, SGD).
 PAPER_LR = {
     ("fc", "mnist"): (1.0, 0.125),
@@ -29,13 +30,14 @@ PAPER_LR = {
 }
 # The paper gives no learning rate for ResNet-8 (its code has no ResNet): the CNN's are used.
 PAPER_DIM = {"fc": 250, "cnn": 250, "resnet8": 500}
-# Fields a resumed run must share with the checkpoint (epochs and max_steps may change).
-RUN_IDENTITY = ("model", "dataset", "method", "dim", "total_dim", "min_dim", "lr", "batch_size", "seed",
-                "split_seed", "distribution", "normalize", "compartments", "momentum", "population", "sigma",
-                "augment", "val_size")
+# Fields a resumed run must share with the checkpoint (epochs and max_steps may change; epochs not
+# under a cosine schedule, whose length they set: ``Run.load``).
+RUN_IDENTITY = ("model", "dataset", "method", "dim", "total_dim", "min_dim", "lr", "lr_schedule", "batch_size",
+                "seed", "split_seed", "distribution", "normalize", "compartments", "momentum", "population",
+                "sigma", "augment", "val_size")
 # Fields of RUN_IDENTITY added after runs were first saved: a checkpoint without one ran as its
 # default does (``saved_identity``).
-ADDED_LATER = ("total_dim", "min_dim")
+ADDED_LATER = ("total_dim", "min_dim", "lr_schedule")
 # Fields that say where and how a run was started on one machine, not what it trains: kept out of
 # metrics.json, which records the run itself (``trained_on`` says where each part of it ran).
 WHERE_IT_RAN = ("device", "data_root", "out", "resume", "overwrite", "progress")
@@ -67,6 +69,10 @@ class TrainConfig:
     min_dim: int = field(default=1, metadata=_option("with --total-dim: the fewest directions a compartment gets"))
     lr: float | None = field(default=None, metadata=_option("learning rate (default: the paper's for the task "
                                                              "and method)", type=float))
+    lr_schedule: str = field(default="constant", metadata=_option(
+        f"learning rate per step: {', '.join(LR_SCHEDULES)}. constant: --lr at every step, as in the paper; cosine: "
+        "--lr · (1 + cos(π t / T)) / 2 at step t of T = --epochs × steps per epoch, from --lr down towards 0 "
+        "(--max-steps stops the run early without changing T; a resumed cosine run keeps its --epochs)"))
     batch_size: int = field(default=32, metadata=_option("minibatch size"))
     seed: int = field(default=0, metadata=_option("initial weights, data order, augmentation and bases"))
     split_seed: int = field(default=0, metadata=_option("where the validation block is cut"))
@@ -114,10 +120,11 @@ def default_lr(model: str, dataset: str, method: str) -> float:
 
 def check_choices(cfg: TrainConfig) -> None:
     choices = {"model": models.MODELS, "dataset": data.DATASETS, "method": METHODS,
-               "distribution": DISTRIBUTIONS, "normalize": NORMALIZATIONS}
+               "distribution": DISTRIBUTIONS, "normalize": NORMALIZATIONS, "lr_schedule": LR_SCHEDULES}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
-            raise ValueError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
+            raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                             f"got {getattr(cfg, name)!r}")
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -160,6 +167,14 @@ def saved_identity(saved: dict) -> dict:
     where it was saved before they existed."""
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name in ADDED_LATER}
     return {k: saved.get(k, defaults.get(k)) for k in RUN_IDENTITY}
+
+
+def scheduled_lr(cfg: TrainConfig, step: int, total_steps: int) -> float:
+    """The learning rate of the run's step ``step`` (0-based) of ``total_steps`` under
+    ``--lr-schedule``: a function of the step alone, so a resumed run needs no scheduler state."""
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
 
 
 def dim_rule(cfg: TrainConfig) -> int | Proportional:

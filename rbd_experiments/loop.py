@@ -92,16 +92,23 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches
 def fit_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch_at: Callable[[int], Batch],
               steps: range, *, members: int = 1, first_step: int = 0, totals: Totals | None = None,
               should_stop: Callable[[], bool] = lambda: False,
-              on_step: Callable[[int, Totals], None] | None = None, loss_fn=F.cross_entropy) -> Totals:
+              on_step: Callable[[int, Totals], None] | None = None, lr_at: Callable[[int], float] | None = None,
+              loss_fn=F.cross_entropy) -> Totals:
     """Trains over the steps ``steps`` of an epoch (step i uses batches i·members … i·members +
     members − 1 of ``batch_at``); ``first_step`` is the run's step count before the first of them.
-    Times each step (synchronising CUDA), calls ``on_step(i, totals)`` after it and returns
-    early, between two steps, once ``should_stop()`` is true."""
+    Before each step, ``lr_at(t)`` of the run's step t (0-based) becomes every param group's
+    learning rate (None: the groups keep theirs). Times each step (synchronising CUDA), calls
+    ``on_step(i, totals)`` after it and returns early, between two steps, once ``should_stop()``
+    is true."""
     totals = totals if totals is not None else Totals()
     model.train()
     for n, i in enumerate(steps):
         if should_stop():
             break
+        if lr_at is not None:
+            lr = lr_at(first_step + n)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
         start = time.perf_counter()
         train_step(model, optimizer, _batches(batch_at, i * members, members), first_step + n, totals, loss_fn)
         _synchronize(model)

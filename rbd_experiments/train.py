@@ -99,6 +99,8 @@ class Run:
         if self.steps_per_epoch == 0:
             raise ValueError(f"--population {cfg.population} needs more batches than one epoch has "
                              f"({self.batches_per_epoch})")
+        # The steps of all --epochs, over which a cosine schedule decays (--max-steps does not shorten it).
+        self.total_steps = cfg.epochs * self.steps_per_epoch
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.totals = loop.Totals()
         self.history: list[dict] = []
@@ -138,7 +140,7 @@ class Run:
                 loop.fit_epoch(self.model, self.optimizer, self.batches.batch_at(self.epoch),
                                range(self.step_in_epoch, self.steps_per_epoch), members=self.batches_per_step,
                                first_step=self.global_step, totals=self.totals, on_step=after_step,
-                               should_stop=lambda: stop() or self._at_max_steps())
+                               lr_at=self.lr_at, should_stop=lambda: stop() or self._at_max_steps())
             finally:
                 bar.close()
             complete = self.step_in_epoch == self.steps_per_epoch
@@ -155,6 +157,10 @@ class Run:
                                   f"{self.steps_per_epoch}; saved to {self.checkpoint_path()}")
         return self.history
 
+    def lr_at(self, step: int) -> float:
+        """The learning rate of the run's step ``step`` (0-based)."""
+        return config.scheduled_lr(self.cfg, step, self.total_steps)
+
     def _at_max_steps(self) -> bool:
         return self.cfg.max_steps is not None and self.global_step >= self.cfg.max_steps
 
@@ -166,6 +172,10 @@ class Run:
                "train_loss": metrics["loss"], "train_acc": metrics["acc"], "val_loss": val_loss,
                "val_acc": val_acc, "images_per_s": metrics["img/s"], "train_seconds": self.totals.seconds,
                "complete_epoch": complete}
+        if self.cfg.lr_schedule != "constant":
+            # The learning rate of the row's last step. Constant runs' rows keep their columns, so
+            # that a run resumed from an older checkpoint writes one metrics.csv header.
+            row["lr"] = self.optimizer.param_groups[0]["lr"]
         # A partial epoch's row (after --max-steps) is replaced once the epoch completes.
         self.history = [r for r in self.history if r["complete_epoch"]] + [row]
         if self.cfg.progress:
@@ -217,6 +227,7 @@ class Run:
         try:
             state = torch.load(path, map_location=self.device, weights_only=True)
             saved = dict(state["config"])
+            saved_epochs = saved["epochs"]
             model, optimizer, sums = state["model"], state["optimizer"], loop.Totals(**state["sums"])
             position = (state["epoch"], state["step_in_epoch"], state["global_step"], state["history"])
             trained_on = list(state.get("trained_on", []))  # absent before it was recorded
@@ -230,6 +241,11 @@ class Run:
                   for k in config.RUN_IDENTITY if saved[k] != now[k]]
         if differ:
             raise ValueError(f"--resume: the checkpoint at {path} is from another run: " + "; ".join(differ))
+        if self.cfg.lr_schedule == "cosine" and saved_epochs != self.cfg.epochs:
+            raise ValueError(f"--resume: the checkpoint at {path} is a run of --epochs {saved_epochs} with "
+                             "--lr-schedule cosine, whose learning rate decays over the steps of all its epochs: "
+                             f"--epochs {self.cfg.epochs} would put the rest of it on another schedule. Resume it "
+                             f"with --epochs {saved_epochs} (--max-steps stops it earlier) or train into another --out")
         self.model.load_state_dict(model)
         self.optimizer.load_state_dict(optimizer)
         self.epoch, self.step_in_epoch, self.global_step, self.history = position
