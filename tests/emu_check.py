@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -52,7 +53,7 @@ def build(csrc: Path, out: Path, extra: list[str]) -> Path:
 def run_tests(library: Path, selection: str, env: dict | None = None, timeout: float = 1800) -> tuple[bool, str]:
     """pytest on the emulated tests of test_cuda.py against ``library``: (passed, the first failure)."""
     environ = {**os.environ, "RBD_EMU_LIBRARY": str(library), **(env or {})}
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_cuda.py"),
+    cmd = [sys.executable, "-m", "pytest", "-x", "-v", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_cuda.py"),
            "-k", selection]
     try:
         run = subprocess.run(cmd, env=environ, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
@@ -61,10 +62,15 @@ def run_tests(library: Path, selection: str, env: dict | None = None, timeout: f
     output = run.stdout + run.stderr
     if run.returncode == 0:
         return True, output.strip().splitlines()[-1]
-    failed = [line for line in output.splitlines() if line.startswith(("FAILED", "ERROR"))]
+    lines = output.splitlines()
+    failed = [line for line in lines if line.startswith(("FAILED", "ERROR"))]
     if failed:
         return False, failed[0]
-    return False, f"exit status {run.returncode}: " + " / ".join(output.strip().splitlines()[-3:])
+    started = [line.split()[0] for line in lines if line.startswith("tests/test_cuda.py::")]
+    where = f" in {started[-1]}" if started else ""
+    if run.returncode < 0:  # a crash (a wild store corrupting the heap, say): the test that was running
+        return False, f"the process died of {signal.Signals(-run.returncode).name}{where}"
+    return False, f"exit status {run.returncode}{where}"
 
 
 # ---- sanitizers ---------------------------------------------------------------------------------
