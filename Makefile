@@ -71,7 +71,7 @@ reproduce: install
 # docs/reproducing.md between its markers; trains nothing. Besides the paper's bases: other
 # entries, and per-layer and per-tensor compartments at its total d.
 table1-report: install
-	$(BIN)/rbd-reproduce --report --rows fc-mnist,fc-fmnist --methods sgd,rbd,fpd,nes --crop-pads 3,0,1,2 --seeds 0,1,2 \
+	$(BIN)/rbd-reproduce --report --rows fc-mnist,fc-fmnist,cnn-mnist,cnn-fmnist --methods sgd,rbd,fpd,nes --crop-pads 3,0,1,2 --seeds 0,1,2 \
 	  --distributions normal,rademacher,uniform --compartments global,layer,tensor --total-dim 250 \
 	  --out docs/table1 --no-progress
 	$(BIN)/python -c "import re, pathlib; doc = pathlib.Path('docs/reproducing.md'); \
