@@ -71,6 +71,8 @@ TORCH_LIBRARY(rbd_cuda, m) {
   m.def("materialize(int numel, int dim, *, " RBD_STREAM_KWARGS
         ", ScalarType? dtype=None, Device? device=None) -> Tensor",
         &rbd::materialize);
+  m.def("segment_table(int[] numels, int[] row_offsets, int[] compartments, int[] dims, int[] streams) -> Tensor",
+        &rbd::build_segment_table);  // the grouped ops' table (table.h), checked here once
   m.def("built_with_cuda() -> bool", &rbd::built_with_cuda);
   m.def("stream_version() -> int", &rbd::stream_version);
   m.def("cpu_isa() -> str", &rbd::cpu_isa);

@@ -8,10 +8,8 @@
 
 #define RBD_STREAM_KWARGS \
   "int seed, int step=0, int stream=0, str distribution=\"normal\", int row_offset=0, int col_offset=0"
-// The grouped ops' segment table (grouped.h): per segment a row offset and a compartment, per
-// compartment its directions and stream.
-#define RBD_SEGMENT_TABLE "int[] row_offsets, int[] compartments, int[] dims, int[] streams, *, " \
-  "int seed, int step=0, str distribution=\"normal\""
+// The keys every segment of a grouped call shares; the rest is its segment table (table.h).
+#define RBD_TABLE_KWARGS "int seed, int step=0, str distribution=\"normal\""
 
 namespace rbd {
 
@@ -20,8 +18,10 @@ inline void define_kernel_ops(torch::Library& m) {
   m.def("expand(Tensor c, int numel, *, " RBD_STREAM_KWARGS ") -> Tensor");
   m.def("expand_(Tensor(a!) out, Tensor c, float alpha=1.0, *, " RBD_STREAM_KWARGS ") -> ()");
   m.def("materialize_(Tensor(a!) out, *, " RBD_STREAM_KWARGS ") -> ()");
-  m.def("project_grouped(Tensor[] g, " RBD_SEGMENT_TABLE ") -> Tensor");
-  m.def("expand_grouped_(Tensor(a!)[] out, Tensor c, float[] alphas, " RBD_SEGMENT_TABLE ") -> ()");
+  // total: the table's sum(dims), the result's size, known to torch.compile without reading the table.
+  m.def("project_grouped(Tensor[] g, Tensor table, int total, *, " RBD_TABLE_KWARGS ") -> Tensor");
+  m.def("expand_grouped_(Tensor(a!)[] out, Tensor c, float[] alphas, Tensor table, *, " RBD_TABLE_KWARGS
+        ") -> ()");
   m.def("philox4x32(Tensor counter, Tensor key, int rounds=10) -> Tensor");
 }
 

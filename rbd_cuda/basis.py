@@ -3,9 +3,9 @@ compartment.
 
 One basis is one ``(seed, step, stream, distribution)``: entry ``P[i, j]`` of it is a pure
 function of ``(i, j)`` (docs/random_stream.md). Optimizers, ``RandomSubspace`` and the DDP hook
-all describe their bases with ``Basis`` and scale them with ``scale``, and every product over a
-compartment's segments goes through ``project_compartment``, ``expand_compartment_`` (in place,
-the optimizers' update) or ``expand_compartment`` (differentiable, the subspace wrapper).
+all describe their bases with ``Basis`` and scale them with ``scale``; their products go to the
+grouped ops over one segment table (``table_keywords``, and ``expand_segments``, differentiable,
+for the subspace wrapper).
 """
 
 from __future__ import annotations
@@ -127,68 +127,44 @@ class Basis:
                 "distribution": self.distribution}
 
 
-# ---- the products over one compartment ------------------------------------------------------
-# A compartment's segments are pieces of flattened tensors at rows ``row_offset ...`` of its
-# matrix; these functions are the only places that loop over them (or hand them to the grouped
-# ops in one call).
+# ---- the products over a segment table ------------------------------------------------------
+# The optimizers, RandomSubspace and the DDP hook hold their segments in one table
+# (``ops.SegmentPlan``, built once) and call the grouped ops on it directly: one call each way per
+# step, whatever the number of compartments.
 
 
-def _one_launch(tensors: Sequence[torch.Tensor]) -> bool:
-    """Whether a compartment's segments go to the grouped ops (one launch per product with the
-    CUDA kernels): several fp32 tensors on one device, for which the grouped ops compute exactly
-    what the per-segment loop computes. Half-precision segments keep the loop, which rounds each
-    segment's coefficients to its dtype as recorded trajectories did."""
-    return (len(tensors) > 1 and all(t.dtype == torch.float32 for t in tensors)
-            and len({t.device for t in tensors}) == 1)
-
-
-def _stream_of(basis: Basis, plan: ops.SegmentPlan) -> dict:
-    """``basis``'s keywords for the ops (its step checked), for ``plan``, one compartment on ``basis``'s stream."""
-    if plan.streams != (basis.stream,):
-        raise ValueError(f"rbd_cuda: the plan's streams {plan.streams} are not the basis's ({basis.stream},)")
-    return basis.kwargs
-
-
-def project_compartment(basis: Basis, plan: ops.SegmentPlan, pieces: Sequence[torch.Tensor],
-                        device: torch.device | None = None) -> torch.Tensor:
-    """``c = Σ_s P_sᵀ g_s`` over the 1-D ``pieces`` g_s, the segments of ``plan`` (one compartment of
-    ``plan.total`` directions on ``basis``'s stream, built once by the caller), in fp32 on ``device``
-    (default: the first piece's). The plan was validated when built: nothing of it is checked here
-    (the C++ ops still check what they are given)."""
-    kw = _stream_of(basis, plan)
-    if _one_launch(pieces):
-        c = torch.ops.rbd_cuda.project_grouped(list(pieces), plan.row_offsets, plan.compartments, plan.dims,
-                                               plan.streams, seed=kw["seed"], step=kw["step"],
-                                               distribution=kw["distribution"])
-        return c if device is None else c.to(device)
-    c = None
-    for piece, row_offset in zip(pieces, plan.row_offsets, strict=True):
-        part = torch.ops.rbd_cuda.project(piece, plan.total, row_offset=row_offset, **kw).float()
-        c = part if c is None else c + part.to(c.device)
-    return c if device is None else c.to(device)
-
-
-def expand_compartment_(basis: Basis, plan: ops.SegmentPlan, outs: Sequence[torch.Tensor], coeffs: torch.Tensor,
-                        alpha: float, *, col_offset: int = 0) -> None:
-    """In place ``out_s += alpha · P_s c`` for the 1-D views ``outs``, the segments of ``plan`` (as
-    for ``project_compartment``; ``c`` addressing columns ``col_offset ...``: NES perturbs along one
-    column with one coefficient)."""
-    kw = _stream_of(basis, plan)
-    if col_offset == 0 and coeffs.numel() == plan.total and _one_launch(outs):
-        c = coeffs if coeffs.device == outs[0].device else coeffs.to(outs[0].device)
-        torch.ops.rbd_cuda.expand_grouped_(list(outs), c, [float(alpha)] * len(outs), plan.row_offsets,
-                                           plan.compartments, plan.dims, plan.streams, seed=kw["seed"],
-                                           step=kw["step"], distribution=kw["distribution"])
-        return
-    for out, row_offset in zip(outs, plan.row_offsets, strict=True):
-        torch.ops.rbd_cuda.expand_(out, coeffs if coeffs.device == out.device else coeffs.to(out.device),
-                                   float(alpha), row_offset=row_offset, col_offset=col_offset, **kw)
-
-
-def expand_compartment(basis: Basis, coeffs: Sequence[torch.Tensor], numels: Sequence[int],
-                       row_offsets: Sequence[int]) -> list[torch.Tensor]:
-    """``[P_s c_s]`` (differentiable in each ``c_s``; one coefficient vector per segment, so a
-    caller can scale a segment's coefficients): the subspace wrapper's forward."""
+def table_keywords(basis: Basis) -> dict:
+    """``basis``'s keywords for the grouped ops (its step checked): the stream is the table's."""
     kw = basis.kwargs
-    return [ops.expand(c, numel, row_offset=row_offset, **kw)
-            for c, numel, row_offset in zip(coeffs, numels, row_offsets, strict=True)]
+    del kw["stream"]
+    return kw
+
+
+class _ExpandSegments(torch.autograd.Function):
+    """``[P_s c_s]`` over a table's segments in one ``expand_grouped_`` (into fp32 zeros: what
+    ``expand`` computes, bit for bit); its derivative is one ``project_grouped`` of the incoming
+    gradients (each segment's ``project``)."""
+
+    @staticmethod
+    def forward(c, table, total, numels, keys):
+        outs = [c.new_zeros(n, dtype=torch.float32) for n in numels]
+        torch.ops.rbd_cuda.expand_grouped_(outs, c.detach(), [1.0] * len(outs), table, **dict(keys))
+        return tuple(outs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, ctx.table, ctx.total, _, ctx.keys = inputs
+        ctx.dtype = inputs[0].dtype
+
+    @staticmethod
+    def backward(ctx, *grads):
+        grad_c = torch.ops.rbd_cuda.project_grouped([g.contiguous() for g in grads], ctx.table, ctx.total,
+                                                    **dict(ctx.keys))
+        return grad_c.to(ctx.dtype), None, None, None, None
+
+
+def expand_segments(plan: ops.SegmentPlan, c: torch.Tensor, basis: Basis) -> tuple[torch.Tensor, ...]:
+    """``P_s c_k`` (fp32, one per segment s of ``plan``, k its compartment; c laid out as the
+    grouped ops' coefficients), differentiable in ``c``: the subspace wrapper's forward, in one
+    call each way."""
+    return _ExpandSegments.apply(c, plan.table, plan.total, plan.numels, tuple(table_keywords(basis).items()))

@@ -37,11 +37,11 @@ from .basis import (
     check_distribution,
     check_normalize,
     check_seed,
-    expand_compartment_,
-    project_compartment,
     scale,
+    table_keywords,
 )
-from .layout import Compression, Fixed, as_dim_rule, check_saved, compartment_plan, spans
+from .layout import Compression, Fixed, as_dim_rule, check_saved, spans
+from .ops import SegmentPlan
 from .optim import FPD, RBD, Exchange
 from .optim.base import refuse_copy
 from .optim.ranks import agree, agree_on_load, collective_device, fingerprint, run_collective
@@ -326,6 +326,8 @@ class RandomBasesHook:
         self.checked = False
         # bucket index -> (the bucket's parameters, by identity and in order; the residual)
         self.residuals: dict[int, tuple[tuple[int, ...], torch.Tensor]] = {}
+        # (bucket entries, directions, bucket index) -> the bucket's segment table
+        self.tables: dict[tuple[int, int, int], SegmentPlan] = {}
         self.stats = CommStats()
 
     def dim_for(self, numel: int) -> int:
@@ -391,10 +393,13 @@ def random_bases_hook(state: RandomBasesHook, bucket: dist.GradBucket) -> torch.
         # DDP rebuilds its buckets after the first step (other parameters, or another order, under
         # the same index): a residual is only added back to the layout it was computed for.
         x = grad + kept[1] if kept is not None and kept[0] == layout else grad.clone()
-    basis = Basis(state.seed, step, index, state.distribution)
-    # A bucket's size is known only here (DDP builds, and rebuilds, the buckets): one segment.
-    plan = compartment_plan([numel], [0], dim, index)
-    c = project_compartment(basis, plan, [x]).div_(world)
+    keys = table_keywords(Basis(state.seed, step, index, state.distribution))
+    # A bucket's size is known only here (DDP builds, and rebuilds, the buckets): its table, of one
+    # segment, is built at the bucket's first call and kept.
+    plan = state.tables.get((numel, dim, index))
+    if plan is None:
+        plan = state.tables[numel, dim, index] = SegmentPlan([numel], [0], [0], [dim], [index])
+    c = torch.ops.rbd_cuda.project_grouped([x], plan.table, plan.total, **keys).div_(world)
     state.stats.add("all_reduce", c.numel() * c.element_size(), world)
     fut = dist.all_reduce(c, group=group, async_op=True).get_future()
     scale = state.scale(numel, dim)
@@ -406,7 +411,7 @@ def random_bases_hook(state: RandomBasesHook, bucket: dist.GradBucket) -> torch.
             raise RuntimeError(f"rbd_cuda: the all-reduce of bucket {index}'s coefficients at hook step "
                                f"{step} failed: another rank raised, exited or timed out ({error})") from error
         grad.zero_()
-        expand_compartment_(basis, plan, [grad], mean_c, scale)
+        torch.ops.rbd_cuda.expand_grouped_([grad], mean_c, [scale], plan.table, **keys)
         if state.error_feedback:
             state.residuals[index] = (layout, x.sub_(grad))
         return grad

@@ -17,7 +17,6 @@ from fractions import Fraction
 
 import torch
 
-from .ops import SegmentPlan
 
 
 @dataclass(frozen=True)
@@ -55,19 +54,6 @@ class Compartment:
     @property
     def numel(self) -> int:
         return self.whole_numel if self.whole_numel is not None else sum(s.numel for s in self.segments)
-
-
-def segment_plan(comp: Compartment, stream: int | None = None) -> SegmentPlan:
-    """The grouped ops' plan of ``comp``'s segments, on ``comp.stream`` or ``stream``."""
-    return compartment_plan([s.numel for s in comp.segments], [s.row_offset for s in comp.segments], comp.dim,
-                            comp.stream if stream is None else stream)
-
-
-def compartment_plan(numels: Sequence[int], row_offsets: Sequence[int], dim: int, stream: int) -> SegmentPlan:
-    """The plan of one compartment of ``dim`` directions on ``stream`` whose segments have ``numels``
-    entries at ``row_offsets``: validated here, once, so the products over the compartment
-    (``rbd_cuda.basis``) take it as it is."""
-    return SegmentPlan(numels, row_offsets, [0] * len(numels), [dim], [stream])
 
 
 # ---- dimension allocation ---------------------------------------------------------------

@@ -30,8 +30,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .basis import Basis, check_distribution, check_normalize, check_seed, expand_compartment, scale
+from .basis import Basis, check_distribution, check_normalize, check_seed, expand_segments, scale
 from .layout import check_saved, layer_of, plan, split_name
+from .ops import SegmentPlan
 
 __all__ = ["RandomSubspace", "SubspaceCompartment"]
 
@@ -160,6 +161,11 @@ class RandomSubspace(nn.Module):
                                                          segments))
             offset += comp.dim
         self.seed, self.distribution, self.normalize = seed, distribution, normalize
+        segments = [(comp, segment) for comp in self.compartments for segment in comp.segments]
+        self._segment_names = [(name, start) for _, (name, start, _, _) in segments]
+        self._table = SegmentPlan([numel for _, (_, _, numel, _) in segments], [row for _, (_, _, _, row) in segments],
+                                  list(range(len(segments))), [comp.dim for comp, _ in segments],
+                                  [comp.stream for comp, _ in segments])
         self.numel = sum(p.numel() for _, p in named)
         self.dim = offset
 
@@ -200,10 +206,6 @@ class RandomSubspace(nn.Module):
         self.module = module
         # load_state_dict(assign=True) replaces θ₀ under its saved (first) name only.
         self.register_load_state_dict_post_hook(_retie_after_load)
-
-    def basis(self, k: int) -> Basis:
-        """Compartment ``k``'s basis (the one ``FPD`` uses for it)."""
-        return Basis(self.seed, 0, self.compartments[k].stream, self.distribution)
 
     def subspace_config(self) -> dict:
         """Everything besides c, λ and θ₀ that decides the weights, as plain values: saved in
@@ -297,17 +299,20 @@ class RandomSubspace(nn.Module):
                 raise ValueError(f"rbd_cuda: state entry {key!r} holds non-finite values")
 
     def weights(self) -> dict[str, torch.Tensor]:
-        """θ₀ + P c for every reparametrised parameter, by name (differentiable in c and λ)."""
-        pieces: dict[str, list[tuple[int, torch.Tensor]]] = {name: [] for name in self._names}
+        """θ₀ + P c for every reparametrised parameter, by name (differentiable in c and λ): one
+        ``expand_grouped_`` over every segment forward, one ``project_grouped`` backward."""
+        coeffs = []
         for k, comp in enumerate(self.compartments):
             c_k = self.c[comp.offset: comp.offset + comp.dim] * self._sqrt_scale[k]
             # Scaling the d coefficients, not the numel-long result: P (λ c) = λ P c.
-            coeffs = [c_k * self.lambdas[self._layer_index[name]] if self.said else c_k
-                      for name, _, _, _ in comp.segments]
-            updates = expand_compartment(self.basis(k), coeffs, [numel for _, _, numel, _ in comp.segments],
-                                         [row_offset for _, _, _, row_offset in comp.segments])
-            for (name, start, _, _), u in zip(comp.segments, updates, strict=True):
-                pieces[name].append((start, u))
+            coeffs += [c_k * self.lambdas[self._layer_index[name]] if self.said else c_k
+                       for name, _, _, _ in comp.segments]
+        # The table's compartment s is segment s with its own coefficients (its basis: its
+        # compartment's), so that SAID scales each segment's.
+        updates = expand_segments(self._table, torch.cat(coeffs), Basis(self.seed, 0, 0, self.distribution))
+        pieces: dict[str, list[tuple[int, torch.Tensor]]] = {name: [] for name in self._names}
+        for (name, start), u in zip(self._segment_names, updates, strict=True):
+            pieces[name].append((start, u))
         out = {}
         for name in self._names:
             theta0 = self.get_buffer(f"module.{name}")

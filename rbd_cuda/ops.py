@@ -13,11 +13,9 @@ itself) and ``philox4x32`` (the raw generator). Which kernels run, and facts abo
 
 from __future__ import annotations
 
-import itertools
 import math
 import operator
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -332,59 +330,50 @@ torch.library.register_autograd("rbd_cuda::project", _project_backward, setup_co
 torch.library.register_autograd("rbd_cuda::expand", _expand_backward, setup_context=_save_stream)
 
 
-# ---- grouped ops: one call (one launch with the CUDA kernels) over a plan of segments ---------
+# ---- grouped ops: one call (one launch with the CUDA kernels) over a segment table ------------
 #
 # Segment s is the flattened tensor g[s] (or out[s]) of plan.numels[s] entries at rows
 # plan.row_offsets[s] of compartment plan.compartments[s]'s matrix; compartment k has
 # plan.dims[k] directions on stream plan.streams[k] (the other stream keywords are shared). The
 # coefficients of all compartments are one fp32 vector, compartment k's at
-# [sum(dims[:k]), sum(dims[:k + 1])). An optimizer builds its plans once, at construction; a step is
+# [sum(dims[:k]), sum(dims[:k + 1])). An optimizer builds its plans once; a step is
 #     c = project_grouped(grads, plan, ...); expand_grouped_(params, c, alphas, plan, ...)
 # whatever the number of tensors and compartments.
 
 
-@dataclass(frozen=True)
 class SegmentPlan:
-    """The segment table of the grouped ops, validated once, when it is built (the ops then check
-    only what a call brings: the tensors, the coefficients and the stream keywords).
+    """The segment table of the grouped ops: built and validated once, in C++
+    (``torch.ops.rbd_cuda.segment_table``), and held as ``table``, the int64 tensor the ops take
+    (as variable-length attention kernels take ``cu_seqlens``); the ops then check only what a call
+    brings (the tensors against the table, the coefficients, the stream keywords).
 
     Per segment s: ``numels[s]`` entries at rows ``row_offsets[s]`` of compartment
     ``compartments[s]``; per compartment k: ``dims[k]`` directions on stream ``streams[k]``. Any
-    int sequences are accepted and kept as tuples of ints; ``total`` is ``sum(dims)``.
+    int sequences are accepted and kept as tuples of ints; ``total`` is ``sum(dims)``. Immutable:
+    what was checked stays what is used (the ops refuse a table tensor changed since).
     """
 
-    numels: tuple[int, ...]
-    row_offsets: tuple[int, ...]
-    compartments: tuple[int, ...]
-    dims: tuple[int, ...]
-    streams: tuple[int, ...]
-    total: int = field(init=False)
+    __slots__ = ("compartments", "dims", "numels", "row_offsets", "streams", "table", "total")
 
-    def __post_init__(self):
-        for name in ("numels", "row_offsets", "compartments", "dims", "streams"):
-            object.__setattr__(self, name, tuple(_integer(f"{name}[{i}]", v) for i, v in enumerate(getattr(self, name))))
-        n, numels, rows, comps = len(self.numels), self.numels, self.row_offsets, self.compartments
-        if n == 0:
-            raise ValueError("rbd_cuda: a SegmentPlan must hold at least one segment")
-        if len(rows) != n or len(comps) != n:
-            raise ValueError(f"rbd_cuda: row_offsets and compartments need one entry per segment (len(numels)={n}), "
-                             f"got {len(rows)} and {len(comps)}")
-        if not self.dims or len(self.streams) != len(self.dims):
-            raise ValueError("rbd_cuda: dims and streams need one entry per compartment (at least one), got "
-                             f"{len(self.dims)} and {len(self.streams)}")
-        for k, (d, x) in enumerate(zip(self.dims, self.streams, strict=True)):
-            if not 0 < d <= 2**32:
-                raise ValueError(f"rbd_cuda: dims[{k}] must be in [1, 2**32] (the stream's column range), got {d}")
-            if not 0 <= x < 2**32:
-                raise ValueError(f"rbd_cuda: streams[{k}] must be in [0, 2**32), got {x}")
-        for s, (numel, r, k) in enumerate(zip(numels, rows, comps, strict=True)):
-            if not 0 <= numel <= 2**34:
-                raise ValueError(f"rbd_cuda: numels[{s}] must be in [0, 2**34] (the stream's row range), got {numel}")
-            if not 0 <= k < len(self.dims):
-                raise ValueError(f"rbd_cuda: compartments[{s}] must be in [0, len(dims)={len(self.dims)}), got {k}")
-            if not 0 <= r <= 2**34 - numel:
-                raise ValueError(f"rbd_cuda: row_offsets[{s}] must be in [0, 2**34 - numels[{s}]], got {r}")
-        object.__setattr__(self, "total", sum(self.dims))
+    def __init__(self, numels, row_offsets, compartments, dims, streams):
+        lists = {name: tuple(_integer(f"{name}[{i}]", v) for i, v in enumerate(values)) for name, values in
+                 (("numels", numels), ("row_offsets", row_offsets), ("compartments", compartments), ("dims", dims),
+                  ("streams", streams))}
+        table = torch.ops.rbd_cuda.segment_table(*lists.values())
+        for name, values in lists.items():
+            object.__setattr__(self, name, values)
+        object.__setattr__(self, "table", table)
+        object.__setattr__(self, "total", int(table[3]))
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"rbd_cuda: a SegmentPlan is immutable (build another); cannot set {name}")
+
+    def __reduce__(self):  # copies and pickles rebuild the table (and check it) from the lists
+        return SegmentPlan, (self.numels, self.row_offsets, self.compartments, self.dims, self.streams)
+
+    def __repr__(self) -> str:
+        return (f"SegmentPlan(numels={self.numels}, row_offsets={self.row_offsets}, compartments={self.compartments}, "
+                f"dims={self.dims}, streams={self.streams})")
 
     def select(self, segments: Sequence[int]) -> SegmentPlan:
         """The plan of the segments at indices ``segments`` (in that order), all compartments kept."""
@@ -397,35 +386,15 @@ class SegmentPlan:
                            [self.compartments[s] for s in segments], self.dims, self.streams)
 
 
-def _basis_keywords(seed, step, distribution) -> dict:
-    """The grouped ops' stream keywords, validated (those of the single ops: ``_stream_kwargs``)."""
-    step = _integer("step", step)
-    if not 0 <= step < 2**32:
-        raise ValueError(f"rbd_cuda: step must be in [0, 2**32), got {step}")
-    if distribution not in DISTRIBUTIONS:
-        raise ValueError(f"rbd_cuda: distribution must be one of 'normal', 'uniform', 'rademacher', "
-                         f"got {distribution!r}")
-    return {"seed": _seed_to_int64(seed), "step": step, "distribution": distribution}
-
-
-def _plan_tensors(tensors, name: str, plan: SegmentPlan) -> list[torch.Tensor]:
-    """``tensors`` as a list, checked against ``plan``: one dense tensor of ``plan.numels[s]``
-    entries per segment, all of one dtype on one device."""
+def _plan_of(plan) -> SegmentPlan:
     if not isinstance(plan, SegmentPlan):
         raise TypeError(f"rbd_cuda: plan must be a SegmentPlan, got {type(plan).__name__}")
-    tensors = list(tensors)
-    if len(tensors) != len(plan.numels):
-        raise ValueError(f"rbd_cuda: {name} needs one tensor per segment of the plan ({len(plan.numels)}), "
-                         f"got {len(tensors)}")
-    first = _dense(f"{name}[0]", tensors[0])
-    for s, (t, numel) in enumerate(zip(tensors, plan.numels, strict=True)):
-        _dense(f"{name}[{s}]", t)
-        if t.numel() != numel:
-            raise ValueError(f"rbd_cuda: {name}[{s}] has {t.numel()} entries; the plan's segment {s} has {numel}")
-        if t.device != first.device or t.dtype != first.dtype:
-            raise ValueError(f"rbd_cuda: every tensor of {name} must have the device and dtype of {name}[0]; "
-                             f"{name}[{s}] is {t.dtype} on {t.device}")
-    return tensors
+    return plan
+
+
+def _table_keywords(seed, step, distribution) -> dict:
+    """The grouped ops' stream keywords as the ops take them (the ops check their ranges)."""
+    return {"seed": _seed_to_int64(seed), "step": _integer("step", step), "distribution": distribution}
 
 
 def project_grouped(g, plan: SegmentPlan, *, seed: int, step: int = 0,
@@ -438,9 +407,9 @@ def project_grouped(g, plan: SegmentPlan, *, seed: int, step: int = 0,
     bit on each device; a compartment without segments gets zeros. Differentiable in ``g`` (the
     derivative is the adjoint, ``expand`` of each compartment's incoming gradient).
     """
-    g = _plan_tensors(g, "g", plan)
-    return torch.ops.rbd_cuda.project_grouped(g, plan.row_offsets, plan.compartments, plan.dims, plan.streams,
-                                              **_basis_keywords(seed, step, distribution))
+    plan = _plan_of(plan)
+    g = [_dense(f"g[{s}]", t) for s, t in enumerate(g)]
+    return torch.ops.rbd_cuda.project_grouped(g, plan.table, plan.total, **_table_keywords(seed, step, distribution))
 
 
 def expand_grouped_(out, c: torch.Tensor, alphas, plan: SegmentPlan, *, seed: int, step: int = 0,
@@ -453,41 +422,31 @@ def expand_grouped_(out, c: torch.Tensor, alphas, plan: SegmentPlan, *, seed: in
     ``project_grouped`` returns them. The tensors of ``out`` (contiguous, one dtype, one device)
     must not overlap.
     """
-    tensors = _plan_tensors(out, "out", plan)
+    plan = _plan_of(plan)
+    tensors = [_dense(f"out[{s}]", t) for s, t in enumerate(out)]
     _no_gradient_to("expand_grouped_", _dense("c", c))
-    alphas = [float(a) for a in alphas]
-    if len(alphas) != len(tensors):
-        raise ValueError(f"rbd_cuda: alphas needs one entry per segment (len(out)={len(tensors)}), got {len(alphas)}")
-    if c.dim() != 1 or c.numel() != plan.total:
-        raise ValueError(f"rbd_cuda: c must be 1-D with sum(dims)={plan.total} coefficients, got shape "
-                         f"{tuple(c.shape)}")
-    torch.ops.rbd_cuda.expand_grouped_(tensors, c, alphas, plan.row_offsets, plan.compartments, plan.dims,
-                                       plan.streams, **_basis_keywords(seed, step, distribution))
+    torch.ops.rbd_cuda.expand_grouped_(tensors, c, [float(a) for a in alphas], plan.table,
+                                       **_table_keywords(seed, step, distribution))
     return out
 
 
 @torch.library.register_fake("rbd_cuda::project_grouped")
-def _project_grouped_fake(g, row_offsets, compartments, dims, streams, *, seed, step=0, distribution="normal"):
-    return g[0].new_empty((sum(dims),), dtype=torch.float32)
+def _project_grouped_fake(g, table, total, *, seed, step=0, distribution="normal"):
+    return g[0].new_empty((total,), dtype=torch.float32)
 
 
 def _save_segment_table(ctx, inputs, keyword_only_inputs, output):
-    g, ctx.row_offsets, ctx.compartments, dims, ctx.streams = inputs
+    g, ctx.table, _ = inputs
     ctx.stream = dict(keyword_only_inputs)
     ctx.shapes, ctx.dtype = [t.shape for t in g], g[0].dtype
-    ctx.columns = [(end - d, end) for d, end in zip(dims, itertools.accumulate(dims), strict=True)]
 
 
 def _project_grouped_backward(ctx, grad_c):
-    # c_k = Σ_s P_sᵀ g_s over compartment k's segments, so ∂L/∂g_s = P_s ∂L/∂c_k: expand, as for project.
-    grad_c = grad_c.contiguous()
-    grads = []
-    for shape, row_offset, k in zip(ctx.shapes, ctx.row_offsets, ctx.compartments, strict=True):
-        start, stop = ctx.columns[k]
-        grad_g = torch.ops.rbd_cuda.expand(grad_c[start:stop], math.prod(shape), row_offset=row_offset,
-                                           stream=ctx.streams[k], col_offset=0, **ctx.stream)
-        grads.append(grad_g.reshape(shape).to(ctx.dtype))
-    return grads, None, None, None, None
+    # c_k = Σ_s P_sᵀ g_s over compartment k's segments, so ∂L/∂g_s = P_s ∂L/∂c_k: each segment's
+    # expand, in one call into zeros (what expand is, bit for bit).
+    grads = [grad_c.new_zeros(math.prod(shape)) for shape in ctx.shapes]
+    torch.ops.rbd_cuda.expand_grouped_(grads, grad_c, [1.0] * len(grads), ctx.table, **ctx.stream)
+    return [grad.reshape(shape).to(ctx.dtype) for grad, shape in zip(grads, ctx.shapes, strict=True)], None, None
 
 
 torch.library.register_autograd("rbd_cuda::project_grouped", _project_grouped_backward,
@@ -495,6 +454,5 @@ torch.library.register_autograd("rbd_cuda::project_grouped", _project_grouped_ba
 
 
 @torch.library.register_fake("rbd_cuda::expand_grouped_")
-def _expand_grouped_fake(out, c, alphas, row_offsets, compartments, dims, streams, *, seed, step=0,
-                         distribution="normal"):
+def _expand_grouped_fake(out, c, alphas, table, *, seed, step=0, distribution="normal"):
     return None

@@ -71,12 +71,10 @@ class Kernels:
         return self.ops.philox4x32(counter, key, rounds)
 
     def project_grouped(self, g, plan, *, seed, **kw):
-        return self.ops.project_grouped(list(g), plan.row_offsets, plan.compartments, plan.dims, plan.streams,
-                                        seed=int64_seed(seed), **kw)
+        return self.ops.project_grouped(list(g), plan.table, plan.total, seed=int64_seed(seed), **kw)
 
     def expand_grouped_(self, out, c, alphas, plan, *, seed, **kw):
-        self.ops.expand_grouped_(list(out), c, [float(a) for a in alphas], plan.row_offsets, plan.compartments,
-                                 plan.dims, plan.streams, seed=int64_seed(seed), **kw)
+        self.ops.expand_grouped_(list(out), c, [float(a) for a in alphas], plan.table, seed=int64_seed(seed), **kw)
         return out
 
     def launches(self, fn) -> int:
@@ -682,13 +680,12 @@ def test_normal_products_use_the_entries_materialize_writes(kern):
 
 
 def test_grouped_mixed_devices_rejected(gpu):
-    table = {"row_offsets": [0, 0], "compartments": [0, 0], "dims": [4], "streams": [0], "seed": 0}
     plan = rbd_cuda.SegmentPlan([5, 3], [0, 0], [0, 0], [4], [0])
     g = [torch.ones(5, device=gpu.device), torch.ones(3)]
     with pytest.raises(ValueError, match=r"g\[1\]"):
         rbd_cuda.project_grouped(g, plan, seed=0)
     with pytest.raises((ValueError, RuntimeError), match=r"g\[1\]"):
-        torch.ops.rbd_cuda.project_grouped(g, **table)
+        torch.ops.rbd_cuda.project_grouped(g, plan.table, plan.total, seed=0)
     out = [torch.zeros(5, device=gpu.device), torch.zeros(3, device=gpu.device)]
     with pytest.raises(RuntimeError, match=r"out.*c|c.*out"):
         rbd_cuda.expand_grouped_(out, torch.ones(4), [1.0, 1.0], plan, seed=0)

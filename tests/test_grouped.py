@@ -5,6 +5,7 @@ expand_grouped_ gives every segment what expand_ gives it, on every device: with
 that is one launch per op instead of one per segment (tests/test_cuda.py, emulated and on a GPU).
 """
 
+import copy
 import itertools
 
 import pytest
@@ -136,56 +137,50 @@ def test_grouped_deterministic(device):
         assert torch.equal(rbd_cuda.project_grouped(g, _plan(g, rows, comps, dims, streams), **KW), first)
 
 
-def _table(n=2):
-    return {"row_offsets": [0] * n, "compartments": [0] * n, "dims": [4], "streams": [0]}
-
-
-BAD_PROJECT = [
-    ("row_offsets and compartments", lambda g: (g, [0], [0, 0], [4], [0])),
-    ("dims and streams", lambda g: (g, [0, 0], [0, 0], [4], [0, 1])),
-    ("compartments\\[1\\] must be in", lambda g: (g, [0, 0], [0, 1], [4], [0])),
-    ("dims\\[0\\] must be in \\[1, 2\\*\\*32\\]", lambda g: (g, [0, 0], [0, 0], [0], [0])),
-    ("dims\\[0\\] must be in \\[1, 2\\*\\*32\\]", lambda g: (g, [0, 0], [0, 0], [2**32 + 1], [0])),
-    ("streams\\[0\\] must be in", lambda g: (g, [0, 0], [0, 0], [4], [2**32])),
-    ("row_offsets\\[1\\] must be in", lambda g: (g, [0, -1], [0, 0], [4], [0])),
-    ("g\\[1\\]", lambda g: ([g[0], g[1].half()], [0, 0], [0, 0], [4], [0])),
+BAD_TABLE = [
+    ("row_offsets and compartments", ([5, 3], [0], [0, 0], [4], [0])),
+    ("dims and streams", ([5, 3], [0, 0], [0, 0], [4], [0, 1])),
+    ("compartments\\[1\\] must be in", ([5, 3], [0, 0], [0, 1], [4], [0])),
+    ("dims\\[0\\] must be in \\[1, 2\\*\\*32\\]", ([5, 3], [0, 0], [0, 0], [0], [0])),
+    ("dims\\[0\\] must be in \\[1, 2\\*\\*32\\]", ([5, 3], [0, 0], [0, 0], [2**32 + 1], [0])),
+    ("streams\\[0\\] must be in", ([5, 3], [0, 0], [0, 0], [4], [2**32])),
+    ("row_offsets\\[1\\] must be in", ([5, 3], [0, -1], [0, 0], [4], [0])),
+    ("numels\\[1\\] must be in \\[0, 2\\*\\*34\\]", ([5, -1], [0, 0], [0, 0], [4], [0])),
+    ("at least one segment", ([], [], [], [4], [0])),
 ]
 
 
-def _project_grouped(direct: bool):
-    """project_grouped over a plain table: torch.ops's own, or the wrapper's over its SegmentPlan (whose
-    construction checks the table)."""
-    if direct:
-        return torch.ops.rbd_cuda.project_grouped
-    return lambda g, *table, **kw: rbd_cuda.project_grouped(g, _plan(g, *table), **kw)
-
-
-def _expand_grouped_(direct: bool):
-    if direct:
-        return torch.ops.rbd_cuda.expand_grouped_
-    return lambda out, c, alphas, **kw: rbd_cuda.expand_grouped_(
-        out, c, alphas, _plan(out, *(kw.pop(k) for k in ("row_offsets", "compartments", "dims", "streams"))), **kw)
-
-
-@pytest.mark.parametrize("direct", [False, True], ids=["wrapper", "torch.ops"])
-@pytest.mark.parametrize("message,args", BAD_PROJECT, ids=[m for m, _ in BAD_PROJECT])
-def test_project_grouped_bad_input(device, message, args, direct):
-    g = [torch.ones(5, device=device), torch.ones(3, device=device)]
-    gs, rows, comps, dims, streams = args(g)
+@pytest.mark.parametrize("direct", [False, True], ids=["SegmentPlan", "torch.ops"])
+@pytest.mark.parametrize("message,table", BAD_TABLE, ids=[m for m, _ in BAD_TABLE])
+def test_the_segment_table_is_checked_when_built(message, table, direct):
+    build = torch.ops.rbd_cuda.segment_table if direct else rbd_cuda.SegmentPlan
     with pytest.raises((ValueError, RuntimeError), match=message):
-        _project_grouped(direct)(gs, rows, comps, dims, streams, seed=0)
+        build(*table)
 
 
-def test_segment_plan_is_checked_once_and_the_tensors_at_every_call():
-    with pytest.raises(ValueError, match="at least one segment"):
-        rbd_cuda.SegmentPlan([], [], [], [4], [0])
-    with pytest.raises(ValueError, match="numels\\[1\\] must be in \\[0, 2\\*\\*34\\]"):
-        rbd_cuda.SegmentPlan([5, -1], [0, 0], [0, 0], [4], [0])
-    with pytest.raises(ValueError, match="numels\\[0\\] must be in \\[0, 2\\*\\*34\\] \\(the stream's row range\\), got "
-                                         "1099511627776"):
-        rbd_cuda.SegmentPlan([2**40], [0], [0], [4], [0])
-    with pytest.raises(ValueError, match="row_offsets\\[0\\] must be in \\[0, 2\\*\\*34 - numels\\[0\\]\\]"):
-        rbd_cuda.SegmentPlan([5], [2**34 - 4], [0], [4], [0])
+def test_the_ops_check_the_tensors_against_the_table_and_refuse_another_table():
+    plan = rbd_cuda.SegmentPlan([5, 3], [0, 5], [0, 0], [4], [0])
+    g = [torch.ones(5), torch.ones(3)]
+    table = plan.table
+    assert torch.equal(torch.ops.rbd_cuda.project_grouped(g, table, 4, seed=0), rbd_cuda.project_grouped(g, plan, seed=0))
+    with pytest.raises(ValueError, match="g needs one tensor per segment of the table \\(2\\), got 1"):
+        torch.ops.rbd_cuda.project_grouped(g[:1], table, 4, seed=0)
+    with pytest.raises(ValueError, match="g\\[1\\] has 4 entries; the table's segment 1 has 3"):
+        torch.ops.rbd_cuda.project_grouped([g[0], torch.ones(4)], table, 4, seed=0)
+    with pytest.raises(ValueError, match="total must be the table's sum\\(dims\\)=4, got 5"):
+        torch.ops.rbd_cuda.project_grouped(g, table, 5, seed=0)
+    with pytest.raises(ValueError, match="g\\[1\\] is Half"):
+        torch.ops.rbd_cuda.project_grouped([g[0], g[1].half()], table, 4, seed=0)
+    changed = table.clone()
+    changed[4 + 2] = 1  # the second segment's row offset: would be taken unchecked
+    for bad in (changed, torch.zeros_like(table), table.int(), table[:-1]):
+        with pytest.raises(ValueError, match="table"):
+            torch.ops.rbd_cuda.project_grouped(g, bad, 4, seed=0)
+        with pytest.raises(ValueError, match="table"):
+            torch.ops.rbd_cuda.expand_grouped_(g, torch.ones(4), [1.0, 1.0], bad, seed=0)
+
+
+def test_segment_plan_converts_the_lists_and_is_immutable():
     with pytest.raises(TypeError, match="dims\\[0\\] must be an int"):
         rbd_cuda.SegmentPlan([5], [0], [0], [4.0], [0])
     plan = rbd_cuda.SegmentPlan([5, 3], [0, 5], [0, 0], [4], [0])
@@ -194,14 +189,14 @@ def test_segment_plan_is_checked_once_and_the_tensors_at_every_call():
         with pytest.raises(ValueError, match=f"segments\\[1\\] must be in \\[0, 2\\), got {bad}"):
             plan.select([0, bad])
     with pytest.raises(AttributeError):
-        plan.dims = (5,)  # frozen: what was checked stays what is used
+        plan.dims = (5,)  # what was checked stays what is used
+    copied = copy.deepcopy(plan)
+    assert copied.dims == plan.dims and torch.equal(copied.table, plan.table)
     g = [torch.ones(5), torch.ones(3)]
     with pytest.raises(TypeError, match="plan must be a SegmentPlan"):
         rbd_cuda.project_grouped(g, [0, 5], seed=0)
-    with pytest.raises(ValueError, match="g needs one tensor per segment of the plan \\(2\\), got 1"):
+    with pytest.raises(ValueError, match="g needs one tensor per segment of the table \\(2\\), got 1"):
         rbd_cuda.project_grouped(g[:1], plan, seed=0)
-    with pytest.raises(ValueError, match="g\\[1\\] has 4 entries; the plan's segment 1 has 3"):
-        rbd_cuda.project_grouped([g[0], torch.ones(4)], plan, seed=0)
     with pytest.raises(ValueError, match="out\\[0\\] has 6 entries"):
         rbd_cuda.expand_grouped_([torch.ones(6), g[1]], torch.ones(4), [1.0, 1.0], plan, seed=0)
     with pytest.raises(ValueError, match="step must be in"):
@@ -212,31 +207,37 @@ def test_segment_plan_is_checked_once_and_the_tensors_at_every_call():
 
 @pytest.mark.parametrize("direct", [False, True], ids=["wrapper", "torch.ops"])
 def test_expand_grouped_bad_input(device, direct):
-    fn = _expand_grouped_(direct)
+    plan = rbd_cuda.SegmentPlan([5, 3], [0, 0], [0, 0], [4], [0])
+
+    def fn(out, c, alphas, **kw):
+        if direct:
+            return torch.ops.rbd_cuda.expand_grouped_(out, c, alphas, plan.table, **kw)
+        return rbd_cuda.expand_grouped_(out, c, alphas, plan, **kw)
+
     out = [torch.zeros(5, device=device), torch.zeros(3, device=device)]
     c = torch.ones(4, device=device)
     with pytest.raises((ValueError, RuntimeError), match="alphas"):
-        fn(out, c, [1.0], **_table(), seed=0)
+        fn(out, c, [1.0], seed=0)
     with pytest.raises((ValueError, RuntimeError), match="c must be 1-D with sum\\(dims\\)=4"):
-        fn(out, torch.ones(5, device=device), [1.0, 1.0], **_table(), seed=0)
+        fn(out, torch.ones(5, device=device), [1.0, 1.0], seed=0)
     base = torch.zeros(8, device=device)
     with pytest.raises((ValueError, RuntimeError), match="must not overlap"):
-        fn([base[:5], base[3:]], c, [1.0, 1.0], **_table(), seed=0)
+        fn([base[:5], base[2:5]], c, [1.0, 1.0], seed=0)
     with pytest.raises((ValueError, RuntimeError), match="out must be contiguous"):
-        fn([torch.zeros(4, 2, device=device).t(), out[1]], c, [1.0, 1.0], **_table(), seed=0)
+        fn([torch.zeros(5, 2, device=device).t()[0], out[1]], c, [1.0, 1.0], seed=0)
     with pytest.raises((ValueError, RuntimeError), match="distribution"):
-        fn(out, c, [1.0, 1.0], **_table(), seed=0, distribution="cauchy")
+        fn(out, c, [1.0, 1.0], seed=0, distribution="cauchy")
 
 
 @pytest.mark.parametrize("dist", DISTRIBUTIONS)
 def test_opcheck_grouped(device, dist):
     _, rows, comps, dims, streams = LAYOUTS["mixed"]
     g = _segments("mixed", device=device)
-    table = {"row_offsets": rows, "compartments": comps, "dims": dims, "streams": streams, "distribution": dist,
-             "seed": 3, "step": 1}
-    torch.library.opcheck(torch.ops.rbd_cuda.project_grouped.default, (g,), table)
+    plan = _plan(g, rows, comps, dims, streams)
+    keys = {"distribution": dist, "seed": 3, "step": 1}
+    torch.library.opcheck(torch.ops.rbd_cuda.project_grouped.default, (g, plan.table, plan.total), keys)
     c = random_vector(sum(dims), device=device)
-    torch.library.opcheck(torch.ops.rbd_cuda.expand_grouped_.default, (g, c, [1.0] * len(g)), table)
+    torch.library.opcheck(torch.ops.rbd_cuda.expand_grouped_.default, (g, c, [1.0] * len(g), plan.table), keys)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
@@ -255,31 +256,31 @@ def test_project_grouped_differentiates_as_the_sum_of_projects(device, dtype):
         for t, r, k in zip(ref, rows, comps, strict=True)).backward()
     for s, (got, want) in enumerate(zip(g, ref, strict=True)):
         assert got.grad.dtype == dtype and torch.equal(got.grad, want.grad), s
-    table = {"row_offsets": rows, "compartments": comps, "dims": dims, "streams": streams, "seed": 3, "step": 1}
-    torch.library.opcheck(torch.ops.rbd_cuda.project_grouped.default, (g,), table)
+    plan = _plan(g, rows, comps, dims, streams)
+    torch.library.opcheck(torch.ops.rbd_cuda.project_grouped.default, (g, plan.table, plan.total), {"seed": 3, "step": 1})
 
 
 @pytest.mark.parametrize("dist", DISTRIBUTIONS)
-def test_compartment_products_are_the_per_segment_loop(device, dist):
-    """The optimizers' path (rbd_cuda.basis: several fp32 tensors of one compartment go to the
-    grouped ops) gives, bit for bit, the per-segment loop of single ops it replaces."""
-    from rbd_cuda.basis import Basis, expand_compartment_, project_compartment
+def test_expand_segments_is_each_expand_and_differentiates_as_each(device, dist):
+    """The subspace wrapper's path (rbd_cuda.basis.expand_segments: one expand_grouped_ forward, one
+    project_grouped backward) gives, bit for bit, the single expand per segment and its derivative."""
+    from rbd_cuda.basis import Basis, expand_segments
 
-    basis = Basis(seed=KW["seed"], step=KW["step"], stream=3, distribution=dist)
-    sizes, rows = [300, 10, 4097, 1, 20_011], [0, 300, 310, 4407, 4408]
-    g = [random_vector(n, device=device, seed=40 + s) for s, n in enumerate(sizes)]
-    c = project_compartment(basis, rbd_cuda.SegmentPlan(sizes, rows, [0] * len(sizes), [37], [3]), g)
-    want = None
-    for piece, r in zip(g, rows, strict=True):
-        part = rbd_cuda.project(piece, 37, row_offset=r, **basis.kwargs)
-        want = part if want is None else want + part
-    assert torch.equal(c, want)
-    outs = [t.clone() for t in g]
-    expand_compartment_(basis, rbd_cuda.SegmentPlan(sizes, rows, [0] * len(sizes), [37], [3]), outs, c, -0.25)
-    for piece, out, r in zip(g, outs, rows, strict=True):
-        ref = piece.clone()
-        rbd_cuda.expand_(ref, c, -0.25, row_offset=r, **basis.kwargs)
-        assert torch.equal(out, ref)
+    basis = Basis(seed=KW["seed"], step=KW["step"], distribution=dist)
+    sizes, rows, dims, streams = [300, 10, 4097, 1], [0, 300, 310, 4407], [37, 37, 5, 37], [3, 3, 1, 3]
+    plan = rbd_cuda.SegmentPlan(sizes, rows, range(4), dims, streams)
+    c = random_vector(sum(dims), device=device, seed=4).requires_grad_()
+    weights = [random_vector(n, device=device, seed=10 + s) for s, n in enumerate(sizes)]
+    sum((u * w).sum() for u, w in zip(expand_segments(plan, c, basis), weights, strict=True)).backward()
+    ref = c.detach().clone().requires_grad_()
+    off = _offsets(dims)
+    total = 0
+    for s, n in enumerate(sizes):
+        u = rbd_cuda.expand(ref[off[s]: off[s + 1]], n, row_offset=rows[s], stream=streams[s], distribution=dist, **KW)
+        assert torch.equal(u, expand_segments(plan, c, basis)[s])
+        total = total + (u * weights[s]).sum()
+    total.backward()
+    assert torch.equal(c.grad, ref.grad)
 
 
 # (numel, dim, row_offset, distribution): the two segments the issue found (2**34 rows, dim 524288:

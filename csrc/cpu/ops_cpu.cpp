@@ -181,21 +181,64 @@ void materialize_kernel(const cpu::Kernels& k, T* out, int64_t numel, int64_t di
 #define RBD_DISPATCH_FLOAT(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
+// c (fp32, the table's total) for the segments g of `tab` (one dtype, one device): each
+// compartment's segments in table order, the first written, the next added, as a sum of the
+// single ops' results is formed.
+at::Tensor project_table(at::TensorList g, const SegmentTable& tab, const StreamArgs& shared) {
+  at::Tensor c = at::zeros({tab.total()}, g[0].options().dtype(at::kFloat));
+  float* const cp = c.data_ptr<float>();
+  std::vector<bool> started(size_t(tab.n_comps), false);
+  std::vector<float> part;
+  const cpu::Kernels& k = select_kernels();
+  for (int64_t s = 0; s < tab.n_segs; ++s) {
+    const int64_t comp = tab.comp[s], dim = tab.dim[comp];
+    float* slot = cp + tab.offset[comp];
+    float* dest = slot;
+    if (started[comp]) {
+      part.assign(size_t(dim), 0.0f);
+      dest = part.data();
+    }
+    if (tab.numel[s] > 0) {
+      const at::Tensor gc = g[s].contiguous();
+      const StreamArgs a = tab.args(shared, s);
+      RBD_DISPATCH_FLOAT(gc.scalar_type(), "rbd_cuda::project", [&] {
+        project_kernel<scalar_t>(k, gc.data_ptr<scalar_t>(), gc.numel(), dim, a, dest);
+      });
+    }
+    if (started[comp]) {
+      for (int64_t j = 0; j < dim; ++j) slot[j] += part[j];
+    }
+    started[comp] = true;
+  }
+  return c;
+}
+
+// out[s] += alphas[s] P_k c32[offset k ...] for the segments of `tab` (checked: check_expand_grouped).
+void expand_table_(at::TensorList out, const at::Tensor& c32, at::ArrayRef<double> alphas, const SegmentTable& tab,
+                   const StreamArgs& shared) {
+  const cpu::Kernels& k = select_kernels();
+  for (int64_t s = 0; s < tab.n_segs; ++s) {
+    at::Tensor o = out[s];
+    mark_modified(o);
+    if (o.numel() == 0) continue;
+    const int64_t comp = tab.comp[s];
+    const StreamArgs a = tab.args(shared, s);
+    RBD_DISPATCH_FLOAT(o.scalar_type(), "rbd_cuda::expand_", [&] {
+      expand_kernel<scalar_t>(k, o.data_ptr<scalar_t>(), c32.data_ptr<float>() + tab.offset[comp], o.numel(),
+                              tab.dim[comp], static_cast<float>(alphas[s]), a);
+    });
+  }
+}
+
+// The single ops: tables of one segment.
 at::Tensor project_cpu(const at::Tensor& g, int64_t dim, int64_t seed, int64_t step,
                        int64_t stream, c10::string_view distribution, int64_t row_offset,
                        int64_t col_offset) {
   check_float_input(g, "g");
   const StreamArgs a = make_stream_args(g.numel(), dim, seed, step, stream,
                                         std::string(distribution), row_offset, col_offset);
-  at::Tensor c = at::zeros({dim}, g.options().dtype(at::kFloat));
-  if (g.numel() > 0) {
-    const at::Tensor gc = g.contiguous();
-    const cpu::Kernels& k = select_kernels();
-    RBD_DISPATCH_FLOAT(g.scalar_type(), "rbd_cuda::project", [&] {
-    project_kernel<scalar_t>(k, gc.data_ptr<scalar_t>(), gc.numel(), dim, a, c.data_ptr<float>());
-    });
-  }
-  return c.to(g.scalar_type());
+  const TableOfOne one(a, g.numel(), dim);
+  return project_table(at::TensorList(g), one.table, a).to(g.scalar_type());
 }
 
 void expand_inplace_cpu(at::Tensor& out, const at::Tensor& c, double alpha, int64_t seed,
@@ -203,16 +246,28 @@ void expand_inplace_cpu(at::Tensor& out, const at::Tensor& c, double alpha, int6
                         int64_t row_offset, int64_t col_offset) {
   check_out(out, "out");
   check_same_device(out, "out", c, "c");
-  const at::Tensor c32 = coefficients_fp32(c);
+  const at::Tensor c32 = coefficients_fp32(c);  // a copy: c may be a view of out
   const StreamArgs a = make_stream_args(out.numel(), c32.numel(), seed, step, stream,
                                         std::string(distribution), row_offset, col_offset);
-  mark_modified(out);
-  if (out.numel() == 0) return;
-  const cpu::Kernels& k = select_kernels();
-  RBD_DISPATCH_FLOAT(out.scalar_type(), "rbd_cuda::expand_", [&] {
-    expand_kernel<scalar_t>(k, out.data_ptr<scalar_t>(), c32.data_ptr<float>(), out.numel(),
-                            c32.numel(), static_cast<float>(alpha), a);
-  });
+  const TableOfOne one(a, out.numel(), c32.numel());
+  expand_table_(at::TensorList(out), c32, at::ArrayRef<double>(alpha), one.table, a);
+}
+
+at::Tensor project_grouped_cpu(at::TensorList g, const at::Tensor& table, int64_t total, int64_t seed, int64_t step,
+                               c10::string_view distribution) {
+  const SegmentTable tab = read_segment_table(table, "table");
+  check_total(tab, total, "table");
+  check_segments(g, "g", tab);
+  return project_table(g, tab, shared_keys(seed, step, distribution));
+}
+
+void expand_grouped_cpu_(at::TensorList out, const at::Tensor& c, at::ArrayRef<double> alphas,
+                         const at::Tensor& table, int64_t seed, int64_t step, c10::string_view distribution) {
+  const SegmentTable tab = read_segment_table(table, "table");
+  check_segments(out, "out", tab);
+  check_expand_grouped(out, c, alphas, tab);
+  const StreamArgs shared = shared_keys(seed, step, distribution);
+  expand_table_(out, coefficients_fp32(c), alphas, tab, shared);  // c copied: it may be a view of an out
 }
 
 void materialize_inplace_cpu(at::Tensor& out, int64_t seed, int64_t step, int64_t stream,
@@ -276,8 +331,8 @@ TORCH_LIBRARY_IMPL(rbd_cuda, CPU, m) {
   m.impl("expand_", &expand_inplace_cpu);
   m.impl("materialize_", &materialize_inplace_cpu);
   m.impl("philox4x32", &philox_cpu);
-  m.impl("project_grouped", &project_grouped_loop);
-  m.impl("expand_grouped_", &expand_grouped_loop_);
+  m.impl("project_grouped", &project_grouped_cpu);
+  m.impl("expand_grouped_", &expand_grouped_cpu_);
 }
 
 }  // namespace rbd

@@ -375,22 +375,20 @@ at::Tensor upload(const std::vector<std::pair<const void*, size_t>>& parts, at::
 
 Keys keys_of(const StreamArgs& a) { return Keys{stream_keys(a.key0, a.key1), a.key0, a.key1, a.step}; }
 
-// c (length sum(dims), dtype out_dtype) for the segments g of ga (one dtype, one device).
-at::Tensor project(at::TensorList g, const GroupedArgs& ga, at::IntArrayRef compartments, at::ScalarType out_dtype) {
-  std::vector<int64_t> order(size_t(ga.n_segs));
-  for (int64_t s = 0; s < ga.n_segs; ++s) order[s] = s;
-  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return compartments[x] < compartments[y]; });
-  const Distribution dist = ga.seg[0].dist;
+// c (length tab.total(), dtype out_dtype) for the segments g of tab (one dtype, one device).
+at::Tensor project(at::TensorList g, const SegmentTable& tab, const StreamArgs& shared, at::ScalarType out_dtype) {
+  std::vector<int64_t> order(size_t(tab.n_segs));
+  for (int64_t s = 0; s < tab.n_segs; ++s) order[s] = s;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return tab.comp[x] < tab.comp[y]; });
+  const Distribution dist = shared.dist;
   std::vector<at::Tensor> gc;
   std::vector<ProjectSeg> segs;
-  std::vector<ReduceComp> comps(size_t(ga.n_comps));
-  for (int64_t k = 0; k < ga.n_comps; ++k) {
-    comps[k] = ReduceComp{ga.offset[k], uint32_t(ga.offset[k + 1] - ga.offset[k]), 0, 0};
-  }
+  std::vector<ReduceComp> comps(size_t(tab.n_comps));
+  for (int64_t k = 0; k < tab.n_comps; ++k) comps[k] = ReduceComp{tab.offset[k], uint32_t(tab.dim[k]), 0, 0};
   int64_t items = 0, partial = 0;
   for (const int64_t s : order) {
-    const StreamArgs& a = ga.seg[s];
-    const int64_t k = compartments[s], dim = ga.offset[k + 1] - ga.offset[k];
+    const StreamArgs a = tab.args(shared, s);
+    const int64_t k = tab.comp[s], dim = tab.dim[k];
     TORCH_CHECK_VALUE(dim < (int64_t(1) << 31), "rbd_cuda: dim must be below 2**31 with the CUDA kernels, got ",
                       decimal(dim));
     gc.push_back(g[s].contiguous());
@@ -428,7 +426,7 @@ at::Tensor project(at::TensorList g, const GroupedArgs& ga, at::IntArrayRef comp
   const auto* table = reinterpret_cast<const ProjectSeg*>(blob.data_ptr<uint8_t>() + at_[0]);
   const auto* ctable = reinterpret_cast<const ReduceComp*>(blob.data_ptr<uint8_t>() + at_[1]);
   const at::Tensor part = at::empty({std::max<int64_t>(partial, 1)}, g[0].options().dtype(at::kFloat));
-  const Keys keys = keys_of(ga.seg[0]);
+  const Keys keys = keys_of(shared);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int n_segs = int(segs.size());
   if (items > 0) {
@@ -448,40 +446,40 @@ at::Tensor project(at::TensorList g, const GroupedArgs& ga, at::IntArrayRef comp
       });
     });
   }
-  const int64_t total = ga.offset.back();
+  const int64_t total = tab.total();
   at::Tensor c = at::empty({total}, g[0].options().dtype(out_dtype));
   const unsigned blocks = unsigned(ceil_div(total, kThreads / 32));
   AT_DISPATCH_SWITCH(out_dtype, "rbd_cuda::project (reduce)",
                      AT_DISPATCH_CASE(at::kFloat, [&] {
                        RBD_LAUNCH(reduce_kernel<scalar_t>, blocks, kThreads, 0, stream)(
-                           table, ctable, int(ga.n_comps), part.data_ptr<float>(), total, c.data_ptr<scalar_t>());
+                           table, ctable, int(tab.n_comps), part.data_ptr<float>(), total, c.data_ptr<scalar_t>());
                      }) AT_DISPATCH_CASE(at::kHalf, [&] {
                        RBD_LAUNCH(reduce_kernel<scalar_t>, blocks, kThreads, 0, stream)(
-                           table, ctable, int(ga.n_comps), part.data_ptr<float>(), total, c.data_ptr<scalar_t>());
+                           table, ctable, int(tab.n_comps), part.data_ptr<float>(), total, c.data_ptr<scalar_t>());
                      }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
                        RBD_LAUNCH(reduce_kernel<scalar_t>, blocks, kThreads, 0, stream)(
-                           table, ctable, int(ga.n_comps), part.data_ptr<float>(), total, c.data_ptr<scalar_t>());
+                           table, ctable, int(tab.n_comps), part.data_ptr<float>(), total, c.data_ptr<scalar_t>());
                      }));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return c;
 }
 
-// out[s] += alphas[s] P_k c32[offset k ...] for the segments of ga (one dtype, one device).
-void expand_(at::TensorList out, const at::Tensor& c32, at::ArrayRef<double> alphas, const GroupedArgs& ga,
-             at::IntArrayRef compartments) {
+// out[s] += alphas[s] P_k c32[offset k ...] for the segments of tab (one dtype, one device).
+void expand_(at::TensorList out, const at::Tensor& c32, at::ArrayRef<double> alphas, const SegmentTable& tab,
+             const StreamArgs& shared) {
   std::vector<ExpandSeg> segs;
   int64_t items = 0;
-  for (int64_t s = 0; s < ga.n_segs; ++s) {
+  for (int64_t s = 0; s < tab.n_segs; ++s) {
     const at::Tensor& o = out[s];
     if (o.numel() == 0) continue;
-    const StreamArgs& a = ga.seg[s];
-    const int64_t k = compartments[s], dim = ga.offset[k + 1] - ga.offset[k];
+    const StreamArgs a = tab.args(shared, s);
+    const int64_t k = tab.comp[s], dim = tab.dim[k];
     TORCH_CHECK_VALUE(dim < (int64_t(1) << 31), "rbd_cuda: dim must be below 2**31 with the CUDA kernels, got ",
                       decimal(dim));
     const Geometry geo = make_geometry(a, o.numel(), dim);
     ExpandSeg e{};
     e.out = o.data_ptr();
-    e.c = c32.data_ptr<float>() + ga.offset[k];
+    e.c = c32.data_ptr<float>() + tab.offset[k];
     e.numel = o.numel();
     e.row_offset = a.row_offset;
     e.rb_first = geo.rb_first;
@@ -506,10 +504,10 @@ void expand_(at::TensorList out, const at::Tensor& c32, at::ArrayRef<double> alp
   std::vector<size_t> at_;
   const at::Tensor blob = upload({{segs.data(), segs.size() * sizeof(ExpandSeg)}}, out[0].device(), at_);
   const auto* table = reinterpret_cast<const ExpandSeg*>(blob.data_ptr<uint8_t>());
-  const Keys keys = keys_of(ga.seg[0]);
+  const Keys keys = keys_of(shared);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   RBD_DISPATCH_FLOAT(out[0].scalar_type(), "rbd_cuda::expand_", [&] {
-    with_distribution(ga.seg[0].dist, [&](auto tag) {
+    with_distribution(shared.dist, [&](auto tag) {
       const auto kernel = expand_kernel<decltype(tag)::value, scalar_t>;
       RBD_LAUNCH(kernel, grid_for(items, resident_blocks(kernel)), kThreads, 0, stream)(table, int(segs.size()),
                                                                                      uint32_t(items), keys);
@@ -518,15 +516,7 @@ void expand_(at::TensorList out, const at::Tensor& c32, at::ArrayRef<double> alp
   });
 }
 
-// The single ops as tables of one segment.
-GroupedArgs single(const StreamArgs& a, int64_t dim) {
-  GroupedArgs ga;
-  ga.n_segs = ga.n_comps = 1;
-  ga.offset = {0, dim};
-  ga.seg = {a};
-  return ga;
-}
-
+// The single ops: tables of one segment.
 at::Tensor project_cuda(const at::Tensor& g, int64_t dim, int64_t seed, int64_t step, int64_t stream_id,
                         c10::string_view distribution, int64_t row_offset, int64_t col_offset) {
   check_float_input(g, "g");
@@ -534,8 +524,8 @@ at::Tensor project_cuda(const at::Tensor& g, int64_t dim, int64_t seed, int64_t 
                                         row_offset, col_offset);
   const c10::cuda::CUDAGuard guard(g.device());
   if (g.numel() == 0) return at::zeros({dim}, g.options());
-  const int64_t zero = 0;
-  return project(at::TensorList(g), single(a, dim), at::IntArrayRef(zero), g.scalar_type());
+  const TableOfOne one(a, g.numel(), dim);
+  return project(at::TensorList(g), one.table, a, g.scalar_type());
 }
 
 void expand_inplace_cuda(at::Tensor& out, const at::Tensor& c, double alpha, int64_t seed, int64_t step,
@@ -548,31 +538,33 @@ void expand_inplace_cuda(at::Tensor& out, const at::Tensor& c, double alpha, int
   mark_modified(out);
   if (out.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(out.device());
-  const int64_t zero = 0;
-  expand_(at::TensorList(out), c32, at::ArrayRef<double>(alpha), single(a, c32.numel()), at::IntArrayRef(zero));
+  const TableOfOne one(a, out.numel(), c32.numel());
+  expand_(at::TensorList(out), c32, at::ArrayRef<double>(alpha), one.table, a);
 }
 
-at::Tensor project_grouped_cuda(at::TensorList g, at::IntArrayRef row_offsets, at::IntArrayRef compartments,
-                                at::IntArrayRef dims, at::IntArrayRef streams, int64_t seed, int64_t step,
+at::Tensor project_grouped_cuda(at::TensorList g, const at::Tensor& table, int64_t total, int64_t seed, int64_t step,
                                 c10::string_view distribution) {
-  const GroupedArgs ga = check_grouped(g, "g", row_offsets, compartments, dims, streams, seed, step, distribution);
+  const SegmentTable tab = read_segment_table(table, "table");
+  check_total(tab, total, "table");
+  check_segments(g, "g", tab);
+  const StreamArgs shared = shared_keys(seed, step, distribution);
   const c10::cuda::CUDAGuard guard(g[0].device());
-  return project(g, ga, compartments, at::kFloat);
+  return project(g, tab, shared, at::kFloat);
 }
 
 void expand_grouped_cuda_(at::TensorList out, const at::Tensor& c, at::ArrayRef<double> alphas,
-                          at::IntArrayRef row_offsets, at::IntArrayRef compartments, at::IntArrayRef dims,
-                          at::IntArrayRef streams, int64_t seed, int64_t step, c10::string_view distribution) {
-  const GroupedArgs ga = check_grouped(out, "out", row_offsets, compartments, dims, streams, seed, step,
-                                       distribution);
-  check_expand_grouped(out, c, alphas, ga);
+                          const at::Tensor& table, int64_t seed, int64_t step, c10::string_view distribution) {
+  const SegmentTable tab = read_segment_table(table, "table");
+  check_segments(out, "out", tab);
+  check_expand_grouped(out, c, alphas, tab);
+  const StreamArgs shared = shared_keys(seed, step, distribution);
   const c10::cuda::CUDAGuard guard(out[0].device());
   const at::Tensor c32 = coefficients_fp32(c);  // a copy: c may be a view of an out
   for (const at::Tensor& o : out) {
     at::Tensor t = o;
     mark_modified(t);
   }
-  expand_(out, c32, alphas, ga, compartments);
+  expand_(out, c32, alphas, tab, shared);
 }
 
 }  // namespace

@@ -23,20 +23,19 @@ from ..basis import (
     check_finite,
     check_normalize,
     check_seed,
-    expand_compartment_,
     scale,
+    table_keywords,
 )
 from ..layout import (
     Compartment,
-    SegmentPlan,
     check_saved,
     describe,
     is_row_shard,
     local_pieces,
     plan,
-    segment_plan,
     sharded_as,
 )
+from ..ops import SegmentPlan
 
 # Version of the "rbd" entry of state_dict(). Entries without "format" were written by a02b069
 # (whose optimizer kept only steps_taken and a layout check); format 2 is from before weight
@@ -49,6 +48,8 @@ PARAMETER_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # eagerly; with fullgraph=True Dynamo refuses it, showing this reason.
 EAGER_STEP = ("rbd_cuda: the optimizers' step runs eagerly, since a traced step would lose its step count "
               "(and freeze the basis)")
+# Segment tables an optimizer keeps (_table): a run needs a few; past this many, it starts over.
+TABLES_KEPT = 64
 # Keys torch.optim.Optimizer itself puts in a param group.
 TORCH_GROUP_KEYS = ("params", "param_names")
 # Keys torch's schedulers add to the groups of the optimizer they drive (every LRScheduler's
@@ -179,10 +180,10 @@ class RandomBasesOptimizer(torch.optim.Optimizer):
         self._group_of = self._groups_by_id()
         self._segment_groups = [[self._group_of[id(s.param)] for s in c.segments] for c in self.compartments]
         self.total_numel = sum(p.numel() for p in self._params)
-        # The products' plans of each compartment by stream (segment_plan): validated once, when built
-        # (a rank holding nothing of a compartment's shards has nothing to plan).
-        self._plans: dict[tuple[int, int], SegmentPlan] = {(k, c.stream): segment_plan(c)
-                                                           for k, c in enumerate(self.compartments) if c.segments}
+        # The segment tables of the steps' products (_table), built once per distinct set of
+        # segments and streams: a run uses a few (the segments with gradients, and with
+        # distributed training each rank's streams).
+        self._tables: dict[tuple, SegmentPlan] = {}
         self.steps_taken = 0
         self._planned = True
 
@@ -256,28 +257,69 @@ class RandomBasesOptimizer(torch.optim.Optimizer):
         """s of ``comp`` (``rbd_cuda.basis.scale``), or √s with ``root``."""
         return scale(self.normalize, self.distribution, comp.dim, comp.numel, self.total_numel, root=root)
 
-    def _plan(self, index: int, stream: int, segments: Sequence[int]) -> SegmentPlan:
-        """The plan of compartment ``index``'s segments at indices ``segments`` on ``stream``: built
-        once per stream (distributed training's per-rank streams at their first use); a part of the
-        segments (some without a gradient, or in other param groups) is planned again from it."""
-        full = self._plans.get((index, stream))
-        if full is None:
-            full = self._plans[index, stream] = segment_plan(self.compartments[index], stream)
-        return full if list(segments) == list(range(len(full.numels))) else full.select(segments)
+    # ---- the products: one call each way per step ----------------------------------------------
 
-    def _expand(self, index: int, basis: Basis, coeffs: torch.Tensor,
-                targets: Sequence[tuple[torch.Tensor, int, float]], col_offset: int = 0) -> None:
-        """``out += alpha · P c`` on compartment ``index`` for ``(out, segment index, alpha)`` targets:
-        one product call per distinct alpha (segments of one compartment in groups with other
-        learning rates)."""
-        by_alpha: dict[float, tuple[list, list]] = {}
-        for out, k, alpha in targets:
-            outs, segments = by_alpha.setdefault(alpha, ([], []))
-            outs.append(out)
-            segments.append(k)
-        for alpha, (outs, segments) in by_alpha.items():
-            expand_compartment_(basis, self._plan(index, basis.stream, segments), outs, coeffs, alpha,
-                                col_offset=col_offset)
+    def _table(self, comps: tuple[tuple[int, int], ...], segments: tuple[tuple[int, int], ...]) -> SegmentPlan:
+        """The segment table whose compartments are ``comps`` ((compartment index, stream) pairs:
+        one compartment's basis on one stream) and whose segments are ``segments`` ((position in
+        ``comps``, segment index) pairs), built and checked once (C++), then kept."""
+        key = (comps, segments)
+        table = self._tables.get(key)
+        if table is None:
+            if len(self._tables) >= TABLES_KEPT:
+                self._tables.clear()
+            chosen = [self.compartments[index].segments[k] for (index, _), k in
+                      ((comps[j], k) for j, k in segments)]
+            table = self._tables[key] = SegmentPlan(
+                [seg.numel for seg in chosen], [seg.row_offset for seg in chosen], [j for j, _ in segments],
+                [self.compartments[index].dim for index, _ in comps], [stream for _, stream in comps])
+        return table
+
+    def _keys(self) -> dict:
+        """The grouped ops' keywords of the next step's bases (seed, step, distribution)."""
+        return table_keywords(Basis(self.seed, self.basis_step(), 0, self.distribution))
+
+    def project_gradients(self, present: Sequence[Sequence[int]], streams: Sequence[int]) -> list[torch.Tensor | None]:
+        """Per compartment, Σ Pᵀg over its segments ``present[i]`` (those with a gradient) on stream
+        ``streams[i]``, in fp32 (None where none is present): one ``project_grouped`` call over every
+        compartment, per device and dtype of the gradients (one for a model on one device in one dtype)."""
+        groups: dict[tuple, tuple[list, list]] = {}
+        comps = tuple((index, stream) for index, stream in enumerate(streams))
+        for index, segments in enumerate(present):
+            for k in segments:
+                seg = self.compartments[index].segments[k]
+                grad = seg.local(seg.param.grad).reshape(-1)[seg.start: seg.start + seg.numel]
+                tensors, where = groups.setdefault((grad.device, grad.dtype), ([], []))
+                tensors.append(grad)
+                where.append((index, k))
+        c = None
+        for tensors, where in groups.values():
+            table = self._table(comps, tuple(where))
+            part = torch.ops.rbd_cuda.project_grouped(tensors, table.table, table.total, **self._keys())
+            c = part if c is None else c + part.to(c.device)
+        coeffs, start = [], 0
+        for comp, segments in zip(self.compartments, present, strict=True):
+            coeffs.append(c[start: start + comp.dim] if segments else None)
+            start += comp.dim
+        return coeffs
+
+    def expand_updates(self, updates: Sequence[tuple[int, torch.Tensor, int, Sequence[tuple[torch.Tensor, int, float]]]]
+                       ) -> None:
+        """``out += alpha · P c`` for every update ``(compartment index, c, stream, targets)``, its
+        targets ``(out, segment index, alpha)``: one ``expand_grouped_`` call over all of them, per
+        device and dtype of the outs. The outs must not overlap (one call updates them all)."""
+        groups: dict[tuple, tuple[list, list, list, dict]] = {}
+        for index, c, stream, targets in updates:
+            for out, k, alpha in targets:
+                outs, alphas, where, coeffs = groups.setdefault((out.device, out.dtype), ([], [], [], {}))
+                j = coeffs.setdefault((index, stream), (len(coeffs), c))[0]
+                outs.append(out)
+                alphas.append(alpha)
+                where.append((j, k))
+        keys = self._keys()
+        for (device, _), (outs, alphas, where, coeffs) in groups.items():
+            c = torch.cat([c.to(device=device, dtype=torch.float32) for _, c in coeffs.values()])
+            torch.ops.rbd_cuda.expand_grouped_(outs, c, alphas, self._table(tuple(coeffs), tuple(where)).table, **keys)
 
     # ---- introspection and checkpoints ----------------------------------------------------
 

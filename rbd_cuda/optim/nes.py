@@ -167,7 +167,10 @@ class NES(RandomBasesOptimizer):
         marks = self._grad_marks(self._params)
         for j, sign in members:
             coeff = torch.full((1,), sign * self.sigma, device=views[trained[0]].device)
-            self._expand(0, basis, coeff, [(view, k, 1.0) for k, view in views.items()], col_offset=j)
+            # Member j's direction is column j of the basis: one single op per segment (its column offset).
+            for k, view in views.items():
+                torch.ops.rbd_cuda.expand_(view, coeff, 1.0, row_offset=comp.segments[k].row_offset, col_offset=j,
+                                           **basis.kwargs)
             try:
                 losses.append(float(closure()))
                 if len(losses) == 1 and any(m is not None and m != before for m, before in
@@ -203,6 +206,7 @@ class NES(RandomBasesOptimizer):
         root_s = self.scale(comp, root=True)
         groups = self._segment_groups[0]
         self._decay([comp.segments[k].param for k in trained], hyper)
-        self._expand(0, basis, c, [(view, k, hyper[groups[k]]["lr"] * root_s) for k, view in views.items()])
+        self.expand_updates([(0, c, comp.stream, [(view, k, hyper[groups[k]]["lr"] * root_s)
+                                                  for k, view in views.items()])])
         self.steps_taken += 1
         return sum(losses) / n

@@ -26,7 +26,7 @@ from typing import ClassVar, NoReturn
 import torch
 import torch.distributed as dist
 
-from ..basis import expand_compartment, project_compartment
+from ..basis import expand_segments
 from ..layout import Compartment, check_saved, sharded_as, spans
 from .base import EAGER_STEP, RandomBasesOptimizer, refuse_copy, stepped_by_checkpoint
 from .ranks import agree, agree_on_load, collective_device, run_collective
@@ -229,54 +229,58 @@ class RBD(RandomBasesOptimizer):
                          "are: another rank's gradient holds NaN or infinite values, or a half-precision "
                          f"projection overflowed; {unchanged}")
 
-    def _project(self, index: int, segments: list[int]) -> torch.Tensor | None:
-        if not segments:
-            return None
-        comp = self.compartments[index]
-        pieces = []
-        for k in segments:
-            seg = comp.segments[k]
-            pieces.append(seg.local(seg.param.grad).reshape(-1)[seg.start: seg.start + seg.numel])
-        basis = self.basis(comp, self.exchange.stream(comp))
-        return project_compartment(basis, self._plan(index, basis.stream, segments), pieces)
+    @torch.no_grad()
+    def apply_coefficients(self, terms: Sequence[Sequence[Term]], hyper: list[dict[str, float]] | None = None) -> None:
+        """The update of one step from its coefficients: per compartment, θ ← θ − lr · s · Σₜ Pₜ cₜ
+        over its terms (cₜ, stream, segment indices), after the decoupled weight decay, with each
+        parameter's group values (``hyper``, default: the groups' values now); momentum sees a
+        compartment's terms as the step's one update. ``step`` ends with it and ``replay`` re-applies
+        recorded coefficients with it; the step count is the caller's to advance.
 
-    def _apply(self, index: int, terms: Sequence[Term], hyper: list[dict[str, float]]) -> None:
-        """θ ← θ − lr · s · Σₜ Pₜ cₜ on compartment ``index``, terms (cₜ, stream, segment
-        indices); momentum sees their sum as the step's one update."""
-        comp, groups = self.compartments[index], self._segment_groups[index]
-        s = self.scale(comp)
-        touched = sorted({k for _, _, segments in terms for k in segments})
+        One ``expand_grouped_`` call updates every compartment (per device and dtype of the
+        parameters), and one more per further term a compartment has (the independent bases of
+        distributed training: one per rank), since a call's outputs must not overlap."""
+        hyper = self.hyperparameters() if hyper is None else hyper
+        self._decay(self._updated(terms), hyper)
         buffers = {}
-        for k in touched:
-            seg = comp.segments[k]
-            momentum = hyper[groups[k]]["momentum"]
-            if momentum:
-                state = self.state[seg.param]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(seg.param)
-                buffers[k] = seg.view(state["momentum_buffer"]).mul_(momentum)
-        for c, stream, segments in terms:
-            targets = []
-            for k in segments:
-                seg = comp.segments[k]
-                lr, momentum = hyper[groups[k]]["lr"], hyper[groups[k]]["momentum"]
-                if k in buffers:
-                    targets.append((buffers[k], k, (1.0 - momentum) * s))
-                else:
-                    targets.append((seg.view(seg.param), k, -lr * s))
-            self._expand(index, self.basis(comp, stream), c, targets)
-        for k, buf in buffers.items():
-            seg = comp.segments[k]
-            seg.view(seg.param).add_(buf, alpha=-hyper[groups[k]]["lr"])
+        for index, comp_terms in enumerate(terms):
+            comp, groups = self.compartments[index], self._segment_groups[index]
+            for k in sorted({k for _, _, segments in comp_terms for k in segments}):
+                momentum = hyper[groups[k]]["momentum"]
+                if momentum:
+                    state = self.state[comp.segments[k].param]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(comp.segments[k].param)
+                    buffers[index, k] = comp.segments[k].view(state["momentum_buffer"]).mul_(momentum)
+        for round_ in range(max((len(comp_terms) for comp_terms in terms), default=0)):
+            updates = []
+            for index, comp_terms in enumerate(terms):
+                if round_ >= len(comp_terms):
+                    continue
+                c, stream, segments = comp_terms[round_]
+                comp, groups, s = self.compartments[index], self._segment_groups[index], self.scale(self.compartments[index])
+                targets = []
+                for k in segments:
+                    group = hyper[groups[k]]
+                    if (index, k) in buffers:
+                        targets.append((buffers[index, k], k, (1.0 - group["momentum"]) * s))
+                    else:
+                        targets.append((comp.segments[k].view(comp.segments[k].param), k, -group["lr"] * s))
+                updates.append((index, c, stream, targets))
+            self.expand_updates(updates)
+        for (index, k), buf in buffers.items():
+            seg = self.compartments[index].segments[k]
+            seg.view(seg.param).add_(buf, alpha=-hyper[self._segment_groups[index][k]]["lr"])
 
-    def _diagnose(self, comp: Compartment, c: torch.Tensor, segments: list[int]) -> dict:
+    def _diagnose(self, index: int, c: torch.Tensor, segments: list[int]) -> dict:
+        comp = self.compartments[index]
         segs = [comp.segments[k] for k in segments]
-        updates = expand_compartment(self.basis(comp), [c.to(s.param.device) for s in segs],
-                                     [s.numel for s in segs], [s.row_offset for s in segs])
+        table = self._table(((index, comp.stream),), tuple((0, k) for k in segments))
+        updates = expand_segments(table, c.to(segs[0].param.device), self.basis(comp))
         dot = u_sq = g_sq = 0.0
         for seg, u in zip(segs, updates, strict=True):
             g = seg.param.grad.reshape(-1)[seg.start: seg.start + seg.numel].double()
-            u = u.double()
+            u = u.to(g.device).double()
             dot, u_sq, g_sq = dot + float(u @ g), u_sq + float(u @ u), g_sq + float(g @ g)
         return {"stream": comp.stream, "cosine": dot / max((u_sq * g_sq) ** 0.5, 1e-300),
                 "coeff_mean": float(c.mean()), "coeff_std": float(c.std()) if c.numel() > 1 else 0.0,
@@ -312,16 +316,13 @@ class RBD(RandomBasesOptimizer):
         hyper = self.hyperparameters()
         present = self._present()
         self._check_buffers(present)
-        coeffs = [self._project(index, segments) for index, segments in enumerate(present)]
+        coeffs = self.project_gradients(present, [self.exchange.stream(comp) for comp in self.compartments])
         terms = self.exchange.combine(self.compartments, coeffs, present, self.steps_taken)
         self._check_finite(terms, present)
         if self.track_diagnostics:
-            self.diagnostics = [self._diagnose(comp, c, segments) for comp, c, segments
-                                in zip(self.compartments, coeffs, present, strict=True) if c is not None]
-        self._decay(self._updated(terms), hyper)
-        for index, comp_terms in enumerate(terms):
-            if comp_terms:
-                self._apply(index, comp_terms, hyper)
+            self.diagnostics = [self._diagnose(index, c, segments) for index, (c, segments)
+                                in enumerate(zip(coeffs, present, strict=True)) if c is not None]
+        self.apply_coefficients(terms, hyper)
         if self.record is not None:
             self.record["steps"].append({
                 "step": self.steps_taken, **{name: [h[name] for h in hyper] for name in self.HYPERPARAMETERS},
@@ -364,12 +365,8 @@ def replay(optimizer: RBD, record: dict) -> None:
         for group, lr, momentum, wd in zip(optimizer.param_groups, entry["lr"], entry["momentum"],
                                            entry["weight_decay"], strict=True):
             group["lr"], group["momentum"], group["weight_decay"] = lr, momentum, wd
-        hyper = optimizer.hyperparameters()
         terms = [[] for _ in optimizer.compartments]
         for stream, (c, segments) in entry["coefficients"].items():
             terms[index_of[stream]].append((c, stream, segments))
-        optimizer._decay(optimizer._updated(terms), hyper)
-        for index, comp_terms in enumerate(terms):
-            if comp_terms:
-                optimizer._apply(index, comp_terms, hyper)
+        optimizer.apply_coefficients(terms)
         optimizer.steps_taken += 1
