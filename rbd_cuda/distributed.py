@@ -43,7 +43,7 @@ from .basis import (
 from .layout import Compression, Fixed, as_dim_rule, check_saved, spans
 from .ops import SegmentPlan
 from .optim import FPD, RBD, Exchange
-from .optim.base import refuse_copy
+from .optim.guards import refuse_copy
 from .optim.ranks import agree, agree_on_load, collective_device, fingerprint, run_collective
 
 SCHEMES = ("shared", "independent")
@@ -271,10 +271,15 @@ class DistributedRBD(RBD):
         self.exchange.check_consistency(self)
 
 
-class DistributedFPD(DistributedRBD, FPD):
+class DistributedFPD(DistributedRBD):
     """``FPD`` (one basis for the whole run) on every rank; arguments as ``DistributedRBD``. With
     ``scheme="independent"`` each rank keeps its own fixed basis: the model moves in a fixed
-    W·d-dimensional subspace."""
+    W·d-dimensional subspace.
+
+    The fixed basis (``redraw``) and the exchange are options of ``RBD``, each set on its own:
+    this class is ``DistributedRBD`` with FPD's ``redraw``, not a subclass of both."""
+
+    redraw = FPD.redraw
 
 
 # ---- DDP communication hook -----------------------------------------------------------------

@@ -98,5 +98,5 @@ def test_random_subspace_is_one_expand_forward_and_one_project_backward():
                                                                               for _ in range(12))),
                                  8, compartments="tensor", said=said, seed=2)
         x = torch.randn(3, 4)
-        assert calls(lambda w=wrapper: w(x).sum().backward()) == Counter(
+        assert calls(lambda w=wrapper, x=x: w(x).sum().backward()) == Counter(
             {"rbd_cuda::expand_grouped_": 1, "rbd_cuda::project_grouped": 1})

@@ -1148,17 +1148,48 @@ def imported_modules(path: Path) -> set[str]:
 
 def test_layers_import_downwards_only():
     root = Path(__file__).parent.parent / "rbd_cuda"
-    uses = {path: imported_modules(path) for path in [root / "basis.py", root / "layout.py", root / "nn.py",
-                                                      root / "distributed.py", *sorted((root / "optim").glob("*.py"))]}
+    uses = {path: imported_modules(path) for path in [root / "basis.py", root / "layout.py", root / "sharding.py",
+                                                      root / "nn.py", root / "distributed.py",
+                                                      *sorted((root / "optim").glob("*.py"))]}
     for path, modules in uses.items():
         top = {".".join(m.split(".")[:2]) for m in modules}
-        if path.name in ("basis.py", "layout.py"):
-            assert top <= {"rbd_cuda", "rbd_cuda.ops"}, (path, top)  # "from . import ops"
+        if path.name == "sharding.py":
+            assert top == set(), (path, top)
+        elif path.name in ("basis.py", "layout.py"):
+            assert top <= {"rbd_cuda", "rbd_cuda.ops", "rbd_cuda.sharding"}, (path, top)  # "from . import ops"
         # Above them, rbd_cuda.ops for the segment tables (SegmentPlan) the products take.
         elif path.parent.name == "optim":
-            assert top <= {"rbd_cuda.basis", "rbd_cuda.layout", "rbd_cuda.ops", "rbd_cuda.optim"}, (path, top)
+            assert top <= {"rbd_cuda.basis", "rbd_cuda.layout", "rbd_cuda.ops", "rbd_cuda.sharding",
+                           "rbd_cuda.optim"}, (path, top)
         elif path.name == "nn.py":
             assert top <= {"rbd_cuda.basis", "rbd_cuda.layout", "rbd_cuda.ops"}, (path, top)
         else:  # distributed: the optimizers and their Exchange interface, nothing private
             assert top <= {"rbd_cuda.basis", "rbd_cuda.layout", "rbd_cuda.ops", "rbd_cuda.optim"}, (path, top)
             assert not any(m.split(".")[-1].startswith("_") for m in modules), modules
+
+
+def test_the_private_torch_functions_the_optimizers_look_for_exist_in_the_pinned_torch():
+    """rbd_cuda.optim.callers recognises ZeRO building an optimizer and the checkpoint helpers
+    stepping one by their private functions on the call stack (its docstring says why nothing
+    public does): a torch that renamed them would let both pass unnoticed, so this fails first."""
+    import importlib
+
+    from rbd_cuda.optim import callers
+
+    for module, path in (callers.ZERO_BUILDER, callers.CHECKPOINT_STEPPER):
+        found = importlib.import_module(module)
+        for name in path.split("."):
+            found = getattr(found, name)
+        assert callable(found) and hasattr(found, "__code__"), (module, path)
+        assert callers._loaded((module, path)) is found
+
+
+def test_the_algorithm_module_holds_no_guards_or_formats():
+    """RBD's module is the algorithm: the checks, formats, exchanges and caller detection live in
+    modules of their own (issue 28)."""
+    from rbd_cuda.optim import rbd
+
+    text = Path(rbd.__file__).read_text()
+    for name in ("def check_state_dict", "def _on_stack", "def is_row_shard", "sharded_as", "class RowShards",
+                 "class Exchange", "FORMAT =", "def _check_buffers", "def _present"):
+        assert name not in text, name

@@ -11,7 +11,9 @@ import torch
 import torch.distributed as dist
 
 from ..basis import check_finite
-from .base import EAGER_STEP, RandomBasesOptimizer, refuse_copy, stepped_by_checkpoint
+from .base import EAGER_STEP, RandomBasesOptimizer
+from .callers import stepped_by_checkpoint
+from .guards import refuse_copy
 from .ranks import agree, collective_device, fingerprint, run_collective
 
 

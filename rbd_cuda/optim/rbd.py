@@ -21,93 +21,17 @@ for the whole run (FPD, Li et al. 2018: ``step`` stays 0). ``s`` is set by ``nor
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import ClassVar, NoReturn
+from typing import ClassVar
 
 import torch
-import torch.distributed as dist
 
 from ..basis import expand_segments
-from ..layout import Compartment, check_saved, sharded_as, spans
-from .base import EAGER_STEP, RandomBasesOptimizer, refuse_copy, stepped_by_checkpoint
-from .ranks import agree, agree_on_load, collective_device, run_collective
+from . import formats, guards
+from .base import EAGER_STEP, RandomBasesOptimizer
+from .callers import stepped_by_checkpoint
+from .exchange import Exchange, RowShards, Term
 
 __all__ = ["FPD", "RBD", "Exchange", "replay"]
-
-# Version of RBD(record=True).record. Format 1 (before weight decay) no longer replays: nothing
-# committed holds one (docs/formats.md).
-RECORD_FORMAT = 2
-# (coefficients, stream of their basis, indices of the compartment's segments they update)
-Term = tuple[torch.Tensor, int, list[int]]
-
-
-class Exchange:
-    """How a step turns this process's coefficients into the updates it applies.
-
-    This default applies each compartment's own coefficients on its own basis. Distributed
-    training (``rbd_cuda.distributed``) plugs in one that all-reduces or all-gathers them.
-    """
-
-    def bind(self, optimizer: RBD) -> None:
-        """Called once, at the end of the optimizer's construction."""
-
-    def stream(self, comp: Compartment) -> int:
-        """The stream this process projects ``comp``'s gradient on."""
-        return comp.stream
-
-    def combine(self, compartments: Sequence[Compartment], coeffs: Sequence[torch.Tensor | None],
-                present: Sequence[list[int]], step: int) -> list[list[Term]]:
-        """Per compartment, the terms to apply, from this process's coefficients (None where no
-        segment has a gradient) and the indices of the segments that have one."""
-        return [[(c, comp.stream, segments)] if c is not None else []
-                for comp, c, segments in zip(compartments, coeffs, present, strict=True)]
-
-    def after_step(self, optimizer: RBD) -> None:
-        """Called after every step (consistency checks)."""
-
-    def agree_on_load(self, optimizer: RBD, checked: tuple[dict, int] | None, problem: Exception | None) -> None:
-        """Called by ``load_state_dict`` with what ``check_state_dict`` returned, or why it refused
-        the state dict; raises to refuse it (before anything is loaded)."""
-        if problem is not None:
-            raise problem
-
-
-class RowShards(Exchange):
-    """The exchange of RBD and FPD over row shards (FSDP2's, ``rbd_cuda.layout.local_pieces``).
-
-    Each rank projected the pieces of its shards on the rows of their global positions; Pᵀg is the
-    sum of these over the ranks, so one all-reduce (sum) of every compartment's coefficients over
-    the mesh's process group (Σd floats) hands every rank the whole gradient's coefficients, and
-    each rank expands them into its shards: the step of one process on the whole model.
-    """
-
-    def __init__(self, mesh):
-        self.group = mesh.get_group()
-
-    def __getstate__(self) -> NoReturn:
-        refuse_copy("an optimizer over row shards (FSDP2)")
-
-    def bind(self, optimizer: RBD) -> None:
-        self.device = optimizer._params[0].to_local().device
-        self._slices, self._numel = spans([comp.dim for comp in optimizer.compartments])
-        # Ranks built with other seeds or settings would sum coefficients of other bases.
-        agree(optimizer.agreement_fields(), self.group,
-              f"{type(optimizer).__name__}'s configuration check over row shards", collective_device(self.group))
-
-    def combine(self, compartments, coeffs, present, step):
-        summed = torch.zeros(self._numel, dtype=torch.float32, device=self.device)
-        for c, cs in zip(coeffs, self._slices, strict=True):
-            if c is not None:
-                summed[cs] = c.to(self.device)
-        run_collective(f"the all-reduce of step {step}'s coefficients over row shards", self.group,
-                       lambda: dist.all_reduce(summed, group=self.group))
-        return [[(summed[cs], comp.stream, segments)] if segments else []
-                for comp, segments, cs in zip(compartments, present, self._slices, strict=True)]
-
-    def agree_on_load(self, optimizer: RBD, checked: tuple[dict, int] | None, problem: Exception | None) -> None:
-        """Every rank loads its own shards' state: the ranks agree that each one's state dict is
-        valid and holds the same step count and groups' values (one all-gather of hashes)."""
-        agree_on_load(optimizer.loaded_fields(checked), problem, self.group, "the load of the state_dict", collective_device(self.group),
-                      hint="each rank must load the state_dict it saved")
 
 
 class RBD(RandomBasesOptimizer):
@@ -173,61 +97,9 @@ class RBD(RandomBasesOptimizer):
                              "diagnostics: build it with record=False and diagnostics=False")
         self.track_diagnostics = diagnostics
         self.diagnostics: list[dict] = []
-        self.record: dict | None = {"format": RECORD_FORMAT, **self.config(), "steps": []} if record else None
+        self.record: dict | None = {"format": formats.RECORD_FORMAT, **self.config(), "steps": []} if record else None
         self.exchange = exchange if exchange is not None else RowShards(self.mesh) if self.mesh else Exchange()
         self.exchange.bind(self)
-
-    def _present(self) -> list[list[int]]:
-        """Per compartment, the segments whose parameter has a gradient (checked: strided)."""
-        present = []
-        for comp in self.compartments:
-            segments = []
-            for k, seg in enumerate(comp.segments):
-                grad = seg.param.grad
-                if grad is None:
-                    continue
-                if grad.layout != torch.strided:
-                    raise ValueError(f"rbd_cuda: parameter {seg.name} has a {grad.layout} gradient; "
-                                     f"{type(self).__name__} needs dense gradients (e.g. sparse=False "
-                                     "in nn.Embedding)")
-                segments.append(k)
-            present.append(segments)
-        return present
-
-    def _check_buffers(self, present: list[list[int]]) -> None:
-        """Momentum buffers the step will use must match their parameter (a state changed by hand)."""
-        for comp, segments in zip(self.compartments, present, strict=True):
-            for k in segments:
-                p = comp.segments[k].param
-                buf = self.state[p].get("momentum_buffer") if p in self.state else None
-                if buf is not None and (buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device):
-                    raise ValueError(f"rbd_cuda: the momentum buffer of parameter {comp.segments[k].name} is "
-                                     f"{buf.dtype} {tuple(buf.shape)} on {buf.device}; the parameter is {p.dtype} "
-                                     f"{tuple(p.shape)} on {p.device}")
-                if buf is not None and comp.segments[k].sharded and not sharded_as(buf, p):
-                    raise ValueError(f"rbd_cuda: the momentum buffer of parameter {comp.segments[k].name} is not "
-                                     f"sharded as the parameter (placements {tuple(p.placements)} on its mesh)")
-
-    def _check_finite(self, terms: Sequence[Sequence[Term]], present: list[list[int]]) -> None:
-        """Refuse a step whose coefficients are not finite: one NaN or infinite gradient entry would
-        turn its whole compartment into NaN. The combined coefficients are checked (Σd numbers, the
-        same on every rank, so that every rank refuses), then the gradients, to name the parameter."""
-        by_device: dict[torch.device, list[torch.Tensor]] = {}
-        for comp_terms in terms:
-            for c, _, _ in comp_terms:
-                by_device.setdefault(c.device, []).append(c)
-        if all(bool(torch.isfinite(torch.cat(cs)).all()) for cs in by_device.values()):
-            return
-        unchanged = f"step {self.steps_taken} was not taken (the parameters and the step count are unchanged)"
-        for comp, segments in zip(self.compartments, present, strict=True):
-            for k in segments:
-                seg = comp.segments[k]
-                if not bool(torch.isfinite(seg.view(seg.param.grad)).all()):
-                    raise ValueError(f"rbd_cuda: the gradient of parameter {seg.name} holds NaN or infinite values; "
-                                     f"{unchanged}")
-        raise ValueError("rbd_cuda: the gradient's coefficients are not finite, though this process's gradients "
-                         "are: another rank's gradient holds NaN or infinite values, or a half-precision "
-                         f"projection overflowed; {unchanged}")
 
     @torch.no_grad()
     def apply_coefficients(self, terms: Sequence[Sequence[Term]], hyper: list[dict[str, float]] | None = None) -> None:
@@ -314,11 +186,11 @@ class RBD(RandomBasesOptimizer):
                 loss = closure()
         # Everything that can be refused is checked before the first parameter changes.
         hyper = self.hyperparameters()
-        present = self._present()
-        self._check_buffers(present)
+        present = guards.present_gradients(self)
+        guards.check_buffers(self, present)
         coeffs = self.project_gradients(present, [self.exchange.stream(comp) for comp in self.compartments])
         terms = self.exchange.combine(self.compartments, coeffs, present, self.steps_taken)
-        self._check_finite(terms, present)
+        guards.check_finite_step(self, terms, present)
         if self.track_diagnostics:
             self.diagnostics = [self._diagnose(index, c, segments) for index, (c, segments)
                                 in enumerate(zip(coeffs, present, strict=True)) if c is not None]
@@ -353,10 +225,7 @@ def replay(optimizer: RBD, record: dict) -> None:
     coefficients per compartment: a model update that ships as d floats per step instead of D.
     An optimizer that differs from the recorded one in any of these is refused.
     """
-    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
-        raise ValueError(f"rbd_cuda: replay needs a record of this version (format {RECORD_FORMAT}), as "
-                         "RBD(..., record=True) keeps in opt.record")
-    check_saved(record, optimizer.config(), "replay: the optimizer is not built as the recorded one was", saved_as="recorded")
+    formats.check_record(optimizer, record)
     index_of = {comp.stream: k for k, comp in enumerate(optimizer.compartments)}
     for entry in record["steps"]:
         if entry["step"] != optimizer.steps_taken:
