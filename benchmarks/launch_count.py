@@ -2,19 +2,23 @@
 
     python -m benchmarks.launch_count --out DIR                      # on a GPU; about a minute
     python -m benchmarks.launch_count --device cpu --tiny --out DIR  # the CPU rehearsal (make gpu-check-cpu)
+    python -m benchmarks.launch_count --device cpu --threads 1 --models fc-mnist fc-mnist-tensor resnet8 many-small
 
 Models (fp32; the gradients of one random batch, kept; only ``optimizer.step()`` is measured):
 
-  fc-mnist   the paper's FC network on 28x28x1 (101,770 parameters), RBD with one compartment
-             over its four tensors (the grouped ops), d = 250
-  resnet8    ResNet-8 on 32x32x3 (77,850 parameters), a compartment per tensor, d = 100 each
-  synthetic  one flat parameter of D = 1e8 entries (--synthetic-numel), one compartment, d = 250
+  fc-mnist         the paper's FC network on 28x28x1 (101,770 parameters), RBD with one
+                   compartment over its four tensors, d = 250
+  fc-mnist-tensor  the same network, a compartment per tensor, d = 250 each
+  resnet8          ResNet-8 on 32x32x3 (77,850 parameters), a compartment per tensor, d = 100 each
+  many-small       1,000 tensors of 100 entries (--small-tensors), a compartment per tensor, d = 10
+  synthetic        one flat parameter of D = 1e8 entries (--synthetic-numel), one compartment, d = 250
 
 Variants of each model:
 
   rbd       RBD.step()
-  grouped   resnet8 only: the same update as one project_grouped and one expand_grouped_ over all
-            its compartments
+  products  the same update as one project_grouped and one expand_grouped_ over all its
+            compartments, the plan built beforehand: the kernels' work of the step, so that
+            rbd − products is what the step spends outside them (Python and dispatch)
   sgd       torch.optim.SGD.step(), for scale
 
 Counted on CUDA (torch.profiler, one step after a warm-up): kernel launches issued, kernels and
@@ -45,14 +49,23 @@ SEED = 5
 # RBD compartments)
 MODELS = {
     "fc-mnist": ("fc", (1, 28, 28), 250, "global"),
+    "fc-mnist-tensor": ("fc", (1, 28, 28), 250, "tensor"),
     "resnet8": ("resnet8", (3, 32, 32), 100, "tensor"),
+    "many-small": ("small", None, 10, "tensor"),
     "synthetic": (None, None, 250, "global"),
 }
+SMALL_NUMEL = 100
 
 
-def model_with_grads(name: str, device: str, synthetic_numel: int, batch: int) -> torch.nn.Module:
+def model_with_grads(name: str, device: str, synthetic_numel: int, batch: int, small_tensors: int) -> torch.nn.Module:
     net, shape, _, _ = MODELS[name]
     gen = torch.Generator().manual_seed(0)
+    if net == "small":
+        model = torch.nn.ParameterList(torch.nn.Parameter(torch.randn(SMALL_NUMEL, generator=gen).to(device))
+                                       for _ in range(small_tensors))
+        for p in model:
+            p.grad = torch.randn(SMALL_NUMEL, generator=gen).to(device)
+        return model
     if net is None:
         model = torch.nn.Module()
         model.weight = torch.nn.Parameter(torch.zeros(synthetic_numel, device=device))
@@ -65,11 +78,16 @@ def model_with_grads(name: str, device: str, synthetic_numel: int, batch: int) -
     return model
 
 
-def grouped_step(model: torch.nn.Module, dim: int):
-    """One project_grouped and one expand_grouped_ over a compartment per tensor."""
+def products_step(model: torch.nn.Module, dim: int, compartments: str):
+    """One project_grouped and one expand_grouped_ over the model's compartments ("tensor": one
+    per tensor; "global": one over all, each tensor at its rows), through the public wrappers."""
     params = [p for p in model.parameters() if p.grad is not None]
     n = len(params)
-    plan = rbd_cuda.SegmentPlan([p.numel() for p in params], [0] * n, list(range(n)), [dim] * n, list(range(n)))
+    if compartments == "tensor":
+        plan = rbd_cuda.SegmentPlan([p.numel() for p in params], [0] * n, list(range(n)), [dim] * n, list(range(n)))
+    else:
+        rows = [sum(p.numel() for p in params[:k]) for k in range(n)]
+        plan = rbd_cuda.SegmentPlan([p.numel() for p in params], rows, [0] * n, [dim], [0])
 
     def step():
         c = rbd_cuda.project_grouped([p.grad for p in params], plan, seed=SEED)
@@ -81,10 +99,7 @@ def variants(name: str, model: torch.nn.Module) -> dict:
     _, _, dim, compartments = MODELS[name]
     rbd = RBD(model.named_parameters(), lr=LR, dim=dim, compartments=compartments, seed=SEED)
     sgd = torch.optim.SGD(model.parameters(), lr=LR)
-    steps = {"rbd": rbd.step}
-    if name == "resnet8":
-        steps["grouped"] = grouped_step(model, dim)
-    return {**steps, "sgd": sgd.step}
+    return {"rbd": rbd.step, "products": products_step(model, dim, compartments), "sgd": sgd.step}
 
 
 def count(fn) -> dict:
@@ -125,14 +140,17 @@ def markdown(res: dict) -> str:
     m = res["machine"]
     where = m.get("gpu") or m.get("cpu")
     head = ("| model | parameters | tensors | d | compartments | variant | launches | device kernels | device copies "
-            "| step ms | vs SGD |")
-    lines = [f"Optimizer step, {where}, commit {m['commit']}, {m['date_utc']}", "", head, "|---" * 11 + "|"]
+            "| step ms | vs SGD | outside the products, ms | vs SGD |")
+    lines = [f"Optimizer step, {where}, {res['threads']} thread(s), commit {m['commit']}, {m['date_utc']}", "", head,
+             "|---" * 13 + "|"]
     for name, r in res["models"].items():
         sgd = r["variants"]["sgd"]["step_ms"]
+        outside = r["variants"]["rbd"]["step_ms"] - r["variants"]["products"]["step_ms"]
         for v, row in r["variants"].items():
             cells = [name, f"{r['parameters']:,}", str(r["tensors"]), str(r["dim"]), r["compartments"], v]
             cells += ["–" if row.get(k) is None else str(row[k]) for k in ("launches", "device_kernels", "device_copies")]
-            cells += [f"{row['step_ms']:.3f}", f"{row['step_ms'] / sgd:.1f}×"]
+            cells += [f"{row['step_ms']:.3f}", f"{row['step_ms'] / sgd:.2f}×"]
+            cells += [f"{outside:.3f}", f"{outside / sgd:.2f}×"] if v == "rbd" else ["", ""]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -143,7 +161,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     ap.add_argument("--synthetic-numel", type=float, default=1e8, help="entries of the synthetic model")
+    ap.add_argument("--small-tensors", type=int, default=1000, help="tensors of the many-small model")
     ap.add_argument("--batch", type=int, default=32, help="batch of the one backward pass")
+    ap.add_argument("--threads", type=int, default=None, help="torch's intra-op threads (default: torch's)")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--tiny", action="store_true",
@@ -151,14 +171,16 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.environ.get("RBD_RESULTS_DIR", "results/launch_count"))
     args = ap.parse_args(argv)
     if args.tiny:
-        args.synthetic_numel, args.batch, args.reps, args.warmup = 1e5, 4, 2, 1
-    if args.reps < 1 or args.warmup < 0 or args.batch < 1 or args.synthetic_numel < 1:
-        ap.error("--reps, --batch and --synthetic-numel must be positive, --warmup non-negative")
+        args.synthetic_numel, args.small_tensors, args.batch, args.reps, args.warmup = 1e5, 20, 4, 2, 1
+    if args.reps < 1 or args.warmup < 0 or args.batch < 1 or args.synthetic_numel < 1 or args.small_tensors < 1:
+        ap.error("--reps, --batch, --small-tensors and --synthetic-numel must be positive, --warmup non-negative")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.device == "cuda" and not (torch.cuda.is_available() and rbd_cuda.backends.built_with_cuda()):
         ap.error("--device cuda needs a GPU and the CUDA build")
     rows = {}
     for name in args.models:
-        model = model_with_grads(name, args.device, int(args.synthetic_numel), args.batch)
+        model = model_with_grads(name, args.device, int(args.synthetic_numel), args.batch, args.small_tensors)
         params = [p for p in model.parameters() if p.grad is not None]
         out = {}
         for v, fn in variants(name, model).items():
@@ -168,7 +190,8 @@ def main(argv=None) -> int:
         rows[name] = {"parameters": sum(p.numel() for p in params), "tensors": len(params), "dim": dim,
                       "compartments": compartments, "variants": out}
         del model, params
-    res = {"machine": common.machine_info(args.device, argv), "device": args.device, "reps": args.reps,
+    res = {"machine": common.machine_info(args.device, argv), "device": args.device, "threads": torch.get_num_threads(),
+           "reps": args.reps,
            "warmup": args.warmup, "batch": args.batch, "models": rows}
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

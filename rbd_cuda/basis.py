@@ -143,7 +143,7 @@ def table_keywords(basis: Basis) -> dict:
 class _ExpandSegments(torch.autograd.Function):
     """``[P_s c_s]`` over a table's segments in one ``expand_grouped_`` (into fp32 zeros: what
     ``expand`` computes, bit for bit); its derivative is one ``project_grouped`` of the incoming
-    gradients (each segment's ``project``)."""
+    gradients (each segment's ``project``), its tangent the same product of c's tangent."""
 
     @staticmethod
     def forward(c, table, total, numels, keys):
@@ -153,7 +153,7 @@ class _ExpandSegments(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _, ctx.table, ctx.total, _, ctx.keys = inputs
+        _, ctx.table, ctx.total, ctx.numels, ctx.keys = inputs
         ctx.dtype = inputs[0].dtype
 
     @staticmethod
@@ -161,6 +161,11 @@ class _ExpandSegments(torch.autograd.Function):
         grad_c = torch.ops.rbd_cuda.project_grouped([g.contiguous() for g in grads], ctx.table, ctx.total,
                                                     **dict(ctx.keys))
         return grad_c.to(ctx.dtype), None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, c_tangent, *_):
+        # Linear in c: the tangent of each output is the same product of c's tangent (forward AD, torch.func.jvp).
+        return _ExpandSegments.apply(c_tangent.contiguous(), ctx.table, ctx.total, ctx.numels, ctx.keys)
 
 
 def expand_segments(plan: ops.SegmentPlan, c: torch.Tensor, basis: Basis) -> tuple[torch.Tensor, ...]:

@@ -23,7 +23,7 @@ from .sharding import check_whole
 class Segment:
     """``param.view(-1)[start : start + numel]`` at rows ``row_offset ...`` of its compartment;
     ``name`` is the parameter's name. A ``sharded`` segment is a piece of this rank's shard of a
-    DTensor parameter (``local_pieces``): ``start`` counts in the shard."""
+    DTensor parameter (``rbd_cuda.sharding.local_pieces``): ``start`` counts in the shard."""
 
     param: torch.Tensor
     start: int
@@ -31,6 +31,11 @@ class Segment:
     row_offset: int
     name: str = ""
     sharded: bool = False
+    # Whether the segment is all of its (local) tensor: then ``piece`` is the tensor itself.
+    whole: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "whole", self.start == 0 and self.numel == self.local(self.param).numel())
 
     def local(self, tensor: torch.Tensor) -> torch.Tensor:
         """The tensor ``start`` indexes: ``tensor`` (the parameter, its grad or a state buffer), or
@@ -40,6 +45,12 @@ class Segment:
     def view(self, tensor: torch.Tensor) -> torch.Tensor:
         """The same piece of ``tensor`` (the parameter itself, its grad or a state buffer)."""
         return self.local(tensor).view(-1)[self.start : self.start + self.numel]
+
+    def piece(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The segment's entries of ``tensor`` as the grouped ops take them (they flatten it): the
+        tensor itself for a whole segment, no view made (a step's hot path), else its slice."""
+        local = self.local(tensor)
+        return local if self.whole else local.reshape(-1)[self.start : self.start + self.numel]
 
 
 @dataclass
@@ -168,8 +179,8 @@ def plan(named_params: Sequence[tuple[str, torch.Tensor]], mode, dim, *, shards:
     - a list of lists of parameters: exactly those compartments (each parameter once).
 
     Every parameter must be whole on this process, or with ``shards`` every one a row shard on
-    one mesh (``check_whole``): the compartments are then planned over the whole parameters, and
-    ``local_pieces`` cuts them to this rank's shards.
+    one mesh (``rbd_cuda.sharding.check_whole``): the compartments are then planned over the whole
+    parameters, and ``rbd_cuda.sharding.local_pieces`` cuts them to this rank's shards.
     """
     sharded = [check_whole(name, p, shards=shards) for name, p in named_params]
     if any(sharded):

@@ -125,9 +125,9 @@ def test_gpu_check_rehearsal(tmp_path):
     assert res["mode"] == "cpu" and res["device"] and res["torch"] == torch.__version__
     assert [s["stage"] for s in res["stages"]] == ["tests_collect", "bench", "steps", "probe"]
     assert all(s["passed"] and s["result"] == "passed" for s in res["stages"])
-    assert set(res["launch_count"]["models"]) == {"fc-mnist", "resnet8", "synthetic"}
-    for name, model in res["launch_count"]["models"].items():
-        assert set(model["variants"]) == {"rbd", "sgd"} | ({"grouped"} if name == "resnet8" else set())
+    assert set(res["launch_count"]["models"]) == {"fc-mnist", "fc-mnist-tensor", "resnet8", "many-small", "synthetic"}
+    for model in res["launch_count"]["models"].values():
+        assert set(model["variants"]) == {"rbd", "products", "sgd"}
         assert all(v["step_ms"] > 0 for v in model["variants"].values())
     cases = res["benches"]["bench"]["cases"]
     assert {(c["D"], c["d"]) for c in cases} == {(2000, 1000), (2000, 128), (2000, 100)} and len(cases) == 9

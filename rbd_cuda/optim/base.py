@@ -110,6 +110,8 @@ class RandomBasesOptimizer(torch.optim.Optimizer):
         # segments and streams: a run uses a few (the segments with gradients, and with
         # distributed training each rank's streams).
         self._tables: dict[tuple, SegmentPlan] = {}
+        self._one_kind = len({(p.device, p.dtype) for p in self._params}) == 1
+        self._scales = [self.scale(comp) for comp in self.compartments]
         self.steps_taken = 0
         self._planned = True
 
@@ -205,23 +207,33 @@ class RandomBasesOptimizer(torch.optim.Optimizer):
         """The grouped ops' keywords of the next step's bases (seed, step, distribution)."""
         return table_keywords(Basis(self.seed, self.basis_step(), 0, self.distribution))
 
+    def _by_kind(self, tensors: list[torch.Tensor], where: list[tuple[int, int]], *more: list) -> list[tuple]:
+        """``(tensors, where, *more)`` split by the tensors' device and dtype (a grouped call takes
+        one of each), ``where`` as a tuple: one part when every parameter has one device and dtype
+        (known from construction: gradients, and the buffers the guards check, follow them)."""
+        if self._one_kind:
+            return [(tensors, tuple(where), *more)]
+        parts: dict[tuple, tuple[list, ...]] = {}
+        for i, t in enumerate(tensors):
+            lists = parts.setdefault((t.device, t.dtype), tuple([] for _ in range(2 + len(more))))
+            for target, source in zip(lists, (tensors, where, *more), strict=True):
+                target.append(source[i])
+        return [(ts, tuple(ws), *rest) for ts, ws, *rest in parts.values()]
+
     def project_gradients(self, present: Sequence[Sequence[int]], streams: Sequence[int]) -> list[torch.Tensor | None]:
         """Per compartment, Σ Pᵀg over its segments ``present[i]`` (those with a gradient) on stream
         ``streams[i]``, in fp32 (None where none is present): one ``project_grouped`` call over every
         compartment, per device and dtype of the gradients (one for a model on one device in one dtype)."""
-        groups: dict[tuple, tuple[list, list]] = {}
-        comps = tuple((index, stream) for index, stream in enumerate(streams))
+        tensors, where = [], []
         for index, segments in enumerate(present):
+            segs = self.compartments[index].segments
             for k in segments:
-                seg = self.compartments[index].segments[k]
-                grad = seg.local(seg.param.grad).reshape(-1)[seg.start: seg.start + seg.numel]
-                tensors, where = groups.setdefault((grad.device, grad.dtype), ([], []))
-                tensors.append(grad)
+                tensors.append(segs[k].piece(segs[k].param.grad))
                 where.append((index, k))
-        c = None
-        for tensors, where in groups.values():
-            table = self._table(comps, tuple(where))
-            part = torch.ops.rbd_cuda.project_grouped(tensors, table.table, table.total, **self._keys())
+        comps, keys, c = tuple(enumerate(streams)), self._keys(), None
+        for part_tensors, part_where in self._by_kind(tensors, where):
+            table = self._table(comps, part_where)
+            part = torch.ops.rbd_cuda.project_grouped(part_tensors, table.table, table.total, **keys)
             c = part if c is None else c + part.to(c.device)
         coeffs, start = [], 0
         for comp, segments in zip(self.compartments, present, strict=True):
@@ -229,23 +241,28 @@ class RandomBasesOptimizer(torch.optim.Optimizer):
             start += comp.dim
         return coeffs
 
-    def expand_updates(self, updates: Sequence[tuple[int, torch.Tensor, int, Sequence[tuple[torch.Tensor, int, float]]]]
-                       ) -> None:
-        """``out += alpha · P c`` for every update ``(compartment index, c, stream, targets)``, its
-        targets ``(out, segment index, alpha)``: one ``expand_grouped_`` call over all of them, per
-        device and dtype of the outs. The outs must not overlap (one call updates them all)."""
-        groups: dict[tuple, tuple[list, list, list, dict]] = {}
-        for index, c, stream, targets in updates:
-            for out, k, alpha in targets:
-                outs, alphas, where, coeffs = groups.setdefault((out.device, out.dtype), ([], [], [], {}))
-                j = coeffs.setdefault((index, stream), (len(coeffs), c))[0]
-                outs.append(out)
-                alphas.append(alpha)
-                where.append((j, k))
+    def expand_updates(self, updates: Sequence[tuple[int, torch.Tensor, int, list[torch.Tensor], list[int],
+                                                     list[float]]]) -> None:
+        """``out += alpha · P c`` for every update ``(compartment index, c, stream, outs, segment
+        indices, alphas)``: one ``expand_grouped_`` call over all of them, per device and dtype of
+        the outs. The outs must not overlap (one call updates them all)."""
+        comps, coeffs, outs, where, alphas = [], [], [], [], []
+        for index, c, stream, update_outs, segments, update_alphas in updates:
+            comps.append((index, stream))
+            coeffs.append(c)
+            outs += update_outs
+            where += [(len(comps) - 1, k) for k in segments]
+            alphas += update_alphas
         keys = self._keys()
-        for (device, _), (outs, alphas, where, coeffs) in groups.items():
-            c = torch.cat([c.to(device=device, dtype=torch.float32) for _, c in coeffs.values()])
-            torch.ops.rbd_cuda.expand_grouped_(outs, c, alphas, self._table(tuple(coeffs), tuple(where)).table, **keys)
+        # The coefficients of every update (the table keeps every update's compartment), laid out as
+        # the table reads them; moved to each part's device below.
+        if len({c.device for c in coeffs}) > 1:
+            coeffs = [c.to(coeffs[0].device) for c in coeffs]
+        every = torch.cat(coeffs).float()
+        for part_outs, part_where, part_alphas in self._by_kind(outs, where, alphas):
+            c = every.to(part_outs[0].device)
+            table = self._table(tuple(comps), part_where)
+            torch.ops.rbd_cuda.expand_grouped_(part_outs, c, part_alphas, table.table, **keys)
 
     # ---- introspection and checkpoints ----------------------------------------------------
 

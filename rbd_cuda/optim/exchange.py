@@ -52,7 +52,7 @@ class Exchange:
 
 
 class RowShards(Exchange):
-    """The exchange of RBD and FPD over row shards (FSDP2's, ``rbd_cuda.layout.local_pieces``).
+    """The exchange of RBD and FPD over row shards (FSDP2's, ``rbd_cuda.sharding.local_pieces``).
 
     Each rank projected the pieces of its shards on the rows of their global positions; Pᵀg is the
     sum of these over the ranks, so one all-reduce (sum) of every compartment's coefficients over

@@ -93,10 +93,12 @@ def check_finite_step(opt, terms: Sequence[Sequence[tuple]], present: list[list[
     """Refuse a step whose coefficients are not finite: one NaN or infinite gradient entry would
     turn its whole compartment into NaN. The combined coefficients are checked (Σd numbers, the
     same on every rank, so that every rank refuses), then the gradients, to name the parameter."""
+    # Each coefficient tensor once: those of one projection are views of one vector.
+    distinct = {id(t): t for comp_terms in terms for c, _, _ in comp_terms
+                for t in (c if c._base is None else c._base,)}
     by_device: dict[torch.device, list[torch.Tensor]] = {}
-    for comp_terms in terms:
-        for c, _, _ in comp_terms:
-            by_device.setdefault(c.device, []).append(c)
+    for t in distinct.values():
+        by_device.setdefault(t.device, []).append(t.reshape(-1))
     if all(bool(torch.isfinite(torch.cat(cs)).all()) for cs in by_device.values()):
         return
     unchanged = f"step {opt.steps_taken} was not taken (the parameters and the step count are unchanged)"

@@ -208,7 +208,7 @@ class NES(RandomBasesOptimizer):
         root_s = self.scale(comp, root=True)
         groups = self._segment_groups[0]
         self._decay([comp.segments[k].param for k in trained], hyper)
-        self.expand_updates([(0, c, comp.stream, [(view, k, hyper[groups[k]]["lr"] * root_s)
-                                                  for k, view in views.items()])])
+        self.expand_updates([(0, c, comp.stream, list(views.values()), list(views),
+                              [hyper[groups[k]]["lr"] * root_s for k in views])])
         self.steps_taken += 1
         return sum(losses) / n

@@ -113,36 +113,35 @@ class RBD(RandomBasesOptimizer):
         parameters), and one more per further term a compartment has (the independent bases of
         distributed training: one per rank), since a call's outputs must not overlap."""
         hyper = self.hyperparameters() if hyper is None else hyper
-        self._decay(self._updated(terms), hyper)
+        if any(group["weight_decay"] for group in hyper):
+            self._decay(self._updated(terms), hyper)
         buffers = {}
-        for index, comp_terms in enumerate(terms):
-            comp, groups = self.compartments[index], self._segment_groups[index]
-            for k in sorted({k for _, _, segments in comp_terms for k in segments}):
-                momentum = hyper[groups[k]]["momentum"]
-                if momentum:
-                    state = self.state[comp.segments[k].param]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(comp.segments[k].param)
-                    buffers[index, k] = comp.segments[k].view(state["momentum_buffer"]).mul_(momentum)
+        if any(group["momentum"] for group in hyper):
+            for index, comp_terms in enumerate(terms):
+                comp, groups = self.compartments[index], self._segment_groups[index]
+                for k in sorted({k for _, _, segments in comp_terms for k in segments}):
+                    momentum = hyper[groups[k]]["momentum"]
+                    if momentum:
+                        state = self.state[comp.segments[k].param]
+                        if "momentum_buffer" not in state:
+                            state["momentum_buffer"] = torch.zeros_like(comp.segments[k].param)
+                        buffers[index, k] = comp.segments[k].piece(state["momentum_buffer"]).mul_(momentum)
+        # Per group, the alpha of a segment of scale s: (1 − momentum)·s into its buffer, −lr·s into θ.
+        factors = [1.0 - group["momentum"] if group["momentum"] else -group["lr"] for group in hyper]
         for round_ in range(max((len(comp_terms) for comp_terms in terms), default=0)):
             updates = []
             for index, comp_terms in enumerate(terms):
                 if round_ >= len(comp_terms):
                     continue
                 c, stream, segments = comp_terms[round_]
-                comp, groups, s = self.compartments[index], self._segment_groups[index], self.scale(self.compartments[index])
-                targets = []
-                for k in segments:
-                    group = hyper[groups[k]]
-                    if (index, k) in buffers:
-                        targets.append((buffers[index, k], k, (1.0 - group["momentum"]) * s))
-                    else:
-                        targets.append((comp.segments[k].view(comp.segments[k].param), k, -group["lr"] * s))
-                updates.append((index, c, stream, targets))
+                segs, groups, s = self.compartments[index].segments, self._segment_groups[index], self._scales[index]
+                outs = [buffers[index, k] if (index, k) in buffers else segs[k].piece(segs[k].param)
+                        for k in segments] if buffers else [segs[k].piece(segs[k].param) for k in segments]
+                updates.append((index, c, stream, outs, segments, [factors[groups[k]] * s for k in segments]))
             self.expand_updates(updates)
         for (index, k), buf in buffers.items():
             seg = self.compartments[index].segments[k]
-            seg.view(seg.param).add_(buf, alpha=-hyper[self._segment_groups[index][k]]["lr"])
+            seg.piece(seg.param).add_(buf, alpha=-hyper[self._segment_groups[index][k]]["lr"])
 
     def _diagnose(self, index: int, c: torch.Tensor, segments: list[int]) -> dict:
         comp = self.compartments[index]
