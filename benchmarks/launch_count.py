@@ -22,9 +22,10 @@ Variants of each model:
   sgd       torch.optim.SGD.step(), for scale
 
 Counted on CUDA (torch.profiler, one step after a warm-up): kernel launches issued, kernels and
-memory copies run on the device. Timed: CUDA events (the CPU: perf_counter) around one step,
-median of --reps after --warmup steps. Writes launch_count.json (with the machine, the device and
-the commit) and launch_count.md.
+memory copies run on the device. Timed: CUDA events around one step (the CPU: wall time, or with
+--threads 1 the thread's CPU time, which other processes do not inflate), median of --reps after
+--warmup steps. Writes launch_count.json (with the machine, the device and the commit) and
+launch_count.md.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def count(fn) -> dict:
             "device_copies": sum("memcpy" in e.name.lower() for e in device)}
 
 
-def time_ms(fn, device: str, reps: int, warmup: int) -> float:
+def time_ms(fn, device: str, reps: int, warmup: int, clock) -> float:
     for _ in range(warmup):
         fn()
     common.sync(device)
@@ -130,9 +131,9 @@ def time_ms(fn, device: str, reps: int, warmup: int) -> float:
             end.synchronize()
             times.append(start.elapsed_time(end))
         else:
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            times.append(1e3 * (time.perf_counter() - t0))
+            times.append(1e3 * (clock() - t0))
     return statistics.median(times)
 
 
@@ -141,7 +142,8 @@ def markdown(res: dict) -> str:
     where = m.get("gpu") or m.get("cpu")
     head = ("| model | parameters | tensors | d | compartments | variant | launches | device kernels | device copies "
             "| step ms | vs SGD | outside the products, ms | vs SGD |")
-    lines = [f"Optimizer step, {where}, {res['threads']} thread(s), commit {m['commit']}, {m['date_utc']}", "", head,
+    lines = [f"Optimizer step, {where}, {res['threads']} thread(s), {res['clock']}, commit {m['commit']}, {m['date_utc']}",
+             "", head,
              "|---" * 13 + "|"]
     for name, r in res["models"].items():
         sgd = r["variants"]["sgd"]["step_ms"]
@@ -178,6 +180,10 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not (torch.cuda.is_available() and rbd_cuda.backends.built_with_cuda()):
         ap.error("--device cuda needs a GPU and the CUDA build")
+    # On the CPU with one thread the work runs on this thread: its CPU time is the step's work, which
+    # other processes on a shared machine do not inflate; with more threads, wall time.
+    one_thread = args.device == "cpu" and torch.get_num_threads() == 1
+    clock, clock_name = (time.thread_time, "thread CPU time") if one_thread else (time.perf_counter, "wall time")
     rows = {}
     for name in args.models:
         model = model_with_grads(name, args.device, int(args.synthetic_numel), args.batch, args.small_tensors)
@@ -185,12 +191,13 @@ def main(argv=None) -> int:
         out = {}
         for v, fn in variants(name, model).items():
             counted = count(fn) if args.device == "cuda" else {}
-            out[v] = {**counted, "step_ms": time_ms(fn, args.device, args.reps, args.warmup)}
+            out[v] = {**counted, "step_ms": time_ms(fn, args.device, args.reps, args.warmup, clock)}
         _, _, dim, compartments = MODELS[name]
         rows[name] = {"parameters": sum(p.numel() for p in params), "tensors": len(params), "dim": dim,
                       "compartments": compartments, "variants": out}
         del model, params
     res = {"machine": common.machine_info(args.device, argv), "device": args.device, "threads": torch.get_num_threads(),
+           "clock": "cuda events" if args.device == "cuda" else clock_name,
            "reps": args.reps,
            "warmup": args.warmup, "batch": args.batch, "models": rows}
     out_dir = Path(args.out)

@@ -11,7 +11,6 @@ for the subspace wrapper).
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,12 +34,7 @@ STREAM_STEPS = 2**32
 def check_seed(seed) -> int:
     """``seed`` as a plain Python int (numpy integers accepted), or an error naming it: a seed is
     any 64-bit value, signed or unsigned."""
-    if isinstance(seed, bool):
-        raise TypeError("rbd_cuda: seed must be an int, got bool")
-    try:
-        seed = operator.index(seed)
-    except TypeError:
-        raise TypeError(f"rbd_cuda: seed must be an int, got {type(seed).__name__}") from None
+    seed = ops.as_int("seed", seed)
     if not -(2**63) <= seed < 2**64:
         raise ValueError(f"rbd_cuda: seed must fit in 64 bits, i.e. in [-2**63, 2**64), got {seed}")
     return seed
@@ -49,15 +43,7 @@ def check_seed(seed) -> int:
 def check_count(name: str, value) -> int:
     """``value`` as a plain int >= 0 (numpy integers accepted; floats, bools and strings refused):
     a saved step count."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        count = operator.index(value)
-    except (TypeError, RuntimeError):
-        count = -1
-    if count < 0:
-        raise ValueError(f"rbd_cuda: {name} must be an int >= 0, got {value!r}")
-    return count
+    return ops.as_int(name, value, minimum=0, error=ValueError)
 
 
 def check_distribution(distribution) -> str:

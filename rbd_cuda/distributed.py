@@ -41,7 +41,7 @@ from .basis import (
     table_keywords,
 )
 from .layout import Compression, Fixed, as_dim_rule, check_saved, spans
-from .ops import SegmentPlan
+from .ops import SegmentPlan, as_int
 from .optim import FPD, RBD, Exchange
 from .optim.guards import refuse_copy
 from .optim.ranks import agree, agree_on_load, collective_device, fingerprint, run_collective
@@ -123,8 +123,7 @@ class Collective(Exchange):
             raise ValueError(f"rbd_cuda: scheme must be one of {SCHEMES}, got {scheme!r}")
         if reduction not in REDUCTIONS:
             raise ValueError(f"rbd_cuda: reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 0:
-            raise ValueError(f"rbd_cuda: check_every must be an int >= 0 (0: never), got {check_every!r}")
+        check_every = as_int("check_every", check_every, minimum=0, error=ValueError)
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("rbd_cuda: the distributed optimizers need an initialised process group "
                                "(torch.distributed.init_process_group or rbd_cuda.distributed.init_process_group)")

@@ -9,13 +9,13 @@ draw independent bases from one seed.
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 
 import torch
 
+from .ops import as_int
 from .sharding import check_whole
 
 
@@ -130,21 +130,13 @@ def as_dim_rule(dim) -> Fixed | Proportional | Compression:
         rule = dim
     else:
         try:
-            if isinstance(dim, bool):
-                raise TypeError
-            rule = Fixed(operator.index(dim))
+            rule = Fixed(as_int("dim", dim))
         except TypeError:
             raise TypeError(f"rbd_cuda: dim must be an int, Fixed, Proportional or Compression, "
                             f"got {dim!r}") from None
     for name in ("dim", "total", "minimum"):
         if hasattr(rule, name):
-            value = getattr(rule, name)
-            try:
-                if isinstance(value, bool):
-                    raise TypeError
-                value = operator.index(value)
-            except TypeError:
-                raise TypeError(f"rbd_cuda: {type(rule).__name__}'s {name} must be an int, got {value!r}") from None
+            value = as_int(f"{type(rule).__name__}'s {name}", getattr(rule, name))
             if value <= 0:
                 raise ValueError(f"rbd_cuda: {type(rule).__name__}'s {name} must be positive, got {value}")
     if isinstance(rule, Compression):

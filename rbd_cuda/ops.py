@@ -35,7 +35,7 @@ _SEED_MAX = 2**64  # exclusive
 
 def _seed_to_int64(seed: int) -> int:
     """Map any 64-bit seed (signed or unsigned) to the int64 holding the same bits."""
-    seed = _integer("seed", seed)
+    seed = as_int("seed", seed)
     if not _SEED_MIN <= seed < _SEED_MAX:
         raise ValueError(f"rbd_cuda: seed must fit in 64 bits, i.e. in [-2**63, 2**64), got {seed}")
     return int64_seed(seed)
@@ -46,14 +46,22 @@ def int64_seed(seed: int) -> int:
     return seed - 2**64 if seed >= 2**63 else seed
 
 
-def _integer(name: str, value) -> int:
-    """An integer argument as int; floats are refused rather than truncated."""
-    if isinstance(value, bool):
-        raise TypeError(f"rbd_cuda: {name} must be an int, got bool")
+def as_int(name: str, value, *, minimum: int | None = None, error: type[Exception] = TypeError) -> int:
+    """``value`` as a plain int: an int or a numpy integer (``operator.index``), never a bool, a
+    float (refused rather than truncated) or a string; with ``minimum``, at least that. The
+    library's one integer check, its message naming ``name``; ``error`` is what a non-integer
+    raises (``ValueError`` where a saved or configured value is wrong rather than of a wrong type
+    to a caller)."""
+    bound = "" if minimum is None else f" >= {minimum}"
     try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"rbd_cuda: {name} must be an int, got {type(value).__name__}") from None
+        if isinstance(value, bool):
+            raise TypeError
+        number = operator.index(value)
+    except (TypeError, RuntimeError):  # RuntimeError: a tensor of several entries
+        raise error(f"rbd_cuda: {name} must be an int{bound}, got {value!r}") from None
+    if minimum is not None and number < minimum:
+        raise ValueError(f"rbd_cuda: {name} must be an int{bound}, got {value!r}")
+    return number
 
 
 def _stream_kwargs(numel, dim, seed, step, stream, distribution, row_offset, col_offset) -> dict:
@@ -64,14 +72,14 @@ def _stream_kwargs(numel, dim, seed, step, stream, distribution, row_offset, col
     error paths: with torch 2.11 on an H200 machine one of those crashed the process inside the
     exception machinery instead of raising (benchmarks/README.md, "Known problems").
     """
-    numel, dim = _integer("numel", numel), _integer("dim", dim)
+    numel, dim = as_int("numel", numel), as_int("dim", dim)
     kw = {
         "seed": _seed_to_int64(seed),
-        "step": _integer("step", step),
-        "stream": _integer("stream", stream),
+        "step": as_int("step", step),
+        "stream": as_int("stream", stream),
         "distribution": distribution,
-        "row_offset": _integer("row_offset", row_offset),
-        "col_offset": _integer("col_offset", col_offset),
+        "row_offset": as_int("row_offset", row_offset),
+        "col_offset": as_int("col_offset", col_offset),
     }
     if dim <= 0:
         raise ValueError(f"rbd_cuda: dim must be positive, got {dim}")
@@ -134,7 +142,7 @@ def project(
     ``c[j] = sum_i P[row_offset + i, col_offset + j] * g[i]``. P is generated on the fly.
     """
     kw = _stream_kwargs(_dense("g", g).numel(), dim, seed, step, stream, distribution, row_offset, col_offset)
-    return _differentiable("project", g, _integer("dim", dim), kw)
+    return _differentiable("project", g, as_int("dim", dim), kw)
 
 
 def expand(
@@ -154,7 +162,7 @@ def expand(
     returned in ``c``'s dtype on ``c``'s device.
     """
     kw = _stream_kwargs(numel, _coefficient_count(c), seed, step, stream, distribution, row_offset, col_offset)
-    return _differentiable("expand", c, _integer("numel", numel), kw)
+    return _differentiable("expand", c, as_int("numel", numel), kw)
 
 
 def expand_(
@@ -212,8 +220,8 @@ def materialize(
     For tests and debugging: this is the D×d matrix the other ops never store.
     """
     return torch.ops.rbd_cuda.materialize(
-        _integer("numel", numel),
-        _integer("dim", dim),
+        as_int("numel", numel),
+        as_int("dim", dim),
         **_stream_kwargs(numel, dim, seed, step, stream, distribution, row_offset, col_offset),
         dtype=dtype,
         device=torch.device(device) if device is not None else None,
@@ -226,7 +234,7 @@ def philox4x32(counter: torch.Tensor, key: torch.Tensor, rounds: int = 10) -> to
     ``counter``: int64 (N, 4) and ``key``: int64 (N, 2), each word in [0, 2**32);
     returns int64 (N, 4). Runs the same header code as the kernels.
     """
-    return torch.ops.rbd_cuda.philox4x32(counter, key, _integer("rounds", rounds))
+    return torch.ops.rbd_cuda.philox4x32(counter, key, as_int("rounds", rounds))
 
 
 # ---- fake kernels: shapes and dtypes only, for torch.compile / meta tensors ----
@@ -356,7 +364,7 @@ class SegmentPlan:
     __slots__ = ("compartments", "dims", "numels", "row_offsets", "streams", "table", "total")
 
     def __init__(self, numels, row_offsets, compartments, dims, streams):
-        lists = {name: tuple(_integer(f"{name}[{i}]", v) for i, v in enumerate(values)) for name, values in
+        lists = {name: tuple(as_int(f"{name}[{i}]", v) for i, v in enumerate(values)) for name, values in
                  (("numels", numels), ("row_offsets", row_offsets), ("compartments", compartments), ("dims", dims),
                   ("streams", streams))}
         table = torch.ops.rbd_cuda.segment_table(*lists.values())
@@ -377,7 +385,7 @@ class SegmentPlan:
 
     def select(self, segments: Sequence[int]) -> SegmentPlan:
         """The plan of the segments at indices ``segments`` (in that order), all compartments kept."""
-        segments = [_integer(f"segments[{i}]", s) for i, s in enumerate(segments)]
+        segments = [as_int(f"segments[{i}]", s) for i, s in enumerate(segments)]
         for i, s in enumerate(segments):
             # A negative index would silently take a segment from the end.
             if not 0 <= s < len(self.numels):
@@ -394,7 +402,7 @@ def _plan_of(plan) -> SegmentPlan:
 
 def _table_keywords(seed, step, distribution) -> dict:
     """The grouped ops' stream keywords as the ops take them (the ops check their ranges)."""
-    return {"seed": _seed_to_int64(seed), "step": _integer("step", step), "distribution": distribution}
+    return {"seed": _seed_to_int64(seed), "step": as_int("step", step), "distribution": distribution}
 
 
 def project_grouped(g, plan: SegmentPlan, *, seed: int, step: int = 0,

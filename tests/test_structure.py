@@ -105,3 +105,14 @@ def test_names_a_docstring_says_come_from_a_module_are_there():
     missing = [entry for entry in found if not hasattr(importlib.import_module(entry[1]), entry[2])]
     assert not missing, missing
     assert ("rbd.py", "rbd_cuda.layout", "Fixed") in found  # the pattern still finds what it checks
+
+
+def test_one_integer_check():
+    """"An int, not a bool, a float or a string" is written once, in rbd_cuda.ops.as_int (the
+    reference keeps its own plain checks, as the oracle)."""
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.name != "reference.py":
+            found += [(path.name, n) for n, line in enumerate(path.read_text().splitlines(), 1)
+                      if "operator.index(" in line]
+    assert [name for name, _ in found] == ["ops.py"], found

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -11,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from ..basis import check_finite
+from ..ops import as_int
 from .base import EAGER_STEP, RandomBasesOptimizer
 from .callers import stepped_by_checkpoint
 from .guards import refuse_copy
@@ -71,14 +71,7 @@ class NES(RandomBasesOptimizer):
     def __init__(self, params, lr: float, population: int, sigma: float = 0.01, *, antithetic: bool = False,
                  weight_decay: float = 0.0, distribution: str = "normal", normalize: str = "paper", seed: int = 0,
                  group=None):
-        try:
-            if isinstance(population, bool):
-                raise TypeError
-            population = operator.index(population)
-        except TypeError:
-            raise ValueError(f"rbd_cuda: population must be an int >= 2, got {population!r}") from None
-        if population < 2:
-            raise ValueError(f"rbd_cuda: population must be an int >= 2, got {population!r}")
+        population = as_int("population", population, minimum=2, error=ValueError)
         if antithetic and population % 2:
             raise ValueError(f"rbd_cuda: an antithetic population must be even, got {population}")
         sigma = check_finite("sigma", sigma)

@@ -135,8 +135,7 @@ class RBD(RandomBasesOptimizer):
                     continue
                 c, stream, segments = comp_terms[round_]
                 segs, groups, s = self.compartments[index].segments, self._segment_groups[index], self._scales[index]
-                outs = [buffers[index, k] if (index, k) in buffers else segs[k].piece(segs[k].param)
-                        for k in segments] if buffers else [segs[k].piece(segs[k].param) for k in segments]
+                outs = [buffers[index, k] if (index, k) in buffers else segs[k].piece(segs[k].param) for k in segments]
                 updates.append((index, c, stream, outs, segments, [factors[groups[k]] * s for k in segments]))
             self.expand_updates(updates)
         for (index, k), buf in buffers.items():
