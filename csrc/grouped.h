@@ -76,4 +76,71 @@ inline ProjectPlan cuda_project_plan(const Geometry& geo, int64_t n_rb, int64_t 
   return p;
 }
 
+// ---- the products' entry points, the same on every backend -----------------------------------
+//
+// Each op checks its arguments (the single ops' through make_stream_args, the grouped ops' against
+// their table), marks its outputs modified, and hands a table to the backend's walk over it: a
+// table of one for the single ops, so a backend has one code path. Backend provides
+//   Guard(device)                               the device guard of a call (none on the CPU)
+//   project(g, table, shared, out_dtype)        c: table.total() coefficients in out_dtype
+//   expand_(out, c32, alphas, table, shared)    out[s] += alphas[s] P_k c32[offset k ...]
+template <typename Backend>
+struct Products {
+  static at::Tensor project(const at::Tensor& g, int64_t dim, int64_t seed, int64_t step, int64_t stream,
+                            c10::string_view distribution, int64_t row_offset, int64_t col_offset) {
+    check_float_input(g, "g");
+    const StreamArgs a = make_stream_args(g.numel(), dim, seed, step, stream, std::string(distribution), row_offset,
+                                          col_offset);
+    const typename Backend::Guard guard(g.device());
+    const TableOfOne one(a, g.numel(), dim);
+    return Backend::project(at::TensorList(g), one.table, a, g.scalar_type());
+  }
+
+  static void expand_(at::Tensor& out, const at::Tensor& c, double alpha, int64_t seed, int64_t step,
+                      int64_t stream, c10::string_view distribution, int64_t row_offset, int64_t col_offset) {
+    check_out(out, "out");
+    check_same_device(out, "out", c, "c");
+    const at::Tensor c32 = coefficients_fp32(c);  // a copy: c may be a view of out
+    const StreamArgs a = make_stream_args(out.numel(), c32.numel(), seed, step, stream, std::string(distribution),
+                                          row_offset, col_offset);
+    mark_modified(out);
+    const typename Backend::Guard guard(out.device());
+    const TableOfOne one(a, out.numel(), c32.numel());
+    Backend::expand_(at::TensorList(out), c32, at::ArrayRef<double>(alpha), one.table, a);
+  }
+
+  static at::Tensor project_grouped(at::TensorList g, const at::Tensor& table, int64_t total, int64_t seed,
+                                    int64_t step, c10::string_view distribution) {
+    const SegmentTable tab = read_segment_table(table, "table");
+    check_total(tab, total, "table");
+    check_segments(g, "g", tab);
+    const StreamArgs shared = shared_keys(seed, step, distribution);
+    const typename Backend::Guard guard(g[0].device());
+    return Backend::project(g, tab, shared, at::kFloat);
+  }
+
+  static void expand_grouped_(at::TensorList out, const at::Tensor& c, at::ArrayRef<double> alphas,
+                              const at::Tensor& table, int64_t seed, int64_t step, c10::string_view distribution) {
+    const SegmentTable tab = read_segment_table(table, "table");
+    check_segments(out, "out", tab);
+    check_expand_grouped(out, c, alphas, tab);
+    const StreamArgs shared = shared_keys(seed, step, distribution);
+    const at::Tensor c32 = coefficients_fp32(c);  // a copy: c may be a view of an out
+    for (const at::Tensor& o : out) {
+      at::Tensor t = o;
+      mark_modified(t);
+    }
+    const typename Backend::Guard guard(out[0].device());
+    Backend::expand_(out, c32, alphas, tab, shared);
+  }
+
+  static void register_impls(torch::Library& m) {
+    m.impl("project", &project);
+    m.impl("expand", &expand_into_zeros<&expand_>);
+    m.impl("expand_", &expand_);
+    m.impl("project_grouped", &project_grouped);
+    m.impl("expand_grouped_", &expand_grouped_);
+  }
+};
+
 }  // namespace rbd

@@ -184,7 +184,7 @@ void materialize_kernel(const cpu::Kernels& k, T* out, int64_t numel, int64_t di
 // c (fp32, the table's total) for the segments g of `tab` (one dtype, one device): each
 // compartment's segments in table order, the first written, the next added, as a sum of the
 // single ops' results is formed.
-at::Tensor project_table(at::TensorList g, const SegmentTable& tab, const StreamArgs& shared) {
+at::Tensor project_table(at::TensorList g, const SegmentTable& tab, const StreamArgs& shared, at::ScalarType out_dtype) {
   at::Tensor c = at::zeros({tab.total()}, g[0].options().dtype(at::kFloat));
   float* const cp = c.data_ptr<float>();
   std::vector<bool> started(size_t(tab.n_comps), false);
@@ -210,16 +210,16 @@ at::Tensor project_table(at::TensorList g, const SegmentTable& tab, const Stream
     }
     started[comp] = true;
   }
-  return c;
+  return c.to(out_dtype);
 }
 
-// out[s] += alphas[s] P_k c32[offset k ...] for the segments of `tab` (checked: check_expand_grouped).
+// out[s] += alphas[s] P_k c32[offset k ...] for the segments of `tab` (checked, and marked modified:
+// Products).
 void expand_table_(at::TensorList out, const at::Tensor& c32, at::ArrayRef<double> alphas, const SegmentTable& tab,
                    const StreamArgs& shared) {
   const cpu::Kernels& k = select_kernels();
   for (int64_t s = 0; s < tab.n_segs; ++s) {
-    at::Tensor o = out[s];
-    mark_modified(o);
+    const at::Tensor& o = out[s];
     if (o.numel() == 0) continue;
     const int64_t comp = tab.comp[s];
     const StreamArgs a = tab.args(shared, s);
@@ -230,45 +230,13 @@ void expand_table_(at::TensorList out, const at::Tensor& c32, at::ArrayRef<doubl
   }
 }
 
-// The single ops: tables of one segment.
-at::Tensor project_cpu(const at::Tensor& g, int64_t dim, int64_t seed, int64_t step,
-                       int64_t stream, c10::string_view distribution, int64_t row_offset,
-                       int64_t col_offset) {
-  check_float_input(g, "g");
-  const StreamArgs a = make_stream_args(g.numel(), dim, seed, step, stream,
-                                        std::string(distribution), row_offset, col_offset);
-  const TableOfOne one(a, g.numel(), dim);
-  return project_table(at::TensorList(g), one.table, a).to(g.scalar_type());
-}
-
-void expand_inplace_cpu(at::Tensor& out, const at::Tensor& c, double alpha, int64_t seed,
-                        int64_t step, int64_t stream, c10::string_view distribution,
-                        int64_t row_offset, int64_t col_offset) {
-  check_out(out, "out");
-  check_same_device(out, "out", c, "c");
-  const at::Tensor c32 = coefficients_fp32(c);  // a copy: c may be a view of out
-  const StreamArgs a = make_stream_args(out.numel(), c32.numel(), seed, step, stream,
-                                        std::string(distribution), row_offset, col_offset);
-  const TableOfOne one(a, out.numel(), c32.numel());
-  expand_table_(at::TensorList(out), c32, at::ArrayRef<double>(alpha), one.table, a);
-}
-
-at::Tensor project_grouped_cpu(at::TensorList g, const at::Tensor& table, int64_t total, int64_t seed, int64_t step,
-                               c10::string_view distribution) {
-  const SegmentTable tab = read_segment_table(table, "table");
-  check_total(tab, total, "table");
-  check_segments(g, "g", tab);
-  return project_table(g, tab, shared_keys(seed, step, distribution));
-}
-
-void expand_grouped_cpu_(at::TensorList out, const at::Tensor& c, at::ArrayRef<double> alphas,
-                         const at::Tensor& table, int64_t seed, int64_t step, c10::string_view distribution) {
-  const SegmentTable tab = read_segment_table(table, "table");
-  check_segments(out, "out", tab);
-  check_expand_grouped(out, c, alphas, tab);
-  const StreamArgs shared = shared_keys(seed, step, distribution);
-  expand_table_(out, coefficients_fp32(c), alphas, tab, shared);  // c copied: it may be a view of an out
-}
+struct CpuBackend {
+  struct Guard {
+    explicit Guard(at::Device) {}
+  };
+  static constexpr auto project = &project_table;
+  static constexpr auto expand_ = &expand_table_;
+};
 
 void materialize_inplace_cpu(at::Tensor& out, int64_t seed, int64_t step, int64_t stream,
                              c10::string_view distribution, int64_t row_offset,
@@ -326,13 +294,9 @@ std::vector<std::string> cpu_isas() {
 }
 
 TORCH_LIBRARY_IMPL(rbd_cuda, CPU, m) {
-  m.impl("project", &project_cpu);
-  m.impl("expand", &expand_into_zeros<&expand_inplace_cpu>);
-  m.impl("expand_", &expand_inplace_cpu);
+  Products<CpuBackend>::register_impls(m);
   m.impl("materialize_", &materialize_inplace_cpu);
   m.impl("philox4x32", &philox_cpu);
-  m.impl("project_grouped", &project_grouped_cpu);
-  m.impl("expand_grouped_", &expand_grouped_cpu_);
 }
 
 }  // namespace rbd

@@ -516,65 +516,16 @@ void expand_(at::TensorList out, const at::Tensor& c32, at::ArrayRef<double> alp
   });
 }
 
-// The single ops: tables of one segment.
-at::Tensor project_cuda(const at::Tensor& g, int64_t dim, int64_t seed, int64_t step, int64_t stream_id,
-                        c10::string_view distribution, int64_t row_offset, int64_t col_offset) {
-  check_float_input(g, "g");
-  const StreamArgs a = make_stream_args(g.numel(), dim, seed, step, stream_id, std::string(distribution),
-                                        row_offset, col_offset);
-  const c10::cuda::CUDAGuard guard(g.device());
-  if (g.numel() == 0) return at::zeros({dim}, g.options());
-  const TableOfOne one(a, g.numel(), dim);
-  return project(at::TensorList(g), one.table, a, g.scalar_type());
-}
-
-void expand_inplace_cuda(at::Tensor& out, const at::Tensor& c, double alpha, int64_t seed, int64_t step,
-                         int64_t stream_id, c10::string_view distribution, int64_t row_offset, int64_t col_offset) {
-  check_out(out, "out");
-  check_same_device(out, "out", c, "c");
-  const at::Tensor c32 = coefficients_fp32(c);  // a copy: c may be a view of out
-  const StreamArgs a = make_stream_args(out.numel(), c32.numel(), seed, step, stream_id,
-                                        std::string(distribution), row_offset, col_offset);
-  mark_modified(out);
-  if (out.numel() == 0) return;
-  const c10::cuda::CUDAGuard guard(out.device());
-  const TableOfOne one(a, out.numel(), c32.numel());
-  expand_(at::TensorList(out), c32, at::ArrayRef<double>(alpha), one.table, a);
-}
-
-at::Tensor project_grouped_cuda(at::TensorList g, const at::Tensor& table, int64_t total, int64_t seed, int64_t step,
-                                c10::string_view distribution) {
-  const SegmentTable tab = read_segment_table(table, "table");
-  check_total(tab, total, "table");
-  check_segments(g, "g", tab);
-  const StreamArgs shared = shared_keys(seed, step, distribution);
-  const c10::cuda::CUDAGuard guard(g[0].device());
-  return project(g, tab, shared, at::kFloat);
-}
-
-void expand_grouped_cuda_(at::TensorList out, const at::Tensor& c, at::ArrayRef<double> alphas,
-                          const at::Tensor& table, int64_t seed, int64_t step, c10::string_view distribution) {
-  const SegmentTable tab = read_segment_table(table, "table");
-  check_segments(out, "out", tab);
-  check_expand_grouped(out, c, alphas, tab);
-  const StreamArgs shared = shared_keys(seed, step, distribution);
-  const c10::cuda::CUDAGuard guard(out[0].device());
-  const at::Tensor c32 = coefficients_fp32(c);  // a copy: c may be a view of an out
-  for (const at::Tensor& o : out) {
-    at::Tensor t = o;
-    mark_modified(t);
-  }
-  expand_(out, c32, alphas, tab, shared);
-}
+struct CudaBackend {
+  using Guard = c10::cuda::CUDAGuard;
+  static constexpr auto project = &rbd::project;
+  static constexpr auto expand_ = &rbd::expand_;
+};
 
 }  // namespace
 
 RBD_CUDA_IMPL(m) {
-  m.impl("project", &project_cuda);
-  m.impl("expand", &expand_into_zeros<&expand_inplace_cuda>);
-  m.impl("expand_", &expand_inplace_cuda);
-  m.impl("project_grouped", &project_grouped_cuda);
-  m.impl("expand_grouped_", &expand_grouped_cuda_);
+  Products<CudaBackend>::register_impls(m);
 }
 
 }  // namespace rbd

@@ -112,6 +112,9 @@ class RandomBasesOptimizer(torch.optim.Optimizer):
         self._tables: dict[tuple, SegmentPlan] = {}
         self._one_kind = len({(p.device, p.dtype) for p in self._params}) == 1
         self._scales = [self.scale(comp) for comp in self.compartments]
+        self._dims = [comp.dim for comp in self.compartments]
+        # The last projection's coefficient vector and its per-compartment views (project_gradients).
+        self._projected: tuple[torch.Tensor | None, tuple[torch.Tensor, ...]] = (None, ())
         self.steps_taken = 0
         self._planned = True
 
@@ -235,11 +238,11 @@ class RandomBasesOptimizer(torch.optim.Optimizer):
             table = self._table(comps, part_where)
             part = torch.ops.rbd_cuda.project_grouped(part_tensors, table.table, table.total, **keys)
             c = part if c is None else c + part.to(c.device)
-        coeffs, start = [], 0
-        for comp, segments in zip(self.compartments, present, strict=True):
-            coeffs.append(c[start: start + comp.dim] if segments else None)
-            start += comp.dim
-        return coeffs
+        # Views of c, one per compartment; expand_updates hands c itself to the grouped op when its
+        # coefficients are these views, in this order (a step without an exchange that changes them).
+        views = c.split(self._dims)
+        self._projected = (c, views)
+        return [view if segments else None for view, segments in zip(views, present, strict=True)]
 
     def expand_updates(self, updates: Sequence[tuple[int, torch.Tensor, int, list[torch.Tensor], list[int],
                                                      list[float]]]) -> None:
@@ -256,9 +259,13 @@ class RandomBasesOptimizer(torch.optim.Optimizer):
         keys = self._keys()
         # The coefficients of every update (the table keeps every update's compartment), laid out as
         # the table reads them; moved to each part's device below.
-        if len({c.device for c in coeffs}) > 1:
-            coeffs = [c.to(coeffs[0].device) for c in coeffs]
-        every = torch.cat(coeffs).float()
+        projected, views = self._projected
+        if len(coeffs) == len(views) and all(a is b for a, b in zip(coeffs, views)):
+            every = projected
+        else:
+            if len({c.device for c in coeffs}) > 1:
+                coeffs = [c.to(coeffs[0].device) for c in coeffs]
+            every = torch.cat(coeffs).float()
         for part_outs, part_where, part_alphas in self._by_kind(outs, where, alphas):
             c = every.to(part_outs[0].device)
             table = self._table(tuple(comps), part_where)

@@ -99,7 +99,7 @@ def check_finite_step(opt, terms: Sequence[Sequence[tuple]], present: list[list[
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for t in distinct.values():
         by_device.setdefault(t.device, []).append(t.reshape(-1))
-    if all(bool(torch.isfinite(torch.cat(cs)).all()) for cs in by_device.values()):
+    if all(bool(torch.isfinite(cs[0] if len(cs) == 1 else torch.cat(cs)).all()) for cs in by_device.values()):
         return
     unchanged = f"step {opt.steps_taken} was not taken (the parameters and the step count are unchanged)"
     for comp, segments in zip(opt.compartments, present, strict=True):
