@@ -64,43 +64,14 @@ def as_int(name: str, value, *, minimum: int | None = None, error: type[Exceptio
     return number
 
 
-def _stream_kwargs(numel, dim, seed, step, stream, distribution, row_offset, col_offset) -> dict:
-    """Validated keyword arguments for the ops, for a sub-matrix of ``numel`` rows and ``dim`` columns.
-
-    The C++ ops check the same conditions (for callers of ``torch.ops.rbd_cuda`` directly);
-    checking here first gives a plain Python traceback. It also keeps bad scalars away from C++
-    error paths: with torch 2.11 on an H200 machine one of those crashed the process inside the
-    exception machinery instead of raising (benchmarks/README.md, "Known problems").
-    """
-    numel, dim = as_int("numel", numel), as_int("dim", dim)
-    kw = {
-        "seed": _seed_to_int64(seed),
-        "step": as_int("step", step),
-        "stream": as_int("stream", stream),
-        "distribution": distribution,
-        "row_offset": as_int("row_offset", row_offset),
-        "col_offset": as_int("col_offset", col_offset),
-    }
-    if dim <= 0:
-        raise ValueError(f"rbd_cuda: dim must be positive, got {dim}")
-    if numel < 0:
-        raise ValueError(f"rbd_cuda: numel must be non-negative, got {numel}")
-    for name in ("step", "stream"):
-        if not 0 <= kw[name] < 2**32:
-            raise ValueError(f"rbd_cuda: {name} must be in [0, 2**32), got {kw[name]}")
-    for name in ("row_offset", "col_offset"):
-        if kw[name] < 0:
-            raise ValueError(f"rbd_cuda: {name} must be non-negative, got {kw[name]}")
-    if kw["row_offset"] + numel > 2**34:
-        raise ValueError("rbd_cuda: row_offset + numel must be at most 2**34 (the stream's row range), "
-                         f"got row_offset={kw['row_offset']}, numel={numel}")
-    if kw["col_offset"] + dim > 2**32:
-        raise ValueError("rbd_cuda: col_offset + dim must be at most 2**32 (the stream's column range), "
-                         f"got col_offset={kw['col_offset']}, dim={dim}")
-    if distribution not in DISTRIBUTIONS:
-        raise ValueError(f"rbd_cuda: distribution must be one of 'normal', 'uniform', 'rademacher', "
-                         f"got {distribution!r}")
-    return kw
+def _stream_kwargs(seed, step, stream, distribution, row_offset, col_offset) -> dict:
+    """The stream keywords as the ops take them: the integers converted (``as_int``), the seed as
+    the int64 holding its 64 bits. Every rule on them (ranges, the stream's row and column range,
+    the distribution) is the C++ ops' (``make_stream_args``, csrc/common.h), checked once there,
+    for the wrappers' callers and ``torch.ops.rbd_cuda``'s alike."""
+    return {"seed": _seed_to_int64(seed), "step": as_int("step", step), "stream": as_int("stream", stream),
+            "distribution": distribution, "row_offset": as_int("row_offset", row_offset),
+            "col_offset": as_int("col_offset", col_offset)}
 
 
 def _dense(name: str, t: torch.Tensor) -> torch.Tensor:
@@ -113,15 +84,6 @@ def _dense(name: str, t: torch.Tensor) -> torch.Tensor:
     if t.is_quantized:
         raise ValueError(f"rbd_cuda: {name} must not be quantized (use .dequantize())")
     return t
-
-
-def _coefficient_count(c: torch.Tensor) -> int:
-    _dense("c", c)
-    if c.dim() != 1:
-        raise ValueError(f"rbd_cuda: c must be 1-D (one coefficient per direction), got shape {tuple(c.shape)}")
-    if c.numel() == 0:
-        raise ValueError("rbd_cuda: c must hold at least one coefficient (dim > 0)")
-    return c.numel()
 
 
 def project(
@@ -141,8 +103,8 @@ def project(
     of length ``dim`` with ``g``'s dtype and device, accumulated in fp32:
     ``c[j] = sum_i P[row_offset + i, col_offset + j] * g[i]``. P is generated on the fly.
     """
-    kw = _stream_kwargs(_dense("g", g).numel(), dim, seed, step, stream, distribution, row_offset, col_offset)
-    return _differentiable("project", g, as_int("dim", dim), kw)
+    kw = _stream_kwargs(seed, step, stream, distribution, row_offset, col_offset)
+    return _differentiable("project", _dense("g", g), as_int("dim", dim), kw)
 
 
 def expand(
@@ -161,8 +123,8 @@ def expand(
     ``u[i] = sum_j P[row_offset + i, col_offset + j] * c[j]``, accumulated in fp32 and
     returned in ``c``'s dtype on ``c``'s device.
     """
-    kw = _stream_kwargs(numel, _coefficient_count(c), seed, step, stream, distribution, row_offset, col_offset)
-    return _differentiable("expand", c, as_int("numel", numel), kw)
+    kw = _stream_kwargs(seed, step, stream, distribution, row_offset, col_offset)
+    return _differentiable("expand", _dense("c", c), as_int("numel", numel), kw)
 
 
 def expand_(
@@ -184,13 +146,12 @@ def expand_(
     gradient (use ``expand`` to differentiate): a ``c`` that requires one is refused in grad mode.
     """
     _dense("out", out)
-    _no_gradient_to("expand_", c)
+    _no_gradient_to("expand_", _dense("c", c))
     torch.ops.rbd_cuda.expand_(
         out,
         c,
         float(alpha),
-        **_stream_kwargs(out.numel(), _coefficient_count(c), seed, step, stream, distribution, row_offset,
-                         col_offset),
+        **_stream_kwargs(seed, step, stream, distribution, row_offset, col_offset),
     )
     return out
 
@@ -222,7 +183,7 @@ def materialize(
     return torch.ops.rbd_cuda.materialize(
         as_int("numel", numel),
         as_int("dim", dim),
-        **_stream_kwargs(numel, dim, seed, step, stream, distribution, row_offset, col_offset),
+        **_stream_kwargs(seed, step, stream, distribution, row_offset, col_offset),
         dtype=dtype,
         device=torch.device(device) if device is not None else None,
     )

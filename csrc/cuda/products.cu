@@ -356,8 +356,10 @@ int64_t resident_blocks(Kernel kernel) {
 
 unsigned grid_for(int64_t items, int64_t resident) { return unsigned(std::min(items, resident)); }
 
-// The tables travel to the device in one pinned, stream-ordered copy (no kernel launch); in the
-// emulated build the "device" is the CPU and the staging tensor is the table.
+// The launch tables travel to the device in one pinned, stream-ordered copy (no kernel launch); in
+// the emulated build the "device" is the CPU and the staging tensor is the table. They are made per
+// call from the segment table (read on the host, checked when it was built) because they hold the
+// call's data pointers: a backward pass hands the optimizer new gradient tensors every step.
 at::Tensor upload(const std::vector<std::pair<const void*, size_t>>& parts, at::Device device,
                   std::vector<size_t>& at) {
   size_t bytes = 0;

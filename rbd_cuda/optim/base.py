@@ -1,9 +1,11 @@
 """The one base of the optimizers that step in random bases (RBD, FPD, NES).
 
 It owns what they share: the compartments (``rbd_cuda.layout``), the bases (``rbd_cuda.basis``),
-the param groups (read at step time, so schedulers and loaded state dicts take effect), the
-checks that make a step all-or-nothing, and the state dict, which holds everything that decides
-the trajectory and is checked on load.
+the param groups (read at step time, so schedulers and loaded state dicts take effect), and the
+products of a step, one grouped call each way over one segment table. The policy around the
+algorithm lives in modules of its own that the base and the optimizers call: the checks that make
+a step all-or-nothing (``guards``), the state dict's formats and load checks (``formats``), row
+shards (``rbd_cuda.sharding``), the ranks' agreement (``ranks``) and who is calling (``callers``).
 """
 
 from __future__ import annotations
