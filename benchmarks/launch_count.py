@@ -56,6 +56,9 @@ MODELS = {
     "synthetic": (None, None, 250, "global"),
 }
 SMALL_NUMEL = 100
+# --twins: each model's twin has its number of tensors, of this many entries each, and d = 1, so
+# that the kernels take microseconds and a step's time is the work outside them.
+TWIN_NUMEL = 8
 
 
 def model_with_grads(name: str, device: str, synthetic_numel: int, batch: int, small_tensors: int) -> torch.nn.Module:
@@ -96,8 +99,18 @@ def products_step(model: torch.nn.Module, dim: int, compartments: str):
     return step
 
 
-def variants(name: str, model: torch.nn.Module) -> dict:
-    _, _, dim, compartments = MODELS[name]
+def twin(model: torch.nn.Module) -> torch.nn.Module:
+    """As many parameters as ``model`` has with gradients, of TWIN_NUMEL entries each, with gradients."""
+    gen = torch.Generator().manual_seed(1)
+    params = [p for p in model.parameters() if p.grad is not None]
+    out = torch.nn.ParameterList(torch.nn.Parameter(torch.randn(TWIN_NUMEL, generator=gen).to(p.device))
+                                 for p in params)
+    for p in out:
+        p.grad = torch.randn(TWIN_NUMEL, generator=gen).to(p.device)
+    return out
+
+
+def variants(model: torch.nn.Module, dim: int, compartments: str) -> dict:
     rbd = RBD(model.named_parameters(), lr=LR, dim=dim, compartments=compartments, seed=SEED)
     sgd = torch.optim.SGD(model.parameters(), lr=LR)
     return {"rbd": rbd.step, "products": products_step(model, dim, compartments), "sgd": sgd.step}
@@ -166,6 +179,8 @@ def main(argv=None) -> int:
     ap.add_argument("--small-tensors", type=int, default=1000, help="tensors of the many-small model")
     ap.add_argument("--batch", type=int, default=32, help="batch of the one backward pass")
     ap.add_argument("--threads", type=int, default=None, help="torch's intra-op threads (default: torch's)")
+    ap.add_argument("--twins", action="store_true",
+                    help=f"also time each model's twin: its number of tensors, {TWIN_NUMEL} entries each, d = 1")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--tiny", action="store_true",
@@ -186,16 +201,18 @@ def main(argv=None) -> int:
     clock, clock_name = (time.thread_time, "thread CPU time") if one_thread else (time.perf_counter, "wall time")
     rows = {}
     for name in args.models:
-        model = model_with_grads(name, args.device, int(args.synthetic_numel), args.batch, args.small_tensors)
-        params = [p for p in model.parameters() if p.grad is not None]
-        out = {}
-        for v, fn in variants(name, model).items():
-            counted = count(fn) if args.device == "cuda" else {}
-            out[v] = {**counted, "step_ms": time_ms(fn, args.device, args.reps, args.warmup, clock)}
+        full = model_with_grads(name, args.device, int(args.synthetic_numel), args.batch, args.small_tensors)
         _, _, dim, compartments = MODELS[name]
-        rows[name] = {"parameters": sum(p.numel() for p in params), "tensors": len(params), "dim": dim,
-                      "compartments": compartments, "variants": out}
-        del model, params
+        cases = [(name, full, dim)] + ([(f"{name} twin", twin(full), 1)] if args.twins else [])
+        for row, model, d in cases:
+            params = [p for p in model.parameters() if p.grad is not None]
+            out = {}
+            for v, fn in variants(model, d, compartments).items():
+                counted = count(fn) if args.device == "cuda" else {}
+                out[v] = {**counted, "step_ms": time_ms(fn, args.device, args.reps, args.warmup, clock)}
+            rows[row] = {"parameters": sum(p.numel() for p in params), "tensors": len(params), "dim": d,
+                         "compartments": compartments, "variants": out}
+        del full, cases, model, params
     res = {"machine": common.machine_info(args.device, argv), "device": args.device, "threads": torch.get_num_threads(),
            "clock": "cuda events" if args.device == "cuda" else clock_name,
            "reps": args.reps,
