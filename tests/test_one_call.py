@@ -1,6 +1,7 @@
 """A step is one product call each way, whatever the number of compartments (issue 28), counted
-with torch.profiler on the CPU (each call of a torch.ops.rbd_cuda op is one event); the CUDA
-kernels make one launch per call (tests/test_cuda.py counts the emulated launches)."""
+with torch.profiler on the CPU (each call of a torch.ops.rbd_cuda op is one event; the DDP hook's
+by wrapping the ops, as its test says); the CUDA kernels make one launch per call
+(tests/test_cuda.py counts the emulated launches)."""
 
 from collections import Counter
 
@@ -100,3 +101,62 @@ def test_random_subspace_is_one_expand_forward_and_one_project_backward():
         x = torch.randn(3, 4)
         assert calls(lambda w=wrapper, x=x: w(x).sum().backward()) == Counter(
             {"rbd_cuda::expand_grouped_": 1, "rbd_cuda::project_grouped": 1})
+
+
+@pytest.mark.parametrize("antithetic", [False, True])
+def test_an_nes_step_updates_in_one_expand(antithetic):
+    """NES projects nothing; each of the population's perturbations is a column of the basis, one
+    single expand_ per segment (the table tensor holds no column offset), and the update over
+    every segment is one expand_grouped_."""
+    model = many_tensors(12)
+    opt = rbd_cuda.optim.NES(model.parameters(), lr=0.1, population=4, sigma=0.1, antithetic=antithetic, seed=4)
+
+    def closure():
+        with torch.no_grad():
+            return sum((p.sin() * (k + 1)).sum() for k, p in enumerate(model.parameters()))
+
+    assert calls(lambda: opt.step(closure)) == Counter({"rbd_cuda::expand_": 4 * 12,  # population × segments
+                                                        "rbd_cuda::expand_grouped_": 1})
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed with gloo")
+def test_the_ddp_hook_is_one_project_and_one_expand_per_bucket(tmp_path, monkeypatch):
+    """On one gloo rank in this process (the hook's exchange is the same on any number of ranks):
+    every bucket of every step is one project_grouped and one expand_grouped_ over its table.
+    Counted by wrapping the ops, not with the profiler: the expand runs in the all-reduce's
+    callback, on gloo's thread when the reduction finishes after the callback is attached, and
+    the profiler records only the threads it was started on."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from rbd_cuda.distributed import RandomBasesHook, random_bases_hook
+
+    got = Counter()
+    for name in ("project_grouped", "expand_grouped_"):
+        op = getattr(torch.ops.rbd_cuda, name)
+        monkeypatch.setattr(torch.ops.rbd_cuda, name,
+                            lambda *a, _op=op, _name=name, **kw: got.update([_name]) or _op(*a, **kw))
+    dist = torch.distributed
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = DistributedDataParallel(torch.nn.Sequential(*(torch.nn.Linear(16, 16) for _ in range(6))),
+                                        bucket_cap_mb=0.002)
+        buckets = []
+
+        def hook(state, bucket):
+            buckets.append(bucket.index())
+            return random_bases_hook(state, bucket)
+
+        model.register_comm_hook(RandomBasesHook(dim=8, seed=1), hook)
+        x = torch.randn(4, 16)
+        per_step = []
+        for _ in range(3):  # DDP's first step has one bucket; it then rebuilds them at bucket_cap_mb
+            buckets.clear()
+            got.clear()
+            model(x).square().sum().backward()
+            assert got == Counter({"project_grouped": len(buckets), "expand_grouped_": len(buckets)})
+            per_step.append(len(buckets))
+        assert per_step[0] == 1 and per_step[-1] > 1
+    finally:
+        dist.destroy_process_group()
