@@ -11,7 +11,10 @@
 //   [kTableMagic, S, C, total, numel[S], row_offset[S], comp[S], dim[C], stream[C], offset[C + 1], seal]
 // The seal is a hash of the words before it: the products index memory with the table's entries
 // and do not re-check its rules, so a table edited after it was built, or an int64 tensor not
-// built by segment_table, is refused instead of trusted.
+// built by segment_table, is refused instead of trusted. Checking it per call is an integrity
+// check, not a re-validation: one pass over the 3S + 3C + 5 words before it, a multiply and a shift
+// each, the same order as checking the call's S tensors against the table, which every call must
+// do.
 #pragma once
 
 #include <vector>
