@@ -114,10 +114,11 @@ def _run(cmd: list[str]) -> str | None:
         return None
 
 
-def machine_info(device: str, argv: list[str]) -> dict:
+def machine_info(device: str, argv: list[str], module: str = "benchmarks.ops_bench") -> dict:
+    """The machine, the versions, the commit and the command (``python -m module argv``) of a run."""
     info = {
         "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "command": "python -m benchmarks.ops_bench " + " ".join(argv),
+        "command": f"python -m {module} " + " ".join(argv),
         # A copy without .git (the device machine's): the commit its caller names in RBD_COMMIT.
         "commit": _run(["git", "rev-parse", "--short", "HEAD"]) or os.environ.get("RBD_COMMIT") or "unknown",
         "dirty": bool(_run(["git", "status", "--porcelain", "--untracked-files=no"])),

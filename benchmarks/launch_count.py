@@ -213,7 +213,8 @@ def main(argv=None) -> int:
             rows[row] = {"parameters": sum(p.numel() for p in params), "tensors": len(params), "dim": d,
                          "compartments": compartments, "variants": out}
         del full, cases, model, params
-    res = {"machine": common.machine_info(args.device, argv), "device": args.device, "threads": torch.get_num_threads(),
+    res = {"machine": common.machine_info(args.device, argv, "benchmarks.launch_count"), "device": args.device,
+           "threads": torch.get_num_threads(),
            "clock": "cuda events" if args.device == "cuda" else clock_name,
            "reps": args.reps,
            "warmup": args.warmup, "batch": args.batch, "models": rows}
