@@ -129,7 +129,7 @@ def table_keywords(basis: Basis) -> dict:
 class _ExpandSegments(torch.autograd.Function):
     """``[P_s c_s]`` over a table's segments in one ``expand_grouped_`` (into fp32 zeros: what
     ``expand`` computes, bit for bit); its derivative is one ``project_grouped`` of the incoming
-    gradients (each segment's ``project``), its tangent the same product of c's tangent."""
+    gradients (each segment's ``project``)."""
 
     @staticmethod
     def forward(c, table, total, numels, keys):
@@ -148,14 +148,20 @@ class _ExpandSegments(torch.autograd.Function):
                                                     **dict(ctx.keys))
         return grad_c.to(ctx.dtype), None, None, None, None
 
+
+class _ExpandSegmentsForward(_ExpandSegments):
+    """The same with a tangent (forward AD, torch.func.jvp): kept apart because torch.compile cannot
+    trace a Function with a custom jvp (``ops.forward_transform_active`` picks)."""
+
     @staticmethod
     def jvp(ctx, c_tangent, *_):
-        # Linear in c: the tangent of each output is the same product of c's tangent (forward AD, torch.func.jvp).
-        return _ExpandSegments.apply(c_tangent.contiguous(), ctx.table, ctx.total, ctx.numels, ctx.keys)
+        # Linear in c: the tangent of each output is the same product of c's tangent.
+        return _ExpandSegmentsForward.apply(c_tangent.contiguous(), ctx.table, ctx.total, ctx.numels, ctx.keys)
 
 
 def expand_segments(plan: ops.SegmentPlan, c: torch.Tensor, basis: Basis) -> tuple[torch.Tensor, ...]:
     """``P_s c_k`` (fp32, one per segment s of ``plan``, k its compartment; c laid out as the
     grouped ops' coefficients), differentiable in ``c``: the subspace wrapper's forward, in one
     call each way."""
-    return _ExpandSegments.apply(c, plan.table, plan.total, plan.numels, tuple(table_keywords(basis).items()))
+    function = _ExpandSegmentsForward if ops.forward_transform_active() else _ExpandSegments
+    return function.apply(c, plan.table, plan.total, plan.numels, tuple(table_keywords(basis).items()))

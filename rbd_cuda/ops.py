@@ -243,12 +243,19 @@ def _philox_fake(counter, key, rounds=10):
 _KEYS = ("seed", "step", "stream", "distribution", "row_offset", "col_offset")
 
 
+def forward_transform_active() -> bool:
+    """Whether forward AD or a torch.func transform is active, outside torch.compile: then, and
+    only then, the products go through an autograd.Function with a custom jvp. Elsewhere they do
+    not: such a Function costs about 0.1 ms a call (much of a small optimizer step), and
+    torch.compile cannot trace a custom jvp."""
+    return not torch.compiler.is_compiling() and (_forward_ad._current_level >= 0
+                                                  or torch._C._functorch.maybe_current_level() is not None)
+
+
 def _differentiable(name: str, x: torch.Tensor, size: int, kw: dict) -> torch.Tensor:
-    # The op is called directly, reverse mode then using its registered backward, unless forward
-    # AD or a torch.func transform is active: an autograd.Function costs about 0.1 ms a call (much
-    # of a small optimizer step), and torch.compile cannot trace a custom jvp.
-    if torch.compiler.is_compiling() or (_forward_ad._current_level < 0
-                                         and torch._C._functorch.maybe_current_level() is None):
+    # The op is called directly, reverse mode then using its registered backward, unless a
+    # forward transform needs the jvp.
+    if not forward_transform_active():
         return getattr(torch.ops.rbd_cuda, name)(x, size, **kw)
     return _Linear.apply(x, name, size, *(kw[k] for k in _KEYS))
 
