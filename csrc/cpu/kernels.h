@@ -31,13 +31,16 @@ struct Kernels {
   const char* name;
   // For each local column t in [t_lo, t_hi) (multiples of kTile; of kGroup for Rademacher) and
   // row block rb = rb_lo .. rb_lo + n - 1 in this order:
-  //   acc[t] += ((P[4rb, t] g0 + P[4rb+1, t] g1) + P[4rb+2, t] g2) + P[4rb+3, t] g3,
-  // where g_r = gv[4 (rb - rb_lo) + r].
+  //   acc[t] = fma(P[4rb+3, t], g3, fma(P[4rb+2, t], g2, fma(P[4rb+1, t], g1, fma(P[4rb, t], g0, acc[t]))))
+  // for normal and uniform entries, fma rounding once (rbd::mul_add), and
+  //   acc[t] += ((P[4rb, t] g0 + P[4rb+1, t] g1) + P[4rb+2, t] g2) + P[4rb+3, t] g3
+  // for Rademacher entries (sign flips: no products), where g_r = gv[4 (rb - rb_lo) + r].
   void (*project)(const Job& job, const float* gv, int64_t rb_lo, int64_t n, int64_t t_lo,
                   int64_t t_hi, float* acc);
   // For row block rb = rb_lo + i, i < n, and r < 4: u[4 i + r] = the pairwise sum over lanes
   // l < L of a_l, where a_l = sum over t = l, l + L, ... < width (in this order) of
-  // P[4rb + r, t] c[t]; L = kTile (kGroup for Rademacher), width a multiple of L.
+  // P[4rb + r, t] c[t], each term added by one fma (normal, uniform) or as the signed c[t]
+  // (Rademacher); L = kTile (kGroup for Rademacher), width a multiple of L.
   void (*expand)(const Job& job, const float* c, int64_t width, int64_t rb_lo, int64_t n, float* u);
   // e[r (t_hi - t_lo) + t - t_lo] = P[4 rb + r, t] for r < 4, t in [t_lo, t_hi) (as project).
   void (*entries)(const Job& job, int64_t rb, int64_t t_lo, int64_t t_hi, float* e);
@@ -46,7 +49,7 @@ struct Kernels {
 };
 
 const Kernels& baseline_kernels();
-// nullptr when the compiler could not build them (then only the baseline runs).
+// nullptr when the compiler could not build them or the CPU lacks FMA (then only the baseline runs).
 const Kernels* avx2_kernels();
 const Kernels* avx512_kernels();
 

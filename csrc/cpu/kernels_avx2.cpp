@@ -1,10 +1,10 @@
-// The kernels for AVX2. This TU alone is compiled for AVX2, by the pragma
+// The kernels for AVX2 and FMA. This TU alone is compiled for them, by the pragma
 // below rather than by compiler flags (torch's cpp_extension gives one flag set to all sources);
 // ops_cpu.cpp calls it only when the CPU reports those features. The pragma comes before every
 // include so that the templates of rbd/philox.h are compiled for AVX2 too; see
 // rbd/philox_simd.h for what such a TU must not include.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#pragma GCC target("avx2")
+#pragma GCC target("avx2,fma")
 #define RBD_BUILD_THIS_ISA 1
 #define RBD_SIMD_AVX2 1  // the ISA struct rbd/philox_simd.h provides
 #endif
@@ -19,7 +19,11 @@ namespace cpu {
 namespace {
 constexpr Kernels kTable = make_kernels<simd::Avx2>();
 }  // namespace
-const Kernels* avx2_kernels() { return &kTable; }
+// The callers check for AVX2; this table also needs FMA (every CPU with AVX2 so far has it).
+const Kernels* avx2_kernels() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("fma") ? &kTable : nullptr;
+}
 }  // namespace cpu
 }  // namespace rbd
 

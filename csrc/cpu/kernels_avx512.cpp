@@ -4,7 +4,7 @@
 // include so that the templates of rbd/philox.h are compiled for AVX-512 too; see
 // rbd/philox_simd.h for what such a TU must not include.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl")
+#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,fma")
 #define RBD_BUILD_THIS_ISA 1
 // GCC 12 reports the deliberately undefined source vector inside its own avx512fintrin.h
 // intrinsics (e.g. _mm512_cvtepu32_epi64) as maybe-uninitialized.

@@ -3,6 +3,15 @@
 // other table reproduces (kernels.h) and run on any CPU.
 #include "kernels.h"
 
+// The entry points in two clones chosen at load time (GNU ifunc): one for CPUs with FMA, where
+// rbd::mul_add is the instruction and the loops vectorise, and the default one, where it is a call
+// to libm's fmaf. Both round every multiply-add once, so they give the same bits.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define RBD_FMA_CLONES __attribute__((target_clones("default", "fma")))
+#else
+#define RBD_FMA_CLONES
+#endif
+
 namespace rbd {
 namespace cpu {
 namespace {
@@ -56,7 +65,7 @@ inline Philox4 group_block(const Job& j, int64_t rb, int64_t q) {
   return stream_block(uint32_t(rb), j.col_base + uint32_t(q), j.step, j.stream, j.key0, j.key1);
 }
 
-void project(const Job& j, const float* gv, int64_t rb_lo, int64_t n, int64_t t_lo, int64_t t_hi,
+RBD_FMA_CLONES void project(const Job& j, const float* gv, int64_t rb_lo, int64_t n, int64_t t_lo, int64_t t_hi,
              float* acc) {
   for (int64_t i = 0; i < n; ++i) {
     const int64_t rb = rb_lo + i;
@@ -79,14 +88,14 @@ void project(const Job& j, const float* gv, int64_t rb_lo, int64_t n, int64_t t_
         float* acc_t = acc + t;
 #pragma omp simd
         for (int l = 0; l < kTile; ++l) {
-          acc_t[l] += ((e[0][l] * g[0] + e[1][l] * g[1]) + e[2][l] * g[2]) + e[3][l] * g[3];
+          acc_t[l] = mul_add(e[3][l], g[3], mul_add(e[2][l], g[2], mul_add(e[1][l], g[1], mul_add(e[0][l], g[0], acc_t[l]))));
         }
       }
     }
   }
 }
 
-void expand(const Job& j, const float* c, int64_t width, int64_t rb_lo, int64_t n, float* u) {
+RBD_FMA_CLONES void expand(const Job& j, const float* c, int64_t width, int64_t rb_lo, int64_t n, float* u) {
   for (int64_t i = 0; i < n; ++i) {
     const int64_t rb = rb_lo + i;
     if (j.dist == Distribution::Rademacher) {
@@ -108,7 +117,7 @@ void expand(const Job& j, const float* c, int64_t width, int64_t rb_lo, int64_t 
         const float* ct = c + t;
         for (int r = 0; r < 4; ++r) {
 #pragma omp simd
-          for (int l = 0; l < kTile; ++l) acc[r][l] += e[r][l] * ct[l];
+          for (int l = 0; l < kTile; ++l) acc[r][l] = mul_add(e[r][l], ct[l], acc[r][l]);
         }
       }
       for (int r = 0; r < 4; ++r) u[4 * i + r] = lane_sum<kTile>(acc[r]);
@@ -116,7 +125,7 @@ void expand(const Job& j, const float* c, int64_t width, int64_t rb_lo, int64_t 
   }
 }
 
-void entries(const Job& j, int64_t rb, int64_t t_lo, int64_t t_hi, float* e) {
+RBD_FMA_CLONES void entries(const Job& j, int64_t rb, int64_t t_lo, int64_t t_hi, float* e) {
   const int64_t w = t_hi - t_lo;
   if (j.dist == Distribution::Rademacher) {
     for (int64_t q = t_lo / kGroup; q < t_hi / kGroup; ++q) {

@@ -10,6 +10,7 @@
 #include "kernels.h"
 #include "rbd/philox_simd.h"
 
+
 namespace rbd {
 namespace cpu {
 namespace {
@@ -32,16 +33,37 @@ inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 // templates of rbd/philox.h out of line for their size, and a call per tile spills the vectors.
 #define RBD_KERNEL __attribute__((flatten))
 
-// Entries of T vectors of columns: e[r][v] lane l = P[4 rb + r, col0 + v kLanes + l].
-template <class V, Distribution D, int T>
-inline void gen_entries(const Job& j, uint32_t rb, uint32_t col0, typename V::F (&e)[4][T]) {
-  uint32_t c0[T], c1[T];
-  for (int v = 0; v < T; ++v) {
-    c0[v] = rb;
-    c1[v] = col0 + uint32_t(v * V::kLanes);
+// What a kernel call derives from the job once: the round keys (scalar and as vectors) and round
+// 1's per-lane XOR, which depends on the step and key alone (rbd/philox_simd.h, RowRounds).
+template <class V>
+struct Keys {
+  StreamKeys sk;
+  simd::VKeys<V> vk;
+  uint32_t x0;
+  explicit Keys(const Job& j)
+      : sk(stream_keys(j.key0, j.key1)), vk(simd::vector_keys<V>(j.key0, j.key1)),
+        x0(simd::row_rounds(0, j.step, j.stream, sk).x0) {}
+};
+
+// Entries of T vectors of columns of row block rb: e[r][v] lane l = P[4 rb + r, column l of
+// vector v], the columns given by cx (row_columns).
+// Words w[r][v] of row block rb for T vectors of counters, the columns (or Rademacher column
+// groups) given by cx (rbd/philox_simd.h, row_columns).
+template <class V, int T>
+inline void row_words(const Job& j, const Keys<V>& k, uint32_t rb, const typename V::I (&cx)[2 * T],
+                      typename V::I (&w)[4][T]) {
+  typename V::I c[4][2 * T];
+  simd::philox_row<V, 2 * T>(simd::row_rounds(rb, j.step, j.stream, k.sk), cx, k.vk, c);
+  for (int r = 0; r < 4; ++r) {
+    for (int v = 0; v < T; ++v) w[r][v] = V::pack(c[r][2 * v], c[r][2 * v + 1]);
   }
+}
+
+template <class V, Distribution D, int T>
+inline void row_entries(const Job& j, const Keys<V>& k, uint32_t rb, const typename V::I (&cx)[2 * T],
+                        typename V::F (&e)[4][T]) {
   typename V::I w[4][T];
-  simd::stream_blocks<V, T>(c0, c1, 0, 1, j.step, j.stream, j.key0, j.key1, w);
+  row_words<V, T>(j, k, rb, cx, w);
   if constexpr (D == Distribution::Normal) {
     // Rows (0, 1) from words (0, 1), rows (2, 3) from words (2, 3): 2T chains side by side.
     typename V::I a[2 * T], b[2 * T];
@@ -64,33 +86,37 @@ inline void gen_entries(const Job& j, uint32_t rb, uint32_t col0, typename V::F 
 
 // project over columns [t, t + T kLanes): the accumulators stay in registers across the rows.
 template <class V, Distribution D, int T>
-inline void project_columns(const Job& j, const float* gv, int64_t rb_lo, int64_t n, int64_t t,
-                            float* acc) {
+inline void project_columns(const Job& j, const Keys<V>& k, const float* gv, int64_t rb_lo, int64_t n,
+                            int64_t t, float* acc) {
   using F = typename V::F;
   F a[T];
   for (int v = 0; v < T; ++v) a[v] = V::load(acc + t + v * V::kLanes);
+  typename V::I cx[2 * T];
+  simd::row_columns<V, 2 * T>(j.col_base + uint32_t(t), k.x0, cx);
   for (int64_t i = 0; i < n; ++i) {
     F e[4][T];
-    gen_entries<V, D, T>(j, uint32_t(rb_lo + i), j.col_base + uint32_t(t), e);
+    row_entries<V, D, T>(j, k, uint32_t(rb_lo + i), cx, e);
     const F g0 = V::splat(gv[4 * i]), g1 = V::splat(gv[4 * i + 1]);
     const F g2 = V::splat(gv[4 * i + 2]), g3 = V::splat(gv[4 * i + 3]);
-    for (int v = 0; v < T; ++v) a[v] = a[v] + (((e[0][v] * g0 + e[1][v] * g1) + e[2][v] * g2) + e[3][v] * g3);
+    for (int v = 0; v < T; ++v) {
+      a[v] = V::fma(e[3][v], g3, V::fma(e[2][v], g2, V::fma(e[1][v], g1, V::fma(e[0][v], g0, a[v]))));
+    }
   }
   for (int v = 0; v < T; ++v) V::store(acc + t + v * V::kLanes, a[v]);
 }
 
 // Rademacher project for column group q: lanes are kLanes consecutive row blocks.
 template <class V>
-inline void project_group(const Job& j, const float* gv, int64_t rb_lo, int64_t n, int64_t q,
-                          float* acc) {
+inline void project_group(const Job& j, const simd::VKeys<V>& k, const float* gv, int64_t rb_lo, int64_t n,
+                          int64_t q, float* acc) {
   using F = typename V::F;
   constexpr int kParts = kGroup / V::kLanes;
   F a[kParts];
   for (int p = 0; p < kParts; ++p) a[p] = V::load(acc + kGroup * q + p * V::kLanes);
   for (int64_t i0 = 0; i0 < n; i0 += V::kLanes) {
-    const uint32_t c0[1] = {uint32_t(rb_lo + i0)}, c1[1] = {j.col_base + uint32_t(q)};
+    const uint32_t c0[1] = {uint32_t(rb_lo + i0)};
     typename V::I w[4][1];
-    simd::stream_blocks<V, 1>(c0, c1, 1, 0, j.step, j.stream, j.key0, j.key1, w);
+    simd::stream_blocks_rows<V, 1>(c0, j.col_base + uint32_t(q), j.step, j.stream, k, w);
     uint32_t words[4][V::kLanes];
     for (int r = 0; r < 4; ++r) V::store_words(words[r], w[r][0]);
     const int64_t m = min64(V::kLanes, n - i0);
@@ -112,25 +138,29 @@ template <class V, Distribution D>
 RBD_KERNEL void project_dist(const Job& j, const float* gv, int64_t rb_lo, int64_t n, int64_t t_lo,
                   int64_t t_hi, float* acc) {
   if constexpr (D == Distribution::Rademacher) {
-    for (int64_t q = t_lo / kGroup; q < t_hi / kGroup; ++q) project_group<V>(j, gv, rb_lo, n, q, acc);
+    const simd::VKeys<V> k = simd::vector_keys<V>(j.key0, j.key1);
+    for (int64_t q = t_lo / kGroup; q < t_hi / kGroup; ++q) project_group<V>(j, k, gv, rb_lo, n, q, acc);
   } else {
     constexpr int kRegs = kTile / V::kLanes, kStep = V::kTilesPerStep * kTile;
+    const Keys<V> k(j);
     int64_t t = t_lo;
-    for (; t + kStep <= t_hi; t += kStep) project_columns<V, D, V::kTilesPerStep * kRegs>(j, gv, rb_lo, n, t, acc);
-    for (; t < t_hi; t += kTile) project_columns<V, D, kRegs>(j, gv, rb_lo, n, t, acc);
+    for (; t + kStep <= t_hi; t += kStep) project_columns<V, D, V::kTilesPerStep * kRegs>(j, k, gv, rb_lo, n, t, acc);
+    for (; t < t_hi; t += kTile) project_columns<V, D, kRegs>(j, k, gv, rb_lo, n, t, acc);
   }
 }
 
 // Adds tiles [t, t + T kLanes) of row block rb into acc[r][v % kRegs], tile by tile.
 template <class V, Distribution D, int T>
-inline void expand_columns(const Job& j, const float* c, uint32_t rb, int64_t t,
+inline void expand_columns(const Job& j, const Keys<V>& k, const float* c, uint32_t rb, int64_t t,
                            typename V::F (&acc)[4][kTile / V::kLanes]) {
   constexpr int kRegs = kTile / V::kLanes;
+  typename V::I cx[2 * T];
+  simd::row_columns<V, 2 * T>(j.col_base + uint32_t(t), k.x0, cx);
   typename V::F e[4][T];
-  gen_entries<V, D, T>(j, rb, j.col_base + uint32_t(t), e);
+  row_entries<V, D, T>(j, k, rb, cx, e);
   for (int v = 0; v < T; ++v) {
     const typename V::F cv = V::load(c + t + v * V::kLanes);
-    for (int r = 0; r < 4; ++r) acc[r][v % kRegs] = acc[r][v % kRegs] + e[r][v] * cv;
+    for (int r = 0; r < 4; ++r) acc[r][v % kRegs] = V::fma(e[r][v], cv, acc[r][v % kRegs]);
   }
 }
 
@@ -153,6 +183,7 @@ void expand_rademacher(const Job& j, const float* c, int64_t width, int64_t rb_l
   for (int r = 0; r < 4; ++r) {
     for (int p = 0; p < kParts; ++p) acc[r][p] = V::zero();
   }
+  const simd::VKeys<V> k = simd::vector_keys<V>(j.key0, j.key1);
   int64_t fill_i = 0, fill_q = 0;  // next pair to generate
   int64_t i = 0, q = 0;            // next pair to consume
   const int64_t total = n * groups;
@@ -167,7 +198,7 @@ void expand_rademacher(const Job& j, const float* c, int64_t width, int64_t rb_l
       }
     }
     typename V::I w[4];
-    simd::stream_blocks_at<V>(c0, c1, j.step, j.stream, j.key0, j.key1, w);
+    simd::stream_blocks_at<V>(c0, c1, j.step, j.stream, k, w);
     uint32_t words[4][V::kLanes];
     for (int r = 0; r < 4; ++r) V::store_words(words[r], w[r]);
     const int64_t m = min64(V::kLanes, total - p0);
@@ -197,6 +228,7 @@ RBD_KERNEL void expand_dist(const Job& j, const float* c, int64_t width, int64_t
     expand_rademacher<V>(j, c, width, rb_lo, n, u);
   } else {
     constexpr int kRegs = kTile / V::kLanes;
+    const Keys<V> k(j);
     for (int64_t i = 0; i < n; ++i) {
       const uint32_t rb = uint32_t(rb_lo + i);
       typename V::F acc[4][kRegs];
@@ -205,8 +237,8 @@ RBD_KERNEL void expand_dist(const Job& j, const float* c, int64_t width, int64_t
       }
       constexpr int kStep = V::kTilesPerStep * kTile;
       int64_t t = 0;
-      for (; t + kStep <= width; t += kStep) expand_columns<V, D, V::kTilesPerStep * kRegs>(j, c, rb, t, acc);
-      for (; t < width; t += kTile) expand_columns<V, D, kRegs>(j, c, rb, t, acc);
+      for (; t + kStep <= width; t += kStep) expand_columns<V, D, V::kTilesPerStep * kRegs>(j, k, c, rb, t, acc);
+      for (; t < width; t += kTile) expand_columns<V, D, kRegs>(j, k, c, rb, t, acc);
       for (int r = 0; r < 4; ++r) u[4 * i + r] = row_sum<V, kTile, kRegs>(acc[r]);
     }
   }
@@ -220,10 +252,11 @@ RBD_KERNEL void entries_dist(const Job& j, int64_t rb, int64_t t_lo, int64_t t_h
     constexpr int kParts = kGroup / V::kLanes;
     const F one = V::splat(1.0f);
     const int64_t q_end = t_hi / kGroup;
+    const Keys<V> k(j);
     for (int64_t q0 = t_lo / kGroup; q0 < q_end; q0 += V::kLanes) {  // lanes: column groups
-      const uint32_t c0[1] = {uint32_t(rb)}, c1[1] = {j.col_base + uint32_t(q0)};
-      typename V::I w[4][1];
-      simd::stream_blocks<V, 1>(c0, c1, 0, 1, j.step, j.stream, j.key0, j.key1, w);
+      typename V::I cx[2], w[4][1];
+      simd::row_columns<V, 2>(j.col_base + uint32_t(q0), k.x0, cx);
+      row_words<V, 1>(j, k, uint32_t(rb), cx, w);
       uint32_t words[4][V::kLanes];
       for (int r = 0; r < 4; ++r) V::store_words(words[r], w[r][0]);
       const int64_t m = min64(V::kLanes, q_end - q0);
@@ -237,9 +270,12 @@ RBD_KERNEL void entries_dist(const Job& j, int64_t rb, int64_t t_lo, int64_t t_h
     }
   } else {
     constexpr int kRegs = kTile / V::kLanes;
+    const Keys<V> k(j);
     for (int64_t t = t_lo; t < t_hi; t += kTile) {
       typename V::F tile[4][kRegs];
-      gen_entries<V, D, kRegs>(j, uint32_t(rb), j.col_base + uint32_t(t), tile);
+      typename V::I cx[2 * kRegs];
+      simd::row_columns<V, 2 * kRegs>(j.col_base + uint32_t(t), k.x0, cx);
+      row_entries<V, D, kRegs>(j, k, uint32_t(rb), cx, tile);
       for (int r = 0; r < 4; ++r) {
         for (int v = 0; v < kRegs; ++v) V::store(e + r * width + t - t_lo + v * V::kLanes, tile[r][v]);
       }

@@ -153,11 +153,16 @@ RBD_HOST_DEVICE float rademacher(uint32_t word, int bit) {
 // From words (a, b): u1 = uniform_open0(a) in (0, 1], v = uniform_pm1(b) in [-1, 1),
 //   z0 = sqrt(-2 ln u1) * cos(pi v),   z1 = sqrt(-2 ln u1) * sin(pi v).
 // Words (0, 1) give rows 4b, 4b+1; words (2, 3) give rows 4b+2, 4b+3.
-// The CPU kernels use box_muller, the portable polynomials below, written branch-free so loops
-// over them vectorise and give the same bits as scalar code. The CUDA kernels use
-// box_muller_polar, the special-function unit's log2, square root, sine and cosine (the angle is
-// in [-pi, pi), where sine and cosine are accurate to ~2^-21 absolute). The two agree to
-// 1e-5 + 2e-7 / |z| (docs/random_stream.md).
+// The CPU kernels use box_muller, the portable polynomials below, written branch-free so that
+// the SIMD kernels (rbd/philox_simd.h) evaluate the same expressions lane by lane and get the same
+// bits as this scalar code. The CUDA kernels use box_muller_polar, the special-function unit's
+// log2, square root, sine and cosine (the angle is in [-pi, pi), where sine and cosine are
+// accurate to ~2^-21 absolute). The two agree to 1e-5 + 2e-7 / |z| (docs/random_stream.md).
+
+// a * b + c, rounded once. Every CPU path evaluates the polynomials with it: the SIMD paths with
+// their FMA instructions, the scalar baseline with fmaf (a libm call where the build's
+// instruction set has no FMA; correctly rounded either way, so the bits agree).
+RBD_HOST_DEVICE float mul_add(float a, float b, float c) { return fmaf(a, b, c); }
 
 namespace detail {
 
@@ -180,85 +185,88 @@ RBD_HOST_DEVICE float bits_float(uint32_t u) {
 }
 
 // The polynomial parts below are templates on the float type F so that the host SIMD code
-// (rbd/philox_simd.h, F = a GCC vector of floats) evaluates the very same expressions, in the
-// same order, and gets the same bits as the scalar code (F = float).
+// (rbd/philox_simd.h, F = a pack of vectors whose mul_add is the FMA instruction) evaluates the
+// very same expressions, in the same order, and gets the same bits as the scalar code (F = float).
 
-// ln(1 + m) - 0.5 m^2 - ... : Cephes logf's polynomial in m = mantissa - 1 and exponent ef.
+// ln(x) = ln(1 + m) + e ln 2 by Cephes logf's polynomial in m = mantissa - 1 and the exponent ef.
 template <typename F>
 RBD_HOST_DEVICE F log_poly_reduced(F m, F ef) {
   const F z = m * m;
-  F y = m * 7.0376836292e-2f - 1.1514610310e-1f;
-  y = y * m + 1.1676998740e-1f;
-  y = y * m - 1.2420140846e-1f;
-  y = y * m + 1.4249322787e-1f;
-  y = y * m - 1.6668057665e-1f;
-  y = y * m + 2.0000714765e-1f;
-  y = y * m - 2.4999993993e-1f;
-  y = y * m + 3.3333331174e-1f;
+  F y = mul_add(m, 7.0376836292e-2f, -1.1514610310e-1f);
+  y = mul_add(y, m, 1.1676998740e-1f);
+  y = mul_add(y, m, -1.2420140846e-1f);
+  y = mul_add(y, m, 1.4249322787e-1f);
+  y = mul_add(y, m, -1.6668057665e-1f);
+  y = mul_add(y, m, 2.0000714765e-1f);
+  y = mul_add(y, m, -2.4999993993e-1f);
+  y = mul_add(y, m, 3.3333331174e-1f);
   y = y * m * z;
-  y = y + ef * -2.12194440e-4f;
-  y = y + z * -0.5f;
-  return (m + y) + ef * 0.693359375f;
+  y = mul_add(ef, -2.12194440e-4f, y);
+  y = mul_add(z, -0.5f, y);
+  return mul_add(ef, 0.693359375f, m + y);
 }
 
-// ln(x) for normal positive finite x (Cephes logf: x = m 2^e, m in [sqrt(1/2), sqrt(2))).
-// Written without branches or selects on floats so host loops over it vectorise.
-RBD_HOST_DEVICE float log_poly(float x) {
-  const uint32_t bits = float_bits(x);
-  float m = bits_float((bits & 0x007fffffu) | 0x3f000000u);  // [0.5, 1)
-  const int small = m < 0.70710678118654752f ? 1 : 0;
-  const int e = int((bits >> 23) & 0xffu) - 126 - small;
-  m = m * float(1 + small) - 1.0f;  // doubling is exact
-  return log_poly_reduced(m, float(e));
+// Cephes logf's reduction of u1 = k 2^-24, k = (a >> 8) + 1 (uniform_open0): u1 = (1 + m) 2^e
+// with 1 + m in [sqrt(1/2), sqrt(2)). Adding 0x3f800000 - 0x3f3504f3 (1.0f - sqrt(1/2)f in bits)
+// to the bits of float(k) carries into the exponent exactly when the mantissa is at least
+// sqrt(1/2)'s; the mantissa bits plus sqrt(1/2)'s then give 1 + m. Integer operations and one
+// exact subtraction, no compare or select (musl's logf does the same).
+constexpr uint32_t kLogOffset = 0x3f800000u - 0x3f3504f3u;
+constexpr uint32_t kSqrtHalfBits = 0x3f3504f3u;
+constexpr int kLogBias = 127 + 24;  // exponent bias, and u1 = k 2^-24
+
+RBD_HOST_DEVICE void log_reduce(uint32_t a, float& m, float& ef) {
+  const uint32_t ix = float_bits(float((a >> 8) + 1u)) + kLogOffset;
+  ef = float(int(ix >> 23) - kLogBias);
+  m = bits_float((ix & 0x007fffffu) + kSqrtHalfBits) - 1.0f;  // exact
 }
 
-// For v in [-1, 1]: q = round(2v) and the Taylor series sr ~ sin(pi r), cr ~ cos(pi r) of
-// r = v - q/2 in [-1/4, 1/4] (truncation error < 2e-9).
+// sin(t), cos(t) for |t| <= pi/4 by their Taylor series to t^9 and t^10 (truncation below 2e-9).
 template <typename F>
-RBD_HOST_DEVICE void sincospi_reduced(F v, F& q, F& sr, F& cr) {
-  q = (v * 2.0f + 12582912.0f) - 12582912.0f;  // round(2v): 1.5 * 2^23 trick
-  const F r = v - q * 0.5f;                     // exact, |r| <= 1/4
-  const F t = r * 3.14159265358979f;
+RBD_HOST_DEVICE void sincos_poly(F t, F& s, F& c) {
   const F t2 = t * t;
-  F ps = t2 * -2.50521084e-8f + 2.75573192e-6f;
-  ps = ps * t2 - 1.98412698e-4f;
-  ps = ps * t2 + 8.33333333e-3f;
-  ps = ps * t2 - 1.66666667e-1f;
-  sr = t + t * t2 * ps;
-  F pc = t2 * 2.08767570e-9f - 2.75573192e-7f;
-  pc = pc * t2 + 2.48015873e-5f;
-  pc = pc * t2 - 1.38888889e-3f;
-  pc = pc * t2 + 4.16666667e-2f;
-  pc = pc * t2 - 0.5f;
-  cr = t2 * pc + 1.0f;
+  F ps = mul_add(t2, 2.75573192e-6f, -1.98412698e-4f);
+  ps = mul_add(ps, t2, 8.33333333e-3f);
+  ps = mul_add(ps, t2, -1.66666667e-1f);
+  s = mul_add(t * t2, ps, t);
+  F pc = mul_add(t2, -2.75573192e-7f, 2.48015873e-5f);
+  pc = mul_add(pc, t2, -1.38888889e-3f);
+  pc = mul_add(pc, t2, 4.16666667e-2f);
+  pc = mul_add(pc, t2, -0.5f);
+  c = mul_add(t2, pc, 1.0f);
 }
 
-// sin(pi v), cos(pi v) for v in [-1, 1]: reduce to r in [-1/4, 1/4], then Taylor
-// series in t = pi r. Quadrant handling uses integer bit operations only, so host loops
-// over it vectorise and round like scalar code.
-RBD_HOST_DEVICE void sincospi_poly(float v, float& s, float& c) {
-  float q, sf, cf;
-  sincospi_reduced(v, q, sf, cf);
-  const uint32_t sr = float_bits(sf);
-  const uint32_t cr = float_bits(cf);
-  // Rotate by q quarter turns (q mod 4): 1 swaps sin and cos; sin negates for 2, 3;
-  // cos negates for 1, 2.
-  const uint32_t qi = uint32_t(int(q)) & 3u;
-  const uint32_t swap = 0u - (qi & 1u);
-  const uint32_t s_sign = (qi >> 1) << 31;
-  const uint32_t c_sign = (((qi + 1u) >> 1) & 1u) << 31;
-  s = bits_float(((sr & ~swap) | (cr & swap)) ^ s_sign);
-  c = bits_float(((cr & ~swap) | (sr & swap)) ^ c_sign);
+// The angle pi v, v = uniform_pm1(b) = k 2^-23 - 1 with k = b >> 8, as pi r + q pi/2 with
+// q = round(2v) (halves up) and r = v - q/2 in [-1/4, 1/4], by integer operations on b: with
+// h = b + 2^29, q + 2 = h >> 30 (mod 4, which is all the quadrant needs), and
+// r 2^31 = (b with its low 8 bits cleared) - (h's top two bits), exact in an int32 (|r| 2^31 <= 2^29,
+// a multiple of 2^8) and in its float. angle_h returns h, angle_t the reduced angle pi r.
+constexpr uint32_t kQuarterTurnHalf = 1u << 29;
+constexpr float kPiOver2p31 = 3.14159265358979f / 2147483648.0f;  // float(pi) 2^-31, exact
+
+RBD_HOST_DEVICE float angle_t(uint32_t b, uint32_t h) {
+  return float(int32_t((b & 0xffffff00u) - (h & 0xc0000000u))) * kPiOver2p31;
 }
+
+// Rotates (sin, cos) of pi r by q quarter turns, q + 2 = h >> 30 (mod 4): bit 30 of h (q odd)
+// swaps sine and cosine, sine is negated where bit 31 is clear (q = 2, 3 mod 4) and cosine where
+// bits 31 and 30 agree (q = 1, 2).
+RBD_HOST_DEVICE uint32_t sin_sign(uint32_t h) { return ~h & 0x80000000u; }
+RBD_HOST_DEVICE uint32_t cos_sign(uint32_t h) { return ~(h ^ (h << 1)) & 0x80000000u; }
 
 }  // namespace detail
 
 RBD_HOST_DEVICE void box_muller(uint32_t a, uint32_t b, float& z0, float& z1) {
-  const float u1 = uniform_open0(a);
-  const float v = uniform_pm1(b);
-  const float radius = __builtin_sqrtf(-2.0f * detail::log_poly(u1));
-  float s, c;
-  detail::sincospi_poly(v, s, c);
+  float m, ef;
+  detail::log_reduce(a, m, ef);
+  const float radius = __builtin_sqrtf(detail::log_poly_reduced(m, ef) * -2.0f);
+  const uint32_t h = b + detail::kQuarterTurnHalf;
+  float sf, cf;
+  detail::sincos_poly(detail::angle_t(b, h), sf, cf);
+  const uint32_t sr = detail::float_bits(sf), cr = detail::float_bits(cf);
+  const uint32_t swap = 0u - ((h >> 30) & 1u);
+  const float s = detail::bits_float(((sr & ~swap) | (cr & swap)) ^ detail::sin_sign(h));
+  const float c = detail::bits_float(((cr & ~swap) | (sr & swap)) ^ detail::cos_sign(h));
   z0 = radius * c;
   z1 = radius * s;
 }

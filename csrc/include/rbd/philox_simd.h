@@ -30,11 +30,16 @@
 // holds values (no pointer casts), so the attribute is not needed there.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wignored-attributes"
+// Notes that vector arguments and returns are passed differently without AVX: every function
+// here is inlined into a kernel of this TU's instruction set.
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace rbd {
 namespace simd {
 
 #if defined(RBD_SIMD_AVX512)
+
+inline __m512 fmadd(__m512 a, __m512 b, __m512 c) { return _mm512_fmadd_ps(a, b, c); }
 
 struct Avx512 {
   static constexpr const char* kName = "avx512";
@@ -68,16 +73,14 @@ struct Avx512 {
   static I or_(I a, I b) { return _mm512_or_si512(a, b); }
   static I xor_(I a, I b) { return _mm512_xor_si512(a, b); }
   static I slli32(I x, int n) { return _mm512_slli_epi32(x, unsigned(n)); }
-  static I select(I m, I a, I b) { return _mm512_ternarylogic_epi32(m, a, b, 0xCA); }  // m ? a : b
-  static I xor_and(I a, I b, I c) { return _mm512_ternarylogic_epi32(a, b, c, 0x78); }  // a ^ (b & c)
   static F to_float(I x) { return _mm512_cvtepi32_ps(x); }  // exact for |x| < 2^24
-  static I trunc_int(F x) { return _mm512_cvttps_epi32(x); }
   static F as_float(I x) { return _mm512_castsi512_ps(x); }
   static I as_int(F x) { return _mm512_castps_si512(x); }
   static F sqrt(F x) { return _mm512_sqrt_ps(x); }
-  static I lt_as_one(F a, float b) {  // 1 where a < b, else 0
-    return _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(a, _mm512_set1_ps(b), _CMP_LT_OQ), splat32(1));
-  }
+  static F fma(F a, F b, F c) { return fmadd(a, b, c); }
+  // m's sign bit set ? a : b
+  static I select_by_sign(I m, I a, I b) { return _mm512_mask_blend_epi32(_mm512_movepi32_mask(m), b, a); }
+  static I xor_andnot(I a, I b, I c) { return _mm512_ternarylogic_epi32(a, b, c, 0xD2); }  // a ^ (~b & c)
   static F load(const float* p) { return _mm512_loadu_ps(p); }
   static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
   static void store_words(uint32_t* p, I v) { _mm512_storeu_si512(p, v); }
@@ -97,6 +100,8 @@ struct Avx512 {
 #endif
 
 #if defined(RBD_SIMD_AVX2)
+
+inline __m256 fmadd(__m256 a, __m256 b, __m256 c) { return _mm256_fmadd_ps(a, b, c); }
 
 struct Avx2 {
   static constexpr const char* kName = "avx2";
@@ -129,17 +134,16 @@ struct Avx2 {
   static I or_(I a, I b) { return _mm256_or_si256(a, b); }
   static I xor_(I a, I b) { return _mm256_xor_si256(a, b); }
   static I slli32(I x, int n) { return _mm256_slli_epi32(x, n); }
-  static I select(I m, I a, I b) { return _mm256_or_si256(_mm256_and_si256(m, a), _mm256_andnot_si256(m, b)); }
-  static I xor_and(I a, I b, I c) { return _mm256_xor_si256(a, _mm256_and_si256(b, c)); }
   static F to_float(I x) { return _mm256_cvtepi32_ps(x); }
-  static I trunc_int(F x) { return _mm256_cvttps_epi32(x); }
   static F as_float(I x) { return _mm256_castsi256_ps(x); }
   static I as_int(F x) { return _mm256_castps_si256(x); }
   static F sqrt(F x) { return _mm256_sqrt_ps(x); }
-  static I lt_as_one(F a, float b) {
-    return _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(a, _mm256_set1_ps(b), _CMP_LT_OQ)),
-                            splat32(1));
+  static F fma(F a, F b, F c) { return fmadd(a, b, c); }
+  static I select_by_sign(I m, I a, I b) {  // m's sign bit set ? a : b
+    return _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(b), _mm256_castsi256_ps(a),
+                                                _mm256_castsi256_ps(m)));
   }
+  static I xor_andnot(I a, I b, I c) { return _mm256_xor_si256(a, _mm256_andnot_si256(b, c)); }  // a ^ (~b & c)
   static F load(const float* p) { return _mm256_loadu_ps(p); }
   static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
   static void store_words(uint32_t* p, I v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
@@ -159,79 +163,119 @@ struct Avx2 {
 };
 #endif
 
-// Philox4x32-Rounds on N slot vectors of counters, the key in 64-bit slots (k0, k1); the
-// state c[w][n] is updated in place. The N independent chains interleave round by round, so
-// the multiplies' latency is hidden.
-template <class V, int Rounds, int N>
-inline void philox_slots(typename V::I (&c)[4][N], typename V::I k0, typename V::I k1) {
+// Round keys as vectors, once per kernel call: round r XORs (k0 + r W0, k1 + r W1) (rbd/philox.h's
+// StreamKeys), here splatted into every 32-bit lane (a slot reads its low half). The rounds read
+// them from memory, so they take no registers.
+template <class V>
+struct VKeys {
+  typename V::I k0[10], k1[10];
+};
+
+template <class V>
+inline VKeys<V> vector_keys(uint32_t k0, uint32_t k1) {
+  const StreamKeys k = stream_keys(k0, k1);
+  VKeys<V> out;
+  for (int r = 0; r < 10; ++r) {
+    out.k0[r] = V::splat32(k.k0[r]);
+    out.k1[r] = V::splat32(k.k1[r]);
+  }
+  return out;
+}
+
+// Rounds [R0, R1) of Philox4x32 on N slot vectors of counters; the state c[w][n] is updated in
+// place. The N independent chains advance round by round, so the multiplies' latency overlaps;
+// the rounds are unrolled so that the state stays in registers.
+template <class V, int R0, int R1, int N>
+inline void philox_rounds(typename V::I (&c)[4][N], const VKeys<V>& k) {
   using I = typename V::I;
   const I m0 = V::splat64(kPhiloxM0), m1 = V::splat64(kPhiloxM1);
-  const I w0 = V::splat64(kPhiloxW0), w1 = V::splat64(kPhiloxW1);
-  for (int r = 0; r < Rounds; ++r) {
-    if (r > 0) {
-      // Only the low halves matter; a carry into the high half is ignored like all high halves.
-      k0 = V::add64(k0, w0);
-      k1 = V::add64(k1, w1);
-    }
+#pragma GCC unroll 10
+  for (int r = R0; r < R1; ++r) {
     for (int n = 0; n < N; ++n) {
       const I p0 = V::mul_wide(c[0][n], m0);  // (hi0, lo0)
       const I p1 = V::mul_wide(c[2][n], m1);  // (hi1, lo1)
-      c[0][n] = V::xor3(V::high_half(p1), c[1][n], k0);
-      c[2][n] = V::xor3(V::high_half(p0), c[3][n], k1);
+      c[0][n] = V::xor3(V::high_half(p1), c[1][n], k.k0[r]);
+      c[2][n] = V::xor3(V::high_half(p0), c[3][n], k.k1[r]);
       c[1][n] = p1;
       c[3][n] = p0;
     }
   }
 }
 
-template <int T>
-inline bool c0_uniform(const uint32_t (&c0)[T]) {
-  for (int t = 1; t < T; ++t) {
-    if (c0[t] != c0[0]) return false;
+// The counters (rb, col, step, stream) of one row block: the first three rounds on what is the
+// same in every lane. c0 = rb, c2 = step and c3 = stream are, so round 1's products are scalars
+// and only its XOR into c0 (the column) is per lane; round 2 multiplies c0 per lane and c2 as a
+// scalar, round 3 the reverse. RowRounds holds the scalar parts; philox_row the per-lane rest:
+// 3 + 4 vector operations instead of two full rounds (AVX2: 16).
+struct RowRounds {
+  uint32_t x0;   // round 1: c0 = col ^ x0
+  uint32_t c3k;  // round 2: c2 = hi(c0 M0) ^ c3k
+  uint32_t c1k;  // round 3: c0 = hi(c2 M1) ^ c1k
+  uint32_t c2k;  // round 3: c2 = c3 ^ c2k
+  uint32_t c3k4; // round 4: c2 = hi(c0 M0) ^ c3k4
+};
+
+inline RowRounds row_rounds(uint32_t rb, uint32_t step, uint32_t stream, const StreamKeys& k) {
+  const uint64_t p1 = uint64_t(kPhiloxM1) * step, p0 = uint64_t(kPhiloxM0) * rb;
+  const uint32_t s1 = uint32_t(p1), s2 = uint32_t(p0 >> 32) ^ stream ^ k.k1[0], s3 = uint32_t(p0);
+  const uint64_t p1b = uint64_t(kPhiloxM1) * s2;  // round 2
+  const uint32_t t0 = uint32_t(p1b >> 32) ^ s1 ^ k.k0[1], t1 = uint32_t(p1b);
+  const uint64_t p0c = uint64_t(kPhiloxM0) * t0;  // round 3
+  return RowRounds{uint32_t(p1 >> 32) ^ k.k0[0], s3 ^ k.k1[1], t1 ^ k.k0[2],
+                   uint32_t(p0c >> 32) ^ k.k1[2], uint32_t(p0c) ^ k.k1[3]};
+}
+
+// Philox4x32-10 of the counters (rb, cx[n] ^ x0, step, stream): cx[n] holds the columns of slot
+// vector n XORed with RowRounds::x0 (loop-invariant across rows). c[w][n] receives word w.
+template <class V, int N>
+inline void philox_row(const RowRounds& rr, const typename V::I (&cx)[N], const VKeys<V>& k,
+                       typename V::I (&c)[4][N]) {
+  using I = typename V::I;
+  const I m0 = V::splat64(kPhiloxM0), m1 = V::splat64(kPhiloxM1);
+  const I c3k = V::splat32(rr.c3k), c1k = V::splat32(rr.c1k), c2k = V::splat32(rr.c2k);
+  const I c3k4 = V::splat32(rr.c3k4);
+  for (int n = 0; n < N; ++n) {
+    const I p0 = V::mul_wide(cx[n], m0);                      // round 2
+    const I c2 = V::xor_(V::high_half(p0), c3k);
+    const I p1 = V::mul_wide(c2, m1);                         // round 3
+    const I c0 = V::xor_(V::high_half(p1), c1k);
+    const I c2b = V::xor_(p0, c2k);
+    const I q0 = V::mul_wide(c0, m0), q1 = V::mul_wide(c2b, m1);  // round 4
+    c[0][n] = V::xor3(V::high_half(q1), p1, k.k0[3]);
+    c[2][n] = V::xor_(V::high_half(q0), c3k4);
+    c[1][n] = q1;
+    c[3][n] = q0;
   }
-  return true;
+  philox_rounds<V, 4, 10, N>(c, k);
+}
+
+// The slot vectors' columns for philox_row: slot vector n of col0 holds col0 + n kSlots + l.
+template <class V, int N>
+inline void row_columns(uint32_t col0, uint32_t x0, typename V::I (&cx)[N]) {
+  constexpr int kSlots = V::kLanes / 2;
+  for (int n = 0; n < N; ++n) {
+    cx[n] = V::xor_(V::add64(V::splat64(col0 + uint32_t(n * kSlots)), V::slot_iota()), V::splat64(x0));
+  }
 }
 
 // Philox4x32-10 blocks for T vectors of counters: lane l of vector t gets counter
-// (c0[t] + l * d0, c1[t] + l * d1, step, stream) under key (k0, k1); out[w][t] holds word w.
-// (d0, d1) = (0, 1): consecutive columns of one row block; (1, 0): consecutive row blocks.
+// (c0[t] + l, c1, step, stream) under the keys k; out[w][t] holds word w (Rademacher project:
+// consecutive row blocks of one column group).
 template <class V, int T>
-inline void stream_blocks(const uint32_t (&c0)[T], const uint32_t (&c1)[T], uint32_t d0, uint32_t d1,
-                          uint32_t step, uint32_t stream, uint32_t k0, uint32_t k1,
-                          typename V::I (&out)[4][T]) {
+inline void stream_blocks_rows(const uint32_t (&c0)[T], uint32_t c1, uint32_t step, uint32_t stream,
+                               const VKeys<V>& k, typename V::I (&out)[4][T]) {
   using I = typename V::I;
-  constexpr int kSlots = V::kLanes / 2;  // counters per slot vector
+  constexpr int kSlots = V::kLanes / 2;
   I c[4][2 * T];
-  const I iota = V::slot_iota();
-  // Slot values wrap mod 2^32 in the low half (a carry into the high half is ignored).
-  const I l0 = V::mul_wide(iota, V::splat64(d0)), l1 = V::mul_wide(iota, V::splat64(d1));
-  const I half0 = V::splat64(uint64_t(d0) * kSlots), half1 = V::splat64(uint64_t(d1) * kSlots);
   for (int t = 0; t < T; ++t) {
-    const I a0 = V::add64(V::splat64(c0[t]), l0), a1 = V::add64(V::splat64(c1[t]), l1);
-    c[0][2 * t] = a0;
-    c[1][2 * t] = a1;
-    c[0][2 * t + 1] = V::add64(a0, half0);
-    c[1][2 * t + 1] = V::add64(a1, half1);
-    c[2][2 * t] = c[2][2 * t + 1] = V::splat64(step);
-    c[3][2 * t] = c[3][2 * t + 1] = V::splat64(stream);
-  }
-  if (d0 == 0 && c0_uniform(c0)) {
-    // Row-block tiles: c0, c2 and c3 are the same in every lane, so round 1's products are
-    // scalars and only its XOR into c1 is per lane.
-    const uint64_t p0 = uint64_t(kPhiloxM0) * c0[0], p1 = uint64_t(kPhiloxM1) * step;
-    const I x0 = V::splat64(uint32_t(p1 >> 32) ^ k0);
-    const I s1 = V::splat64(uint32_t(p1)), s2 = V::splat64(uint32_t(p0 >> 32) ^ stream ^ k1);
-    const I s3 = V::splat64(uint32_t(p0));
-    for (int n = 0; n < 2 * T; ++n) {
-      c[0][n] = V::xor_(c[1][n], x0);
-      c[1][n] = s1;
-      c[2][n] = s2;
-      c[3][n] = s3;
+    for (int h = 0; h < 2; ++h) {
+      c[0][2 * t + h] = V::add64(V::splat64(c0[t] + uint32_t(h * kSlots)), V::slot_iota());
+      c[1][2 * t + h] = V::splat64(c1);
+      c[2][2 * t + h] = V::splat64(step);
+      c[3][2 * t + h] = V::splat64(stream);
     }
-    philox_slots<V, 9, 2 * T>(c, V::splat64(k0 + kPhiloxW0), V::splat64(k1 + kPhiloxW1));
-  } else {
-    philox_slots<V, 10, 2 * T>(c, V::splat64(k0), V::splat64(k1));
   }
+  philox_rounds<V, 0, 10, 2 * T>(c, k);
   for (int w = 0; w < 4; ++w) {
     for (int t = 0; t < T; ++t) out[w][t] = V::pack(c[w][2 * t], c[w][2 * t + 1]);
   }
@@ -240,7 +284,7 @@ inline void stream_blocks(const uint32_t (&c0)[T], const uint32_t (&c1)[T], uint
 // Philox4x32-10 blocks for kLanes arbitrary counters (c0[l], c1[l], step, stream), one key.
 template <class V>
 inline void stream_blocks_at(const uint32_t* c0, const uint32_t* c1, uint32_t step, uint32_t stream,
-                             uint32_t k0, uint32_t k1, typename V::I (&out)[4]) {
+                             const VKeys<V>& k, typename V::I (&out)[4]) {
   using I = typename V::I;
   constexpr int kSlots = V::kLanes / 2;
   I c[4][2];
@@ -250,7 +294,7 @@ inline void stream_blocks_at(const uint32_t* c0, const uint32_t* c1, uint32_t st
     c[2][h] = V::splat64(step);
     c[3][h] = V::splat64(stream);
   }
-  philox_slots<V, 10, 2>(c, V::splat64(k0), V::splat64(k1));
+  philox_rounds<V, 0, 10, 2>(c, k);
   for (int w = 0; w < 4; ++w) out[w] = V::pack(c[w][0], c[w][1]);
 }
 
@@ -260,11 +304,19 @@ inline void philox_lanes(const uint32_t (&c)[4][V::kLanes], const uint32_t (&k)[
                          typename V::I (&out)[4]) {
   using I = typename V::I;
   constexpr int kSlots = V::kLanes / 2;
+  const I w0 = V::splat64(kPhiloxW0), w1 = V::splat64(kPhiloxW1);
   I half[2][4][1];
   for (int h = 0; h < 2; ++h) {
+    VKeys<V> keys;
+    keys.k0[0] = V::load_slots(k[0] + h * kSlots);
+    keys.k1[0] = V::load_slots(k[1] + h * kSlots);
+    for (int r = 1; r < Rounds; ++r) {
+      // Only the low halves matter; a carry into the high half is ignored like all high halves.
+      keys.k0[r] = V::add64(keys.k0[r - 1], w0);
+      keys.k1[r] = V::add64(keys.k1[r - 1], w1);
+    }
     for (int w = 0; w < 4; ++w) half[h][w][0] = V::load_slots(c[w] + h * kSlots);
-    philox_slots<V, Rounds, 1>(half[h], V::load_slots(k[0] + h * kSlots),
-                               V::load_slots(k[1] + h * kSlots));
+    philox_rounds<V, 0, Rounds, 1>(half[h], keys);
   }
   for (int w = 0; w < 4; ++w) out[w] = V::pack(half[0][w][0], half[1][w][0]);
 }
@@ -273,12 +325,8 @@ inline void philox_lanes(const uint32_t (&c)[4][V::kLanes], const uint32_t (&k)[
 
 template <class V>
 inline typename V::F uniform_pm1(typename V::I x) {
-  return V::to_float(V::srli32(x, 8)) * (1.0f / 8388608.0f) - 1.0f;
-}
-
-template <class V>
-inline typename V::F uniform_open0(typename V::I x) {
-  return V::to_float(V::add32(V::srli32(x, 8), V::splat32(1))) * (1.0f / 16777216.0f);
+  // k 2^-23 - 1 is exact for k < 2^24, so the FMA gives uniform_pm1's bits.
+  return V::fma(V::to_float(V::srli32(x, 8)), V::splat(1.0f / 8388608.0f), V::splat(-1.0f));
 }
 
 // K vectors evaluated statement by statement: the polynomials (templates of rbd/philox.h) then
@@ -287,28 +335,24 @@ inline typename V::F uniform_open0(typename V::I x) {
 template <class F, int K>
 struct Pack {
   F v[K];
+  static F lane(const Pack& p, int k) { return p.v[k]; }
+  static F lane(float x, int) { return F{} + x; }
   friend Pack operator+(Pack a, const Pack& b) {
     for (int k = 0; k < K; ++k) a.v[k] = a.v[k] + b.v[k];
-    return a;
-  }
-  friend Pack operator-(Pack a, const Pack& b) {
-    for (int k = 0; k < K; ++k) a.v[k] = a.v[k] - b.v[k];
     return a;
   }
   friend Pack operator*(Pack a, const Pack& b) {
     for (int k = 0; k < K; ++k) a.v[k] = a.v[k] * b.v[k];
     return a;
   }
-  friend Pack operator+(Pack a, float b) {
-    for (int k = 0; k < K; ++k) a.v[k] = a.v[k] + b;
-    return a;
-  }
-  friend Pack operator-(Pack a, float b) {
-    for (int k = 0; k < K; ++k) a.v[k] = a.v[k] - b;
-    return a;
-  }
   friend Pack operator*(Pack a, float b) {
     for (int k = 0; k < K; ++k) a.v[k] = a.v[k] * b;
+    return a;
+  }
+  // rbd/philox.h's mul_add on packs: the FMA instruction, lane by lane.
+  template <class B, class C>
+  friend Pack mul_add(Pack a, const B& b, const C& c) {
+    for (int k = 0; k < K; ++k) a.v[k] = fmadd(a.v[k], lane(b, k), lane(c, k));
     return a;
   }
 };
@@ -319,32 +363,29 @@ inline void box_muller(const typename V::I (&a)[K], const typename V::I (&b)[K],
                        typename V::F (&z0)[K], typename V::F (&z1)[K]) {
   using I = typename V::I;
   using P = Pack<typename V::F, K>;
-  // radius = sqrt(-2 ln u1), ln by log_poly: u1 = m 2^e with m in [sqrt(1/2), sqrt(2)).
-  P m, ef;
-  for (int k = 0; k < K; ++k) {
-    const I bits = V::as_int(uniform_open0<V>(a[k]));
-    const typename V::F mant =
-        V::as_float(V::or_(V::and_(bits, V::splat32(0x007fffffu)), V::splat32(0x3f000000u)));
-    const I small = V::lt_as_one(mant, 0.70710678118654752f);
-    const I e = V::sub32(V::sub32(V::and_(V::srli32(bits, 23), V::splat32(0xffu)), V::splat32(126)), small);
-    m.v[k] = mant * V::to_float(V::add32(small, V::splat32(1))) - 1.0f;
-    ef.v[k] = V::to_float(e);
+  P m, ef, t;
+  I h[K];
+  for (int k = 0; k < K; ++k) {  // detail::log_reduce
+    const I ix = V::add32(V::as_int(V::to_float(V::add32(V::srli32(a[k], 8), V::splat32(1)))),
+                          V::splat32(detail::kLogOffset));
+    ef.v[k] = V::to_float(V::sub32(V::srli32(ix, 23), V::splat32(detail::kLogBias)));
+    m.v[k] = V::as_float(V::add32(V::and_(ix, V::splat32(0x007fffffu)), V::splat32(detail::kSqrtHalfBits))) -
+             1.0f;
+    // detail::angle_t
+    h[k] = V::add32(b[k], V::splat32(detail::kQuarterTurnHalf));
+    t.v[k] = V::to_float(V::sub32(V::and_(b[k], V::splat32(0xffffff00u)), V::and_(h[k], V::splat32(0xc0000000u)))) *
+             detail::kPiOver2p31;
   }
   const P ln = detail::log_poly_reduced<P>(m, ef);
-  // sin(pi v), cos(pi v) by sincospi_poly's reduction and quadrant rotation.
-  P v, q, sf, cf;
-  for (int k = 0; k < K; ++k) v.v[k] = uniform_pm1<V>(b[k]);
-  detail::sincospi_reduced<P>(v, q, sf, cf);
+  P sf, cf;
+  detail::sincos_poly<P>(t, sf, cf);
+  const I sign = V::splat32(0x80000000u);
   for (int k = 0; k < K; ++k) {
+    // The quadrant's rotation (box_muller): bit 30 of h swaps, then the signs.
+    const I h1 = V::slli32(h[k], 1);
     const I sr = V::as_int(sf.v[k]), cr = V::as_int(cf.v[k]);
-    // Rotate by q quarter turns: bit 0 of q swaps sin and cos, bit 1 negates sin, bit 1 of
-    // q + 1 negates cos (the same bits as sincospi_poly's integer code).
-    const I qi = V::trunc_int(q.v[k]);
-    const I swap = V::sub32(V::splat32(0), V::and_(qi, V::splat32(1)));
-    const I sign = V::splat32(0x80000000u);
-    const typename V::F s = V::as_float(V::xor_and(V::select(swap, cr, sr), V::slli32(qi, 30), sign));
-    const typename V::F c =
-        V::as_float(V::xor_and(V::select(swap, sr, cr), V::slli32(V::add32(qi, V::splat32(1)), 30), sign));
+    const typename V::F s = V::as_float(V::xor_andnot(V::select_by_sign(h1, cr, sr), h[k], sign));
+    const typename V::F c = V::as_float(V::xor_andnot(V::select_by_sign(h1, sr, cr), V::xor_(h[k], h1), sign));
     const typename V::F radius = V::sqrt(ln.v[k] * -2.0f);
     z0[k] = radius * c;
     z1[k] = radius * s;
