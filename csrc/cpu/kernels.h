@@ -21,6 +21,13 @@ namespace cpu {
 constexpr int kTile = 16;   // normal/uniform: columns per tile, expand's lanes per row
 constexpr int kGroup = 32;  // Rademacher: columns per Philox word
 
+// Rademacher expand adds a row's signed coefficients a few columns at a time: for column group q
+// and m < kSignedSums, the bits 3m .. 3m + 2 of the row's word (only 30, 31 for m = 10) pick
+//   sum(q, m, p) = ((s0 c[32q + 3m] + s1 c[32q + 3m + 1]) + s2 c[32q + 3m + 2]),  s_i = -1 where
+// bit i of p is set, else +1 (m = 10: s0 c[32q + 30] + s1 c[32q + 31]): one of 8 (4) values, a
+// table lookup per three columns.
+constexpr int kSignedSums = 11;
+
 struct Job {
   Distribution dist;
   uint32_t key0, key1, step, stream;
@@ -37,10 +44,11 @@ struct Kernels {
   // for Rademacher entries (sign flips: no products), where g_r = gv[4 (rb - rb_lo) + r].
   void (*project)(const Job& job, const float* gv, int64_t rb_lo, int64_t n, int64_t t_lo,
                   int64_t t_hi, float* acc);
-  // For row block rb = rb_lo + i, i < n, and r < 4: u[4 i + r] = the pairwise sum over lanes
-  // l < L of a_l, where a_l = sum over t = l, l + L, ... < width (in this order) of
-  // P[4rb + r, t] c[t], each term added by one fma (normal, uniform) or as the signed c[t]
-  // (Rademacher); L = kTile (kGroup for Rademacher), width a multiple of L.
+  // For row block rb = rb_lo + i, i < n, and r < 4, width a multiple of kTile (of kGroup for
+  // Rademacher): normal and uniform: u[4 i + r] = the pairwise sum over lanes l < kTile of a_l,
+  // where a_l = sum over t = l, l + kTile, ... < width (in this order) of P[4rb + r, t] c[t], each
+  // term added by one fma; Rademacher: u[4 i + r] = the sum, from 0 in the order of q then m, of
+  // sum(q, m, p) above with p the bits of P[4rb + r, 32q + 3m ...] (set where the entry is -1).
   void (*expand)(const Job& job, const float* c, int64_t width, int64_t rb_lo, int64_t n, float* u);
   // e[r (t_hi - t_lo) + t - t_lo] = P[4 rb + r, t] for r < 4, t in [t_lo, t_hi) (as project).
   void (*entries)(const Job& job, int64_t rb, int64_t t_lo, int64_t t_hi, float* e);

@@ -95,33 +95,47 @@ RBD_FMA_CLONES void project(const Job& j, const float* gv, int64_t rb_lo, int64_
   }
 }
 
+// kernels.h's signed sums of column group cq: table[m][p] = sum(q, m, p).
+inline void signed_sums(const float* cq, float (&table)[kSignedSums][8]) {
+  for (int m = 0; m < kSignedSums; ++m) {
+    for (uint32_t p = 0; p < 8; ++p) {
+      float t = flip_sign(cq[3 * m], p, 0) + flip_sign(cq[3 * m + 1], p, 1);
+      if (m + 1 < kSignedSums) t = t + flip_sign(cq[3 * m + 2], p, 2);
+      table[m][p] = t;
+    }
+  }
+}
+
 RBD_FMA_CLONES void expand(const Job& j, const float* c, int64_t width, int64_t rb_lo, int64_t n, float* u) {
+  if (j.dist == Distribution::Rademacher) {
+    for (int64_t i = 0; i < 4 * n; ++i) u[i] = 0.0f;
+    float table[kSignedSums][8];
+    for (int64_t q = 0; q < width / kGroup; ++q) {
+      signed_sums(c + kGroup * q, table);
+      for (int64_t i = 0; i < n; ++i) {
+        const Philox4 x = group_block(j, rb_lo + i, q);
+        for (int r = 0; r < 4; ++r) {
+          float s = u[4 * i + r];
+          for (int m = 0; m < kSignedSums; ++m) s += table[m][(x.w[r] >> (3 * m)) & 7u];
+          u[4 * i + r] = s;
+        }
+      }
+    }
+    return;
+  }
   for (int64_t i = 0; i < n; ++i) {
     const int64_t rb = rb_lo + i;
-    if (j.dist == Distribution::Rademacher) {
-      float acc[4][kGroup] = {};
-      for (int64_t q = 0; q < width / kGroup; ++q) {
-        const Philox4 x = group_block(j, rb, q);
-        const float* cq = c + kGroup * q;
-        for (int r = 0; r < 4; ++r) {
+    float acc[4][kTile] = {};
+    float e[4][kTile];
+    for (int64_t t = 0; t < width; t += kTile) {
+      gen_tile(j, uint32_t(rb), j.col_base + uint32_t(t), e);
+      const float* ct = c + t;
+      for (int r = 0; r < 4; ++r) {
 #pragma omp simd
-          for (int k = 0; k < kGroup; ++k) acc[r][k] += flip_sign(cq[k], x.w[r], k);
-        }
+        for (int l = 0; l < kTile; ++l) acc[r][l] = mul_add(e[r][l], ct[l], acc[r][l]);
       }
-      for (int r = 0; r < 4; ++r) u[4 * i + r] = lane_sum<kGroup>(acc[r]);
-    } else {
-      float acc[4][kTile] = {};
-      float e[4][kTile];
-      for (int64_t t = 0; t < width; t += kTile) {
-        gen_tile(j, uint32_t(rb), j.col_base + uint32_t(t), e);
-        const float* ct = c + t;
-        for (int r = 0; r < 4; ++r) {
-#pragma omp simd
-          for (int l = 0; l < kTile; ++l) acc[r][l] = mul_add(e[r][l], ct[l], acc[r][l]);
-        }
-      }
-      for (int r = 0; r < 4; ++r) u[4 * i + r] = lane_sum<kTile>(acc[r]);
     }
+    for (int r = 0; r < 4; ++r) u[4 * i + r] = lane_sum<kTile>(acc[r]);
   }
 }
 

@@ -171,53 +171,40 @@ inline float row_sum(const typename V::F (&acc)[kRegs]) {
   return lane_sum<kLaneCount>(lanes);
 }
 
-// Rademacher expand: lanes are consecutive (row block, column group) pairs in row-major order,
-// so a short row (few groups) still fills the vectors.
+// Rademacher expand: lanes are kLanes consecutive row blocks. Per column group, the 11 tables of
+// kernels.h's signed sums (one vector each: lane p holds sum(q, m, p & 7)) are built once and
+// read by a permute whose index is the row's word shifted right by 3m (the permute reads the low
+// 3 or 4 bits): three instructions per 3 columns, row and kLanes row blocks.
 template <class V>
 void expand_rademacher(const Job& j, const float* c, int64_t width, int64_t rb_lo, int64_t n,
                        float* u) {
   using F = typename V::F;
-  constexpr int kParts = kGroup / V::kLanes;
+  using I = typename V::I;
   const int64_t groups = width / kGroup;
-  F acc[4][kParts];
-  for (int r = 0; r < 4; ++r) {
-    for (int p = 0; p < kParts; ++p) acc[r][p] = V::zero();
-  }
   const simd::VKeys<V> k = simd::vector_keys<V>(j.key0, j.key1);
-  int64_t fill_i = 0, fill_q = 0;  // next pair to generate
-  int64_t i = 0, q = 0;            // next pair to consume
-  const int64_t total = n * groups;
-  for (int64_t p0 = 0; p0 < total; p0 += V::kLanes) {
-    uint32_t c0[V::kLanes], c1[V::kLanes];
-    for (int l = 0; l < V::kLanes; ++l) {
-      c0[l] = uint32_t(rb_lo + fill_i);
-      c1[l] = j.col_base + uint32_t(fill_q);
-      if (++fill_q == groups) {
-        fill_q = 0;
-        ++fill_i;
+  I sign[3];  // lane p: the sign bit where bit i of p (mod 8) is set
+  for (int b = 0; b < 3; ++b) {
+    sign[b] = V::slli32(V::and_(V::srli32(V::lane_iota(), b), V::splat32(1)), 31);
+  }
+  for (int64_t i0 = 0; i0 < n; i0 += V::kLanes) {
+    F acc[4] = {V::zero(), V::zero(), V::zero(), V::zero()};
+    for (int64_t q = 0; q < groups; ++q) {
+      const uint32_t c0[1] = {uint32_t(rb_lo + i0)};
+      I w[4][1];
+      simd::stream_blocks_rows<V, 1>(c0, j.col_base + uint32_t(q), j.step, j.stream, k, w);
+      const float* cq = c + kGroup * q;
+      for (int m = 0; m < kSignedSums; ++m) {
+        F table = V::as_float(V::xor_(V::as_int(V::splat(cq[3 * m])), sign[0])) +
+                  V::as_float(V::xor_(V::as_int(V::splat(cq[3 * m + 1])), sign[1]));
+        if (m + 1 < kSignedSums) table = table + V::as_float(V::xor_(V::as_int(V::splat(cq[3 * m + 2])), sign[2]));
+        for (int r = 0; r < 4; ++r) acc[r] = acc[r] + V::lookup(table, V::srli32(w[r][0], 3 * m));
       }
     }
-    typename V::I w[4];
-    simd::stream_blocks_at<V>(c0, c1, j.step, j.stream, k, w);
-    uint32_t words[4][V::kLanes];
-    for (int r = 0; r < 4; ++r) V::store_words(words[r], w[r]);
-    const int64_t m = min64(V::kLanes, total - p0);
-    for (int64_t l = 0; l < m; ++l) {
-      const float* cq = c + kGroup * q;
-      F cv[kParts];
-      for (int p = 0; p < kParts; ++p) cv[p] = V::load(cq + p * V::kLanes);
-      for (int r = 0; r < 4; ++r) {
-        const typename V::Signs s = V::signs(words[r][l]);
-        for (int p = 0; p < kParts; ++p) acc[r][p] = acc[r][p] + V::flip(cv[p], s, p);
-      }
-      if (++q == groups) {
-        for (int r = 0; r < 4; ++r) {
-          u[4 * i + r] = row_sum<V, kGroup, kParts>(acc[r]);
-          for (int p = 0; p < kParts; ++p) acc[r][p] = V::zero();
-        }
-        q = 0;
-        ++i;
-      }
+    float lanes[4][V::kLanes];
+    for (int r = 0; r < 4; ++r) V::store(lanes[r], acc[r]);
+    const int64_t rows = min64(V::kLanes, n - i0);
+    for (int64_t l = 0; l < rows; ++l) {
+      for (int r = 0; r < 4; ++r) u[4 * (i0 + l) + r] = lanes[r][l];
     }
   }
 }

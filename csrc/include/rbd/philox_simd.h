@@ -60,6 +60,9 @@ struct Avx512 {
     return _mm512_cvtepu32_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
   static I slot_iota() { return _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0); }
+  static I lane_iota() { return _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0); }
+  // Lane l: table[idx[l] & 15].
+  static F lookup(F table, I idx) { return _mm512_permutexvar_ps(idx, table); }
   // Low halves of the slots of a (counters 0..7) and b (8..15) as 16 u32 lanes, in order.
   static I pack(I a, I b) {
     const I idx = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
@@ -120,6 +123,9 @@ struct Avx2 {
     return _mm256_cvtepu32_epi64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
   static I slot_iota() { return _mm256_set_epi64x(3, 2, 1, 0); }
+  static I lane_iota() { return _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0); }
+  // Lane l: table[idx[l] & 7].
+  static F lookup(F table, I idx) { return _mm256_permutevar8x32_ps(table, idx); }
   static I pack(I a, I b) {
     // shuffle_ps takes the low halves as (a0 a1 b0 b1 | a2 a3 b2 b3); vpermq puts them in order.
     const __m256 s = _mm256_shuffle_ps(_mm256_castsi256_ps(a), _mm256_castsi256_ps(b),
@@ -279,23 +285,6 @@ inline void stream_blocks_rows(const uint32_t (&c0)[T], uint32_t c1, uint32_t st
   for (int w = 0; w < 4; ++w) {
     for (int t = 0; t < T; ++t) out[w][t] = V::pack(c[w][2 * t], c[w][2 * t + 1]);
   }
-}
-
-// Philox4x32-10 blocks for kLanes arbitrary counters (c0[l], c1[l], step, stream), one key.
-template <class V>
-inline void stream_blocks_at(const uint32_t* c0, const uint32_t* c1, uint32_t step, uint32_t stream,
-                             const VKeys<V>& k, typename V::I (&out)[4]) {
-  using I = typename V::I;
-  constexpr int kSlots = V::kLanes / 2;
-  I c[4][2];
-  for (int h = 0; h < 2; ++h) {
-    c[0][h] = V::load_slots(c0 + h * kSlots);
-    c[1][h] = V::load_slots(c1 + h * kSlots);
-    c[2][h] = V::splat64(step);
-    c[3][h] = V::splat64(stream);
-  }
-  philox_rounds<V, 0, 10, 2>(c, k);
-  for (int w = 0; w < 4; ++w) out[w] = V::pack(c[w][0], c[w][1]);
 }
 
 // Philox4x32-Rounds of kLanes counters c[.][l] under their own keys k[.][l] (the debug op).
