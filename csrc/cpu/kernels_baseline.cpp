@@ -16,15 +16,13 @@ namespace rbd {
 namespace cpu {
 namespace {
 
-// Pairwise sum of a fixed-width lane array: the same order on every machine.
-template <int N>
-inline float lane_sum(const float* v) {
-  if constexpr (N == 1) {
-    return v[0];
-  } else {
-    return lane_sum<N / 2>(v) + lane_sum<N / 2>(v + N / 2);
-  }
+// Pairwise sum of n lanes (a power of 2): the same order on every machine.
+inline float lane_sum(const float* v, int n) {
+  return n == 1 ? v[0] : lane_sum(v, n / 2) + lane_sum(v + n / 2, n / 2);
 }
+
+// Columns [t, t + cols(t)) of a request of t_hi columns: a tile, or the narrow width (kernels.h).
+inline int cols(int64_t t, int64_t t_hi, int unit) { return t_hi - t < unit ? int(t_hi - t) : unit; }
 
 // v, negated when bit `bit` of `word` is set. A compare against a constant bit keeps
 // loops over `bit` vectorisable without per-lane variable shifts (absent before AVX2).
@@ -71,11 +69,12 @@ RBD_FMA_CLONES void project(const Job& j, const float* gv, int64_t rb_lo, int64_
     const int64_t rb = rb_lo + i;
     const float* g = gv + 4 * i;
     if (j.dist == Distribution::Rademacher) {
-      for (int64_t q = t_lo / kGroup; q < t_hi / kGroup; ++q) {
+      for (int64_t q = t_lo / kGroup; kGroup * q < t_hi; ++q) {
         const Philox4 x = group_block(j, rb, q);
         float* acc_q = acc + kGroup * q;
+        const int m = cols(kGroup * q, t_hi, kGroup);
 #pragma omp simd
-        for (int k = 0; k < kGroup; ++k) {
+        for (int k = 0; k < m; ++k) {
           acc_q[k] += ((flip_sign(g[0], x.w[0], k) + flip_sign(g[1], x.w[1], k)) +
                        flip_sign(g[2], x.w[2], k)) +
                       flip_sign(g[3], x.w[3], k);
@@ -86,21 +85,24 @@ RBD_FMA_CLONES void project(const Job& j, const float* gv, int64_t rb_lo, int64_
       for (int64_t t = t_lo; t < t_hi; t += kTile) {
         gen_tile(j, uint32_t(rb), j.col_base + uint32_t(t), e);
         float* acc_t = acc + t;
+        const int m = cols(t, t_hi, kTile);
 #pragma omp simd
-        for (int l = 0; l < kTile; ++l) {
-          acc_t[l] = mul_add(e[3][l], g[3], mul_add(e[2][l], g[2], mul_add(e[1][l], g[1], mul_add(e[0][l], g[0], acc_t[l]))));
+        for (int l = 0; l < m; ++l) {
+          acc_t[l] += mul_add(e[3][l], g[3], mul_add(e[2][l], g[2], mul_add(e[1][l], g[1], e[0][l] * g[0])));
         }
       }
     }
   }
 }
 
-// kernels.h's signed sums of column group cq: table[m][p] = sum(q, m, p).
-inline void signed_sums(const float* cq, float (&table)[kSignedSums][8]) {
+// kernels.h's signed sums of column group cq, of its first `width` columns (the rest read as 0):
+// table[m][p] = sum(q, m, p).
+inline void signed_sums(const float* cq, int64_t width, float (&table)[kSignedSums][8]) {
+  const auto col = [&](int t) { return t < width ? cq[t] : 0.0f; };
   for (int m = 0; m < kSignedSums; ++m) {
     for (uint32_t p = 0; p < 8; ++p) {
-      float t = flip_sign(cq[3 * m], p, 0) + flip_sign(cq[3 * m + 1], p, 1);
-      if (m + 1 < kSignedSums) t = t + flip_sign(cq[3 * m + 2], p, 2);
+      float t = flip_sign(col(3 * m), p, 0) + flip_sign(col(3 * m + 1), p, 1);
+      if (m + 1 < kSignedSums) t = t + flip_sign(col(3 * m + 2), p, 2);
       table[m][p] = t;
     }
   }
@@ -109,14 +111,16 @@ inline void signed_sums(const float* cq, float (&table)[kSignedSums][8]) {
 RBD_FMA_CLONES void expand(const Job& j, const float* c, int64_t width, int64_t rb_lo, int64_t n, float* u) {
   if (j.dist == Distribution::Rademacher) {
     for (int64_t i = 0; i < 4 * n; ++i) u[i] = 0.0f;
+    // A narrow request skips the sums of columns it does not have (kernels.h: they add zeros).
+    const int m_end = width < kGroup ? int(width + 2) / 3 : kSignedSums;
     float table[kSignedSums][8];
-    for (int64_t q = 0; q < width / kGroup; ++q) {
-      signed_sums(c + kGroup * q, table);
+    for (int64_t q = 0; kGroup * q < width; ++q) {
+      signed_sums(c + kGroup * q, width - kGroup * q, table);
       for (int64_t i = 0; i < n; ++i) {
         const Philox4 x = group_block(j, rb_lo + i, q);
         for (int r = 0; r < 4; ++r) {
           float s = u[4 * i + r];
-          for (int m = 0; m < kSignedSums; ++m) s += table[m][(x.w[r] >> (3 * m)) & 7u];
+          for (int m = 0; m < m_end; ++m) s += table[m][(x.w[r] >> (3 * m)) & 7u];
           u[4 * i + r] = s;
         }
       }
@@ -127,33 +131,36 @@ RBD_FMA_CLONES void expand(const Job& j, const float* c, int64_t width, int64_t 
     const int64_t rb = rb_lo + i;
     float acc[4][kTile] = {};
     float e[4][kTile];
+    const int lanes = cols(0, width, kTile);
     for (int64_t t = 0; t < width; t += kTile) {
       gen_tile(j, uint32_t(rb), j.col_base + uint32_t(t), e);
       const float* ct = c + t;
       for (int r = 0; r < 4; ++r) {
 #pragma omp simd
-        for (int l = 0; l < kTile; ++l) acc[r][l] = mul_add(e[r][l], ct[l], acc[r][l]);
+        for (int l = 0; l < lanes; ++l) acc[r][l] = mul_add(e[r][l], ct[l], acc[r][l]);
       }
     }
-    for (int r = 0; r < 4; ++r) u[4 * i + r] = lane_sum<kTile>(acc[r]);
+    for (int r = 0; r < 4; ++r) u[4 * i + r] = lane_sum(acc[r], lanes);
   }
 }
 
 RBD_FMA_CLONES void entries(const Job& j, int64_t rb, int64_t t_lo, int64_t t_hi, float* e) {
   const int64_t w = t_hi - t_lo;
   if (j.dist == Distribution::Rademacher) {
-    for (int64_t q = t_lo / kGroup; q < t_hi / kGroup; ++q) {
+    for (int64_t q = t_lo / kGroup; kGroup * q < t_hi; ++q) {
       const Philox4 x = group_block(j, rb, q);
+      const int m = cols(kGroup * q, t_hi, kGroup);
       for (int r = 0; r < 4; ++r) {
-        for (int k = 0; k < kGroup; ++k) e[r * w + kGroup * q + k - t_lo] = rademacher(x.w[r], k);
+        for (int k = 0; k < m; ++k) e[r * w + kGroup * q + k - t_lo] = rademacher(x.w[r], k);
       }
     }
   } else {
     float tile[4][kTile];
     for (int64_t t = t_lo; t < t_hi; t += kTile) {
       gen_tile(j, uint32_t(rb), j.col_base + uint32_t(t), tile);
+      const int m = cols(t, t_hi, kTile);
       for (int r = 0; r < 4; ++r) {
-        for (int l = 0; l < kTile; ++l) e[r * w + t + l - t_lo] = tile[r][l];
+        for (int l = 0; l < m; ++l) e[r * w + t + l - t_lo] = tile[r][l];
       }
     }
   }

@@ -29,6 +29,11 @@ inline float lane_sum(const float* v) {
 
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
+template <int W>
+struct Width {
+  static constexpr int value = W;
+};
+
 // On each kernel entry point: inline everything it calls. GCC otherwise keeps the polynomial
 // templates of rbd/philox.h out of line for their size, and a call per tile spills the vectors.
 #define RBD_KERNEL __attribute__((flatten))
@@ -99,7 +104,7 @@ inline void project_columns(const Job& j, const Keys<V>& k, const float* gv, int
     const F g0 = V::splat(gv[4 * i]), g1 = V::splat(gv[4 * i + 1]);
     const F g2 = V::splat(gv[4 * i + 2]), g3 = V::splat(gv[4 * i + 3]);
     for (int v = 0; v < T; ++v) {
-      a[v] = V::fma(e[3][v], g3, V::fma(e[2][v], g2, V::fma(e[1][v], g1, V::fma(e[0][v], g0, a[v]))));
+      a[v] = a[v] + V::fma(e[3][v], g3, V::fma(e[2][v], g2, V::fma(e[1][v], g1, e[0][v] * g0)));
     }
   }
   for (int v = 0; v < T; ++v) V::store(acc + t + v * V::kLanes, a[v]);
@@ -134,9 +139,156 @@ inline void project_group(const Job& j, const simd::VKeys<V>& k, const float* gv
   for (int p = 0; p < kParts; ++p) V::store(acc + kGroup * q + p * V::kLanes, a[p]);
 }
 
+// ---- narrow requests: W = 1, 2, 4 or 8 columns (kernels.h) -----------------------------------
+//
+// Lanes are (row block, column) pairs: lane l is column l % W of row block l / W, so a vector
+// holds kLanes / W row blocks and the work per row block is proportional to W.
+
+// The lanes' row block and column offsets as slot vectors (stream_blocks_offsets).
+template <class V, int W>
+struct NarrowLanes {
+  typename V::I drb[2], dcol[2];
+  NarrowLanes() {
+    uint32_t rb[V::kLanes], col[V::kLanes];
+    for (int l = 0; l < V::kLanes; ++l) rb[l] = uint32_t(l / W), col[l] = uint32_t(l % W);
+    for (int h = 0; h < 2; ++h) {
+      drb[h] = V::load_slots(rb + h * V::kLanes / 2);
+      dcol[h] = V::load_slots(col + h * V::kLanes / 2);
+    }
+  }
+};
+
+// e[r] lane l = P[4 (rb + l / W) + r, l % W] for normal or uniform entries.
+template <class V, Distribution D, int W>
+inline void narrow_entries(const Job& j, const simd::VKeys<V>& k, const NarrowLanes<V, W>& lanes, uint32_t rb,
+                           typename V::F (&e)[4]) {
+  typename V::I w[4];
+  simd::stream_blocks_offsets<V>(rb, j.col_base, lanes.drb, lanes.dcol, j.step, j.stream, k, w);
+  if constexpr (D == Distribution::Normal) {
+    const typename V::I a[2] = {w[0], w[2]}, b[2] = {w[1], w[3]};
+    typename V::F z0[2], z1[2];
+    simd::box_muller<V, 2>(a, b, z0, z1);
+    e[0] = z0[0], e[1] = z1[0], e[2] = z0[1], e[3] = z1[1];
+  } else {
+    for (int r = 0; r < 4; ++r) e[r] = uniform_pm1<V>(w[r]);
+  }
+}
+
+// Lane l of g_r: gv[4 (l / W) + r], the g of lane l's row block, by a gather. The last vector of
+// rows reads a zero-padded copy, so that no lane reads past gv.
+template <class V, int W>
+inline void narrow_g(const float* gv, int64_t rows, typename V::F (&g)[4]) {
+  float pad[4 * V::kLanes];
+  if (rows < V::kLanes / W) {
+    for (int q = 0; q < 4 * V::kLanes / W; ++q) pad[q] = q < 4 * rows ? gv[q] : 0.0f;
+    gv = pad;
+  }
+  uint32_t idx[V::kLanes];
+  for (int r = 0; r < 4; ++r) {
+    for (int l = 0; l < V::kLanes; ++l) idx[l] = uint32_t(4 * (l / W) + r);
+    g[r] = V::gather(gv, V::load_words(idx));
+  }
+}
+
+// Each column's sum over the row blocks in order, as the wide kernels (kernels.h): the lanes'
+// 4-row sums are stored, then added column by column.
+template <class V, int W>
+inline void narrow_fold(typename V::F dot, int64_t rows, float (&a)[W]) {
+  float d[V::kLanes];
+  V::store(d, dot);
+  for (int64_t rho = 0; rho < rows; ++rho) {
+    for (int kappa = 0; kappa < W; ++kappa) a[kappa] += d[rho * W + kappa];
+  }
+}
+
+template <class V, Distribution D, int W>
+inline void project_narrow(const Job& j, const float* gv, int64_t rb_lo, int64_t n, float* acc) {
+  using F = typename V::F;
+  constexpr int R = V::kLanes / W;  // row blocks per vector
+  const simd::VKeys<V> k = simd::vector_keys<V>(j.key0, j.key1);
+  float a[W];
+  for (int kappa = 0; kappa < W; ++kappa) a[kappa] = acc[kappa];
+  if constexpr (D == Distribution::Rademacher) {
+    // Lanes are row blocks (the column group's word holds all W columns).
+    for (int64_t i0 = 0; i0 < n; i0 += V::kLanes) {
+      const int64_t rows = min64(V::kLanes, n - i0);
+      const uint32_t c0[1] = {uint32_t(rb_lo + i0)};
+      typename V::I w[4][1];
+      simd::stream_blocks_rows<V, 1>(c0, j.col_base, j.step, j.stream, k, w);
+      F g[4];
+      narrow_g<V, 1>(gv + 4 * i0, rows, g);
+      const typename V::I sign = V::splat32(0x80000000u);
+      for (int kappa = 0; kappa < W; ++kappa) {
+        F f[4];
+        for (int r = 0; r < 4; ++r) {
+          f[r] = V::as_float(V::xor_(V::as_int(g[r]), V::and_(V::slli32(w[r][0], 31 - kappa), sign)));
+        }
+        float d[V::kLanes];
+        V::store(d, ((f[0] + f[1]) + f[2]) + f[3]);
+        for (int64_t rho = 0; rho < rows; ++rho) a[kappa] += d[rho];
+      }
+    }
+  } else {
+    const NarrowLanes<V, W> lanes;
+    for (int64_t i0 = 0; i0 < n; i0 += R) {
+      const int64_t rows = min64(R, n - i0);
+      F e[4], g[4];
+      narrow_entries<V, D, W>(j, k, lanes, uint32_t(rb_lo + i0), e);
+      narrow_g<V, W>(gv + 4 * i0, rows, g);
+      narrow_fold<V, W>(V::fma(e[3], g[3], V::fma(e[2], g[2], V::fma(e[1], g[1], e[0] * g[0]))), rows, a);
+    }
+  }
+  for (int kappa = 0; kappa < W; ++kappa) acc[kappa] = a[kappa];
+}
+
+// u[4 i + r] = the pairwise sum over the W lanes of row block i of fma(P, c, 0) (kernels.h), by
+// butterflies: lane l adds lane l ^ s for s = 1, 2, 4 < W, so every lane of a row block ends with
+// its sum in lane_sum's order (the additions commute).
+template <class V, Distribution D, int W>
+inline void expand_narrow(const Job& j, const float* c, int64_t rb_lo, int64_t n, float* u) {
+  using F = typename V::F;
+  constexpr int R = V::kLanes / W;
+  const simd::VKeys<V> k = simd::vector_keys<V>(j.key0, j.key1);
+  const NarrowLanes<V, W> lanes;
+  float cl[V::kLanes];
+  for (int l = 0; l < V::kLanes; ++l) cl[l] = c[l % W];
+  const F cv = V::load(cl);
+  for (int64_t i0 = 0; i0 < n; i0 += R) {
+    F e[4];
+    narrow_entries<V, D, W>(j, k, lanes, uint32_t(rb_lo + i0), e);
+    float sums[4][V::kLanes];
+    for (int r = 0; r < 4; ++r) {
+      F x = V::fma(e[r], cv, V::zero());
+      if constexpr (W > 1) x = x + V::template swap_lanes<1>(x);
+      if constexpr (W > 2) x = x + V::template swap_lanes<2>(x);
+      if constexpr (W > 4) x = x + V::template swap_lanes<4>(x);
+      V::store(sums[r], x);
+    }
+    const int64_t rows = min64(R, n - i0);
+    for (int64_t rho = 0; rho < rows; ++rho) {
+      for (int r = 0; r < 4; ++r) u[4 * (i0 + rho) + r] = sums[r][rho * W];
+    }
+  }
+}
+
+// Calls fn(std::integral_constant-like W) for the narrow width w (1, 2, 4 or 8).
+template <class Fn>
+inline void with_narrow_width(int64_t w, const Fn& fn) {
+  switch (w) {
+    case 1: fn(Width<1>{}); break;
+    case 2: fn(Width<2>{}); break;
+    case 4: fn(Width<4>{}); break;
+    default: fn(Width<8>{}); break;
+  }
+}
+
 template <class V, Distribution D>
 RBD_KERNEL void project_dist(const Job& j, const float* gv, int64_t rb_lo, int64_t n, int64_t t_lo,
                   int64_t t_hi, float* acc) {
+  if (t_hi <= kNarrow) {
+    with_narrow_width(t_hi, [&](auto w) { project_narrow<V, D, decltype(w)::value>(j, gv, rb_lo, n, acc); });
+    return;
+  }
   if constexpr (D == Distribution::Rademacher) {
     const simd::VKeys<V> k = simd::vector_keys<V>(j.key0, j.key1);
     for (int64_t q = t_lo / kGroup; q < t_hi / kGroup; ++q) project_group<V>(j, k, gv, rb_lo, n, q, acc);
@@ -180,7 +332,11 @@ void expand_rademacher(const Job& j, const float* c, int64_t width, int64_t rb_l
                        float* u) {
   using F = typename V::F;
   using I = typename V::I;
-  const int64_t groups = width / kGroup;
+  // A narrow request (width < kGroup: bits 0 .. width - 1 of group 0) reads only its columns
+  // and skips the signed sums of none of them (their zeros would leave the sums unchanged).
+  const int64_t groups = (width + kGroup - 1) / kGroup;
+  const int m_end = width < kGroup ? int(width + 2) / 3 : kSignedSums;
+  const auto col = [&](const float* cq, int t) { return t < width ? cq[t] : 0.0f; };
   const simd::VKeys<V> k = simd::vector_keys<V>(j.key0, j.key1);
   I sign[3];  // lane p: the sign bit where bit i of p (mod 8) is set
   for (int b = 0; b < 3; ++b) {
@@ -193,10 +349,10 @@ void expand_rademacher(const Job& j, const float* c, int64_t width, int64_t rb_l
       I w[4][1];
       simd::stream_blocks_rows<V, 1>(c0, j.col_base + uint32_t(q), j.step, j.stream, k, w);
       const float* cq = c + kGroup * q;
-      for (int m = 0; m < kSignedSums; ++m) {
-        F table = V::as_float(V::xor_(V::as_int(V::splat(cq[3 * m])), sign[0])) +
-                  V::as_float(V::xor_(V::as_int(V::splat(cq[3 * m + 1])), sign[1]));
-        if (m + 1 < kSignedSums) table = table + V::as_float(V::xor_(V::as_int(V::splat(cq[3 * m + 2])), sign[2]));
+      for (int m = 0; m < m_end; ++m) {
+        F table = V::as_float(V::xor_(V::as_int(V::splat(col(cq, 3 * m))), sign[0])) +
+                  V::as_float(V::xor_(V::as_int(V::splat(col(cq, 3 * m + 1))), sign[1]));
+        if (m + 1 < kSignedSums) table = table + V::as_float(V::xor_(V::as_int(V::splat(col(cq, 3 * m + 2))), sign[2]));
         for (int r = 0; r < 4; ++r) acc[r] = acc[r] + V::lookup(table, V::srli32(w[r][0], 3 * m));
       }
     }
@@ -211,6 +367,10 @@ void expand_rademacher(const Job& j, const float* c, int64_t width, int64_t rb_l
 
 template <class V, Distribution D>
 RBD_KERNEL void expand_dist(const Job& j, const float* c, int64_t width, int64_t rb_lo, int64_t n, float* u) {
+  if (width <= kNarrow && D != Distribution::Rademacher) {
+    with_narrow_width(width, [&](auto w) { expand_narrow<V, D, decltype(w)::value>(j, c, rb_lo, n, u); });
+    return;
+  }
   if constexpr (D == Distribution::Rademacher) {
     expand_rademacher<V>(j, c, width, rb_lo, n, u);
   } else {
@@ -234,6 +394,15 @@ RBD_KERNEL void expand_dist(const Job& j, const float* c, int64_t width, int64_t
 template <class V, Distribution D>
 RBD_KERNEL void entries_dist(const Job& j, int64_t rb, int64_t t_lo, int64_t t_hi, float* e) {
   const int64_t width = t_hi - t_lo;
+  if (t_hi <= kNarrow) {  // a narrow request: its columns of the first tile (group)
+    constexpr int kFull = D == Distribution::Rademacher ? kGroup : kTile;
+    float full[4 * kFull];
+    entries_dist<V, D>(j, rb, 0, kFull, full);
+    for (int r = 0; r < 4; ++r) {
+      for (int64_t t = 0; t < t_hi; ++t) e[r * t_hi + t] = full[r * kFull + t];
+    }
+    return;
+  }
   if constexpr (D == Distribution::Rademacher) {
     using F = typename V::F;
     constexpr int kParts = kGroup / V::kLanes;

@@ -63,6 +63,15 @@ struct Avx512 {
   static I lane_iota() { return _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0); }
   // Lane l: table[idx[l] & 15].
   static F lookup(F table, I idx) { return _mm512_permutexvar_ps(idx, table); }
+  // Lane l: p[idx[l]].
+  static F gather(const float* p, I idx) { return _mm512_i32gather_ps(idx, p, 4); }
+  // Lane l: x[l ^ S], S = 1, 2 or 4.
+  template <int S>
+  static F swap_lanes(F x) {
+    if constexpr (S == 1) return _mm512_permute_ps(x, 0xB1);
+    if constexpr (S == 2) return _mm512_permute_ps(x, 0x4E);
+    if constexpr (S == 4) return _mm512_shuffle_f32x4(x, x, 0xB1);
+  }
   // Low halves of the slots of a (counters 0..7) and b (8..15) as 16 u32 lanes, in order.
   static I pack(I a, I b) {
     const I idx = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
@@ -87,6 +96,7 @@ struct Avx512 {
   static F load(const float* p) { return _mm512_loadu_ps(p); }
   static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
   static void store_words(uint32_t* p, I v) { _mm512_storeu_si512(p, v); }
+  static I load_words(const uint32_t* p) { return _mm512_loadu_si512(p); }
   static F zero() { return _mm512_setzero_ps(); }
   static F splat(float v) { return _mm512_set1_ps(v); }
 
@@ -126,6 +136,13 @@ struct Avx2 {
   static I lane_iota() { return _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0); }
   // Lane l: table[idx[l] & 7].
   static F lookup(F table, I idx) { return _mm256_permutevar8x32_ps(table, idx); }
+  static F gather(const float* p, I idx) { return _mm256_i32gather_ps(p, idx, 4); }
+  template <int S>
+  static F swap_lanes(F x) {
+    if constexpr (S == 1) return _mm256_permute_ps(x, 0xB1);
+    if constexpr (S == 2) return _mm256_permute_ps(x, 0x4E);
+    if constexpr (S == 4) return _mm256_permute2f128_ps(x, x, 1);
+  }
   static I pack(I a, I b) {
     // shuffle_ps takes the low halves as (a0 a1 b0 b1 | a2 a3 b2 b3); vpermq puts them in order.
     const __m256 s = _mm256_shuffle_ps(_mm256_castsi256_ps(a), _mm256_castsi256_ps(b),
@@ -153,6 +170,7 @@ struct Avx2 {
   static F load(const float* p) { return _mm256_loadu_ps(p); }
   static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
   static void store_words(uint32_t* p, I v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
+  static I load_words(const uint32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
   static F zero() { return _mm256_setzero_ps(); }
   static F splat(float v) { return _mm256_set1_ps(v); }
 
@@ -285,6 +303,24 @@ inline void stream_blocks_rows(const uint32_t (&c0)[T], uint32_t c1, uint32_t st
   for (int w = 0; w < 4; ++w) {
     for (int t = 0; t < T; ++t) out[w][t] = V::pack(c[w][2 * t], c[w][2 * t + 1]);
   }
+}
+
+// Philox4x32-10 blocks for kLanes counters (rb + drb[l], col + dcol[l], step, stream): the
+// offsets come as slot vectors (load_slots of two halves of kLanes u32 each).
+template <class V>
+inline void stream_blocks_offsets(uint32_t rb, uint32_t col, const typename V::I (&drb)[2],
+                                  const typename V::I (&dcol)[2], uint32_t step, uint32_t stream,
+                                  const VKeys<V>& k, typename V::I (&out)[4]) {
+  using I = typename V::I;
+  I c[4][2];
+  for (int h = 0; h < 2; ++h) {
+    c[0][h] = V::add64(V::splat64(rb), drb[h]);
+    c[1][h] = V::add64(V::splat64(col), dcol[h]);
+    c[2][h] = V::splat64(step);
+    c[3][h] = V::splat64(stream);
+  }
+  philox_rounds<V, 0, 10, 2>(c, k);
+  for (int w = 0; w < 4; ++w) out[w] = V::pack(c[w][0], c[w][1]);
 }
 
 // Philox4x32-Rounds of kLanes counters c[.][l] under their own keys k[.][l] (the debug op).
