@@ -24,8 +24,6 @@
 
 namespace rbd {
 
-using cpu::kGroup;
-using cpu::kTile;
 
 namespace {
 
@@ -80,14 +78,15 @@ void parallel_tasks(int64_t n_tasks, const F& fn) {
 }
 
 // The local column layout of a request: `width` kernel columns (a multiple of the tile or
-// group), of which [shift, shift + dim) are the requested ones.
+// group, or a narrow width for few columns: cpu::kernel_width), of which [shift, shift + dim)
+// are the requested ones.
 struct Layout {
   cpu::Job job;
   Geometry geo;
   int64_t width;
   Layout(const StreamArgs& a, int64_t numel, int64_t dim) : geo(make_geometry(a, numel, dim)) {
     job = cpu::Job{a.dist, a.key0, a.key1, a.step, a.stream, uint32_t(geo.first_col)};
-    width = geo.padded_width(kTile);
+    width = cpu::kernel_width(geo.rademacher, geo.rademacher ? geo.shift + dim : dim);
   }
 };
 
