@@ -126,9 +126,15 @@ def test_philox_words(isa, rounds, use_isa):
 
 
 # (numel, dim, row_offset, col_offset): partial tiles and groups, a row range with many row
-# chunks, more columns than one materialize_ call (512), the stream's last rows and columns.
+# chunks, more columns than one materialize_ call (512), the stream's last rows and columns; the
+# narrow widths 1, 2, 4, 8 (cpu::kernel_width; Rademacher: the bits from bit 0 of the first group,
+# so the column offset's shift counts), with partial vectors of row blocks.
 SHAPES = [
     (1, 1, 0, 0),
+    (1003, 2, 5, 3),
+    (517, 4, 1, 0),
+    (9, 5, 2, 3),
+    (70_001, 8, 6, 24),
     (7, 17, 3, 45),
     (1001, 77, 2, 31),
     (3, 600, 1, 7),
@@ -168,10 +174,11 @@ def test_paths_are_bit_identical(isa, shape, dist, use_isa):
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dist", DISTRIBUTIONS)
-def test_paths_match_reference(isa, dist, use_isa):
+@pytest.mark.parametrize("dim,col_offset", [(97, 1000), (3, 1026)])  # tiles (groups); narrow: 4 (8)
+def test_paths_match_reference(isa, dist, dim, col_offset, use_isa):
     use_isa(isa)
-    numel, dim = 1030, 97
-    kw = {**STREAM, "distribution": dist, "row_offset": 3, "col_offset": 1000}
+    numel = 1030
+    kw = {**STREAM, "distribution": dist, "row_offset": 3, "col_offset": col_offset}
     m = rbd_cuda.ops.materialize(numel, dim, **kw)
     ref = ref_matrix(numel, dim, **kw)
     if dist == "normal":
@@ -186,9 +193,10 @@ def test_paths_match_reference(isa, dist, use_isa):
 
 @pytest.mark.parametrize("isa", SIMD_ISAS)
 @pytest.mark.parametrize("dist", DISTRIBUTIONS)
-def test_paths_thread_count_invariance(isa, dist, use_isa, restore_threads):
+@pytest.mark.parametrize("dim", [45, 6])  # tiles (groups), and a narrow width
+def test_paths_thread_count_invariance(isa, dist, dim, use_isa, restore_threads):
     use_isa(isa)
-    numel, dim = 200_003, 45
+    numel = 200_003
     kw = {**STREAM, "distribution": dist, "row_offset": 1, "col_offset": 3}
     g, c = random_vector(numel, seed=1), random_vector(dim, seed=2)
     results = []
