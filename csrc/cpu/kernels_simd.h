@@ -10,7 +10,6 @@
 #include "kernels.h"
 #include "rbd/philox_simd.h"
 
-
 namespace rbd {
 namespace cpu {
 namespace {

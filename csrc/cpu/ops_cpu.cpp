@@ -24,7 +24,6 @@
 
 namespace rbd {
 
-
 namespace {
 
 constexpr int64_t kMaxRowChunks = 64;      // project: partial sums kept per row chunk
