@@ -30,12 +30,15 @@ Static counts (`static_counts`, no timing): `objdump -d` of each kernel function
 loops are the backward branches; an inner loop with a constant trip count (a compare with an
 immediate, its counter's initial value found before the loop) counts that many times, another
 inner loop (over a vector's row blocks) `lanes` times. The hot loop is the innermost loop holding
-both Philox multiplies (`vpmuludq`) and the kernel's entry marker, the largest if several; its
-entries per pass come from the markers: one square root per 2·lanes normal entries, one int→float
-conversion per lanes uniform entries, one broadcast of g per 32 Rademacher `project` entries and
-one broadcast of c per 4·lanes Rademacher `expand_` entries. Vector operations: instructions on
-vector or mask registers other than moves, loads and stores; 512-bit ones count twice (Zen 4
-executes them as two 256-bit halves).
+both Philox multiplies (`vpmuludq`) and the kernel's entry marker; of several, the one generating
+the most entries per pass (the wide tiles that d = 256 runs: the narrow widths' loops for d ≤ 8
+generate fewer), the largest of those. Its entries per pass come from the markers: one square root
+per 2·lanes normal entries, one int→float conversion per lanes uniform entries, one broadcast of
+g per 32 Rademacher `project` entries. Rademacher `expand_` has no static count: its loop over a
+column group's signed sums ends at a bound known only at run time (narrow requests stop early)
+and the compiler splits it, so its trip count cannot be read from the code. Vector operations:
+instructions on vector or mask registers other than moves, loads and stores; 512-bit ones count
+twice (Zen 4 executes them as two 256-bit halves).
 """
 
 from __future__ import annotations
@@ -152,8 +155,9 @@ def _trips(code, lo: int, hi: int) -> int | None:
     return None
 
 
-def _marker(isa: str, op: str, dist: str) -> tuple[re.Pattern, float]:
-    """Instructions that mark the entries a pass generates, and entries per marker."""
+def _marker(isa: str, op: str, dist: str) -> tuple[re.Pattern, float] | None:
+    """Instructions that mark the entries a pass generates, and entries per marker; None for
+    Rademacher expand_ (no static count, see the docstring)."""
     lanes = LANES[isa]
     if dist == "normal":
         return re.compile(r"^v?sqrtps"), 2 * lanes
@@ -161,7 +165,7 @@ def _marker(isa: str, op: str, dist: str) -> tuple[re.Pattern, float]:
         return re.compile(r"^v?cvtdq2ps"), lanes
     if op == "project":
         return re.compile(r"^v?broadcastss"), 32
-    return re.compile(r"^v?broadcastss"), 4 * lanes
+    return None
 
 
 def _count(code, lo, hi, loops, lanes, marker) -> tuple[float, float, float, float]:
@@ -192,6 +196,8 @@ def static_counts(so: Path) -> dict[str, dict]:
     """'isa op dist' -> instructions and vector ops per entry of the kernel's hot loop."""
     out = {}
     for (isa, op, dist), symbol in sorted(_kernel_symbols(so).items()):
+        if _marker(isa, op, dist) is None:
+            continue
         code = _disassemble(so, symbol)
         marker, per_marker = _marker(isa, op, dist)
         loops = _loops(code)
@@ -202,7 +208,7 @@ def static_counts(so: Path) -> dict[str, dict]:
                 continue
             inner = any(a >= lo and b <= hi and (a, b) != (lo, hi) and all(_count(code, a, b, loops, LANES[isa], marker)[2:])
                         for a, b in loops)
-            if not inner and (best is None or n > best[0]):
+            if not inner and (best is None or (k, n) > (best[2], best[0])):
                 best = (n, v, k)
         if best:
             n, v, k = best
