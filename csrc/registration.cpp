@@ -31,6 +31,8 @@ bool built_with_cuda() {
 
 int64_t stream_version() { return kStreamVersion; }
 
+int64_t arithmetic_version() { return kArithmeticVersion; }
+
 // Defined in cpu/ops_cpu.cpp: the CPU kernels' instruction set the ops use (set_cpu_isa: a name
 // or "auto", the best), and the ones this CPU can run (best first).
 std::string cpu_isa();
@@ -75,6 +77,7 @@ TORCH_LIBRARY(rbd_cuda, m) {
         &rbd::build_segment_table);  // the grouped ops' table (table.h), checked here once
   m.def("built_with_cuda() -> bool", &rbd::built_with_cuda);
   m.def("stream_version() -> int", &rbd::stream_version);
+  m.def("arithmetic_version() -> int", &rbd::arithmetic_version);
   m.def("cpu_isa() -> str", &rbd::cpu_isa);
   m.def("set_cpu_isa(str name) -> ()", &rbd::set_cpu_isa);
   m.def("cpu_isas() -> str[]", &rbd::cpu_isas);

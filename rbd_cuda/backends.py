@@ -18,7 +18,7 @@ import torch
 
 from . import _C  # noqa: F401  (loading the extension registers torch.ops.rbd_cuda)
 
-__all__ = ["built_with_cuda", "cpu", "stream_version"]
+__all__ = ["arithmetic_version", "built_with_cuda", "cpu", "stream_version"]
 
 
 def _name(setting: str, value) -> str:
@@ -66,6 +66,13 @@ def built_with_cuda() -> bool:
 def stream_version() -> int:
     """Version of the random-stream layout: the same version gives the same matrices."""
     return int(torch.ops.rbd_cuda.stream_version())
+
+
+def arithmetic_version() -> int:
+    """Version of the products' arithmetic (fused multiply-adds, the normal entries' functions,
+    summation order): with the same stream version, the same arithmetic version gives the same
+    results bit for bit on one device kind; another continues a trajectory within fp32 rounding."""
+    return int(torch.ops.rbd_cuda.arithmetic_version())
 
 
 def _initial(variable: str, setting: str, owner, attribute: str) -> None:

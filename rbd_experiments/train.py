@@ -53,10 +53,11 @@ class SaveError(OSError):
 
 def machine(device: torch.device) -> dict:
     """Where a stretch of a run is trained: the device (and GPU), the CPU, the instruction set of
-    the extension's CPU kernels, the threads and torch."""
+    the extension's CPU kernels, the kernels' arithmetic version, the threads and torch."""
     gpu = {"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {}
     return {"device": device.type, **gpu, "cpu": cpu_name(), "cpu_isa": backends.cpu.isa,
-            "threads": torch.get_num_threads(), "torch": str(torch.__version__)}
+            "arithmetic": backends.arithmetic_version(), "threads": torch.get_num_threads(),
+            "torch": str(torch.__version__)}
 
 
 def make_optimizer(cfg: config.TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -121,6 +122,12 @@ class Run:
                 tqdm.write(f"note: {self.out} resumes on {here['threads']} CPU thread(s); its last stretch ran on "
                            f"{last['threads']}, so it does not continue bit for bit (rbd-reproduce --jobs 2 or more "
                            f"trains each run on 1 thread; OMP_NUM_THREADS={last['threads']} sets rbd-train's)",
+                           file=sys.stderr)
+            if last and cfg.method != "sgd" and last.get("arithmetic") != here["arithmetic"]:
+                # Stretches recorded before the field existed ran version 1 or earlier.
+                tqdm.write(f"note: {self.out} resumes with the kernels' arithmetic version {here['arithmetic']}; "
+                           f"its last stretch ran version {last.get('arithmetic', '1 or earlier')}, so it "
+                           "continues within fp32 rounding of its trajectory, not on it (CHANGELOG.md)",
                            file=sys.stderr)
             if not last or {k: v for k, v in last.items() if k != "from_step"} != \
                     {k: v for k, v in here.items() if k != "from_step"}:

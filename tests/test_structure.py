@@ -73,7 +73,7 @@ def test_each_name_has_one_home():
     from rbd_cuda.optim import rbd
 
     homes = {ops: ["DISTRIBUTIONS", "materialize", "philox4x32", "SegmentPlan"],
-             backends: ["cpu", "built_with_cuda", "stream_version"],
+             backends: ["cpu", "built_with_cuda", "stream_version", "arithmetic_version"],
              basis: ["NORMALIZATIONS", "ENTRY_VARIANCE"],
              layout: ["Fixed", "Proportional", "Compression", "Compartment", "Segment"]}
     former = {rbd_cuda: ["DISTRIBUTIONS", "materialize", "philox4x32", "cpu_isa", "cpu_isas", "cuda_kernels",

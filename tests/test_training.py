@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from rbd_cuda import backends
 from rbd_cuda.layout import Proportional
 from rbd_experiments import data, loop, models, reproduce, train
 from rbd_experiments.config import METHODS, WHERE_IT_RAN, TrainConfig, augment_from_args, dim_rule
@@ -796,6 +797,25 @@ def test_a_run_resumed_on_another_thread_count_says_so_in_one_line(tmp_path, cap
                            "not continue bit for bit (rbd-reproduce --jobs 2 or more trains each run on 1 thread")
     saved = json.loads((Path(cfg.out) / "metrics.json").read_text())["trained_on"]
     assert [(s["from_step"], s["threads"]) for s in saved] == [(0, 1), (5, 2)]
+
+
+def test_a_run_resumed_on_other_kernel_arithmetic_says_so_in_one_line(tmp_path, capsys, monkeypatch):
+    splits = synthetic_splits()
+    cfg = config(tmp_path, "rbd", epochs=2, max_steps=2)
+    train.train(cfg, splits)
+    metrics = Path(cfg.out) / "metrics.json"
+    version = backends.arithmetic_version()
+    assert [s["arithmetic"] for s in json.loads(metrics.read_text())["trained_on"]] == [version]
+    train.train(dataclasses.replace(cfg, max_steps=3, resume=True), splits)
+    assert "note:" not in capsys.readouterr().err  # the same kernels
+    monkeypatch.setattr(backends, "arithmetic_version", lambda: 99)
+    train.train(dataclasses.replace(cfg, max_steps=4, resume=True), splits)
+    [line] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert line == (f"note: {cfg.out} resumes with the kernels' arithmetic version 99; its last stretch ran "
+                    f"version {version}, so it continues within fp32 rounding of its trajectory, not on it "
+                    "(CHANGELOG.md)")
+    saved = json.loads(metrics.read_text())["trained_on"]
+    assert [(s["from_step"], s["arithmetic"]) for s in saved] == [(0, version), (3, 99)]
 
 
 def test_a_stop_during_the_last_step_of_an_epoch_still_records_it(tmp_path):

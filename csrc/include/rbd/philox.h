@@ -25,6 +25,10 @@
 namespace rbd {
 
 constexpr int kStreamVersion = 1;
+// The products' arithmetic (fused multiply-adds, the normal entries' functions, summation order)
+// on CPU and CUDA: the same stream and arithmetic versions give the same bits on one device kind;
+// a change that moves any result's bits bumps it (2: the CPU kernels of issue 31).
+constexpr int kArithmeticVersion = 2;
 
 constexpr uint32_t kPhiloxM0 = 0xD2511F53u;
 constexpr uint32_t kPhiloxM1 = 0xCD9E8D57u;
