@@ -59,7 +59,7 @@ emu-mutants: install
 test-gpu: install
 	$(BIN)/python -m pytest -q -m cuda tests
 
-# The main job, a few minutes on a CPU: FC-MNIST for one epoch with SGD, RBD and FPD at the same d
+# The main job, about 10 minutes on a 2-core CPU: FC-MNIST for one epoch with SGD, RBD and FPD at the same d
 # (RBD's re-drawn bases against one fixed basis), printed beside the committed long runs
 # (docs/table1). More: rbd-reproduce -h
 reproduce: install
